@@ -1,0 +1,41 @@
+# Two commands a new user needs (see README.md):
+#   make demo   # set up .venv, write synthetic shards, train + evaluate a paper model, print GAP@20
+#   make test   # set up .venv, lint, run the test suite
+# Setup is idempotent: the virtualenv is rebuilt only when a requirements file changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= /tmp/mfb_jax_demo
+
+.PHONY: setup demo test lint format bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@echo "[setup] creating $(VENV) with $$($(PYTHON) --version)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	@bash scripts/install_tcmalloc.sh || true
+	@touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m mfb_jax.demo --workdir=$(DEMO_DIR)
+
+bench: setup
+	$(PY) launch.py --mode=bench --config=configs/paper.py:netvlad,mfb --workdir=/tmp/mfb_jax_bench
+
+clean:
+	rm -rf $(VENV)
