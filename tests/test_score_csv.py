@@ -1,0 +1,142 @@
+"""Scoring Kaggle-format prediction CSVs: hand-worked values, bad input, the command line."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import run_python
+from test_metrics import LABEL_IDS, LABELS, PROBS
+
+from mfb_jax import metrics, score_csv
+from mfb_jax.errors import DataError
+
+HEADER = "VideoId,LabelConfidencePairs\n"
+# The fake model's predictions of tests/test_metrics.py, pairs deliberately out of order; video D
+# (no labels) is missing from the CSV.
+ROWS = (
+  'A,"1 0.8 0 0.9 2 0.1"\nB,"0 0.2 1 0.7 2 0.6 3 0.3 4 0.1"\nC,"0 0.8 1 0.1 2 0.05 3 0.5 4 0.4"\n'
+)
+LABELED = list(zip("ABCD", LABEL_IDS, strict=True))
+
+
+def write(tmp_path, text, name="predictions.csv"):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_missing_video_counts_with_no_predictions(tmp_path):
+  predictions = score_csv.read_predictions(write(tmp_path, HEADER + ROWS), num_classes=6)
+  result = score_csv.score(predictions, LABELED, num_classes=6, top_k=2)
+  # Without D's two misses (0.9, 0.6) the pool ranks: 0.9 hit (1/1); 0.8 {miss, hit} tied after
+  # 1 pair and 1 hit: (1/2)(2/2) + (1/2)(2/3) = 5/6; 0.7 hit (3/4); 0.6 hit (4/5); 0.5 miss.
+  # GAP = (1 + 5/6 + 3/4 + 4/5) / 7 = (203/60) / 7 = 29/60.
+  assert result["gap"] == pytest.approx(29 / 60, abs=1e-12)
+  # mAP: c0 1, c1 1/2, c2 (0.6 hit of 2 positives) 1/2, c3 0, c4 0 -> 2/5.
+  assert result["map"] == pytest.approx(2 / 5, abs=1e-12)
+  assert result["hit_at_1"] == pytest.approx(3 / 4)  # D has no prediction, so no hit.
+  assert result["perr"] == pytest.approx(2 / 3)
+  assert (result["num_examples"], result["num_predicted"], result["top_k"]) == (4, 3, 2)
+
+
+def test_full_csv_scores_like_the_model_path(tmp_path):
+  lines = [
+    f'{v},"{" ".join(f"{c} {p!r}" for c, p in enumerate(row.tolist()))}"'
+    for v, row in zip("ABCD", PROBS, strict=True)
+  ]
+  predictions = score_csv.read_predictions(write(tmp_path, HEADER + "\n".join(lines) + "\n"), 6)
+  from_csv = score_csv.score(predictions, LABELED, num_classes=6, top_k=2)
+  from_model = metrics.evaluate(PROBS, LABELS, top_k=2)
+  assert {k: from_csv[k] for k in from_model} == from_model
+
+
+def test_fewer_pairs_than_labels_counts_only_the_given_pairs(tmp_path):
+  text = HEADER + 'B,"1 0.7 2 0.6"\n'  # B has 3 labels; its third prediction is missing.
+  predictions = score_csv.read_predictions(write(tmp_path, text), 6)
+  result = score_csv.score(predictions, [("B", [1, 2, 3])], num_classes=6, top_k=20)
+  assert result["perr"] == pytest.approx(2 / 3)
+  assert result["gap"] == pytest.approx((1 + 1) / 3)  # Two hits at ranks 1, 2 of 3 positives.
+  assert result["top_k"] == 6  # k is capped at the number of classes.
+
+
+@pytest.mark.parametrize(
+  "text, message",
+  [
+    ("id,pairs\n", r":1: expected header"),
+    (HEADER + 'A,"1 0.8"\nB,"1 0.8 2"\n', r":3: odd number"),
+    (HEADER + 'A,"1 0.8"\nB,"x 0.8"\n', r":3: expected integer labels"),
+    (HEADER + 'A,"1 0.8"\n\nB,"9 0.8"\n', r":4: label 9 is outside \[0, 6\)"),
+    (HEADER + 'A,"1 0.8"\nA,"2 0.8"\n', r":3: video id 'A' appears twice"),
+    (HEADER + 'A,"1 nan"\n', r":2: scores must be finite"),
+    (HEADER + 'A,"1 0.8",x\n', r":2: expected 'VideoId"),
+  ],
+)
+def test_malformed_csv_names_the_line(tmp_path, text, message):
+  with pytest.raises(DataError, match=message):
+    score_csv.read_predictions(write(tmp_path, text), num_classes=6)
+
+
+def test_unknown_csv_ids_are_named(tmp_path):
+  text = HEADER + ROWS + 'Z1,"1 0.5"\nZ2,"1 0.5"\nZ3,"1 0.5"\nZ4,"1 0.5"\n'
+  predictions = score_csv.read_predictions(write(tmp_path, text), 6)
+  with pytest.raises(
+    DataError,
+    match=r"^4 video ids in the predictions are not in the labels, e.g. 'Z1', 'Z2', 'Z3'$",
+  ):
+    score_csv.score(predictions, LABELED, num_classes=6, top_k=2)
+
+
+def test_labels_outside_num_classes_are_an_error():
+  with pytest.raises(DataError, match=r"video 'A': label 7 is outside \[0, 6\)"):
+    score_csv.score({}, [("A", [7])], num_classes=6, top_k=2)
+
+
+def write_frame_level_records(path, videos):
+  """SequenceExamples with the 2018 frame-level schema (context id, labels; rgb, audio frames)."""
+  import tensorflow as tf
+
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for video_id, label_ids in videos:
+      frame = lambda size: tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(size)]))
+      example = tf.train.SequenceExample(
+        context=tf.train.Features(
+          feature={
+            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[video_id.encode()])),
+            "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=label_ids)),
+          }
+        ),
+        feature_lists=tf.train.FeatureLists(
+          feature_list={
+            "rgb": tf.train.FeatureList(feature=[frame(1024)] * 2),
+            "audio": tf.train.FeatureList(feature=[frame(128)] * 2),
+          }
+        ),
+      )
+      writer.write(example.SerializeToString())
+
+
+def test_command_line_on_tfrecords(tmp_path, capsys):
+  if importlib.util.find_spec("mfb_jax.input_pipeline") is None:
+    pytest.skip("mfb_jax/input_pipeline.py (read_ids_and_labels) does not exist yet")
+  from mfb_jax import input_pipeline
+
+  if not hasattr(input_pipeline, "read_ids_and_labels"):
+    pytest.skip("mfb_jax.input_pipeline.read_ids_and_labels does not exist yet")
+  write_frame_level_records(tmp_path / "labels-0.tfrecord", LABELED[:2])
+  write_frame_level_records(tmp_path / "labels-1.tfrecord", LABELED[2:])
+  args = [f"--labels={tmp_path / 'labels-*.tfrecord'}", "--num_classes=6", "--top_k=2"]
+  assert score_csv.main([f"--predictions={write(tmp_path, HEADER + ROWS)}", *args]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["gap"] == pytest.approx(29 / 60) and result["num_examples"] == 4
+  unknown = write(tmp_path, HEADER + 'Q,"1 0.5"\n', "unknown.csv")
+  assert score_csv.main([f"--predictions={unknown}", *args]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "'Q'" in err
+
+
+def test_module_entry_point_reports_bad_input_in_one_line(tmp_path):
+  missing = tmp_path / "nope.csv"
+  result = run_python(["-m", "mfb_jax.metrics", f"--predictions={missing}", "--labels=x"])
+  assert result.returncode == 1
+  assert result.stderr.strip() == f"error: {missing}: predictions file not found"
+  assert result.stdout == ""
