@@ -1,0 +1,139 @@
+r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured model.
+
+  python launch.py --config=configs/paper.py:netvlad,mfb --workdir=DIR [--mode=train] \
+    [--config.data.train_pattern=GLOB --config.data.eval_pattern=GLOB --config.x.y=v]
+  python launch.py --config=... --workdir=DIR --mode=eval       # latest checkpoint, eval split
+  python launch.py --config=... --workdir=DIR --mode=predict    # Kaggle CSV of top-20 labels
+  python launch.py --config=... --workdir=DIR --mode=bench      # train-step throughput, no data
+  # several processes (one per host):
+  python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+Kept short on purpose: the logic lives in mfb_jax/ where it is tested. Bad input ends with one
+line on stderr and exit code 2 (add --debug for the traceback).
+"""
+
+import os
+import sys
+
+from mfb_jax import runtime
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter.
+  runtime.preload_tcmalloc()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/X.py[:ARG]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "bench"], "What to run.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str, mode: str) -> None:
+  """Runs one mode and prints where its results are."""
+  from mfb_jax import config_checks
+
+  config_checks.validate(config, mode)
+  if mode == "train":
+    from mfb_jax import trainer
+
+    result = trainer.train_and_evaluate(config, workdir)
+    _report(config, workdir, result)
+  elif mode == "eval":
+    from mfb_jax import evaluate
+
+    _report(config, workdir, evaluate.run_eval(config, workdir))
+  elif mode == "predict":
+    from mfb_jax import evaluate
+
+    path = evaluate.run_predict(config, workdir)
+    _print(f"wrote {path}")
+  else:
+    from mfb_jax import bench
+
+    bench.run_bench(config, workdir)
+
+
+def _print(line: str) -> None:
+  import jax
+
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _report(config, workdir: str, result: dict | None) -> None:
+  if result:
+    _print(
+      f"GAP@{config.eval.top_k} {result['gap']:.4f}  mAP {result['map']:.4f}  "
+      f"Hit@1 {result['hit_at_1']:.4f}  PERR {result['perr']:.4f}  "
+      f"({result['num_examples']} videos, step {result['step']})"
+    )
+  _print(f"results: {workdir}/eval_results.json  checkpoints: {workdir}/checkpoints")
+  _print(f"TensorBoard: tensorboard --logdir {workdir}")
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config-file and override errors as one line instead of a traceback."""
+  config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if config_args and not os.path.isfile(config_args[-1].split(":", 1)[0]):
+    _fail(f"config file not found: {config_args[-1].split(':', 1)[0]}")
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
+    if "--debug" in argv:
+      raise
+    message = str(e)
+    if "Traceback" in message:  # The config file raised: keep its exception's line.
+      message = f"{message.split(':', 1)[0]}: {message.strip().splitlines()[-1]}"
+    if isinstance(e, AttributeError | KeyError):
+      cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
+      field, _, hint = cleaned.replace("\\n", " ").partition(" ")
+      message = f"unknown config field {field!r} {hint} (configs/default.py lists the fields)"
+    _fail(message)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from mfb_jax.errors import UserError
+
+  if not FLAGS.debug:
+    runtime.quiet_library_logs()
+  try:
+    runtime.hide_gpus_from_tensorflow()
+    runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except (UserError, ValueError, FileNotFoundError) as e:
+    if FLAGS.debug:
+      raise
+    message = " ".join(str(e).split()) or type(e).__name__
+    logging.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
+    if FLAGS.debug:
+      raise
+    first = (str(e).strip().splitlines() or [""])[0]
+    print(
+      f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the train state under WORKDIR/checkpoints/<step>.
+
+Saves are atomic (orbax writes to a temporary directory and renames it on commit), so a process
+killed mid-save leaves the previous checkpoints intact and no half-written step visible. Before
+anything is restored, the checkpoint's array shapes are compared with the configured model, so a
+workdir trained with another model fails with one line instead of a shape error deep in orbax.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mfb_jax.errors import CheckpointError
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+
+class Checkpointer:
+  """Keeps the last N checkpoints of a workdir and restores the latest one."""
+
+  def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def check_compatible(self, abstract_state, step: int | None = None) -> None:
+    """Raises CheckpointError if the checkpoint's arrays differ from the configured state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return
+    try:
+      stored = _shapes(self._manager.item_metadata(step))
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata means an unusable workdir.
+      raise CheckpointError(
+        f"cannot read checkpoint {self.directory}/{step}: {str(e).splitlines()[0]}"
+      ) from e
+    wanted = _shapes(abstract_state)
+    where = f"checkpoint {self.directory}/{step} does not match the config"
+    for name in sorted(set(stored) | set(wanted)):
+      if name not in stored:
+        raise CheckpointError(
+          f"{where}: it has no array {name} (was it trained with another model?)"
+        )
+      if name not in wanted:
+        raise CheckpointError(f"{where}: it has an array {name} that the configured model lacks")
+      if stored[name][0] != wanted[name][0]:
+        raise CheckpointError(
+          f"{where}: {name} has shape {stored[name][0]} in the checkpoint and "
+          f"{wanted[name][0]} in the configured model"
+        )
+
+  def restore(self, abstract_state, step: int | None = None):
+    """The state at `step` (default: latest), placed with the abstract state's shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
+    self.check_compatible(abstract_state, step)
+    logging.info("Restoring checkpoint %s/%d", self.directory, step)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def save(self, state, step: int) -> bool:
+    """Saves `state` as `step` unless that step is already saved; returns whether it saved."""
+    if step in self._manager.all_steps():
+      return False
+    self._manager.save(step, args=ocp.args.StandardSave(state))
+    return True
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

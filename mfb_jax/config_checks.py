@@ -1,0 +1,87 @@
+"""Start-up validation of config values: each bad value fails with one line naming the field."""
+
+import ml_collections
+
+from mfb_jax.errors import ConfigError
+
+FORMATS = ("frame", "video")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+MODES = ("train", "eval", "predict", "bench")
+
+
+def _choice(config, field: str, allowed) -> None:
+  value = _get(config, field)
+  if value not in allowed:
+    raise ConfigError(
+      f"config.{field}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}"
+    )
+
+
+def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> None:
+  value = _get(config, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = ok and (value > minimum if strict else value >= minimum)
+  if not ok:
+    relation = ">" if strict else ">="
+    raise ConfigError(
+      f"config.{field}={value!r} is invalid; it must be a number {relation} {minimum}"
+    )
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+  """Raises ConfigError on the first invalid value."""
+  from mfb_jax import model as model_lib  # Deferred: the registries import flax.
+
+  _choice(config, "data.format", FORMATS)
+  for field in ("data.num_classes", "data.max_frames", "data.rgb_size", "data.audio_size"):
+    _positive(config, field)
+  _positive(config, "data.shuffle_buffer")
+  _positive(config, "data.prefetch_batches", 0)
+  _choice(config, "model.aggregator", sorted(model_lib.AGGREGATORS))
+  _choice(config, "model.fusion", sorted(model_lib.FUSIONS))
+  _choice(config, "model.classifier", sorted(model_lib.CLASSIFIERS))
+  _choice(config, "model.dtype", DTYPES)
+  _positive(config, "optim.learning_rate", 0, strict=True)
+  _choice(config, "optim.schedule", SCHEDULES)
+  _positive(config, "optim.warmup_steps", 0)
+  _positive(config, "optim.grad_clip_norm", 0)
+  for field in ("train.batch_size", "train.eval_every", "train.checkpoint_every"):
+    _positive(config, field)
+  for field in ("train.keep_checkpoints", "train.log_every", "eval.batch_size"):
+    _positive(config, field)
+  _positive(config, "train.num_steps", 0)
+  _positive(config, "eval.max_examples", 0)
+  for field in ("eval.top_k", "predict.top_k"):
+    _positive(config, field)
+    if _get(config, field) > config.data.num_classes:
+      raise ConfigError(f"config.{field} must be <= data.num_classes ({config.data.num_classes})")
+  _choice({"mode": mode}, "mode", MODES)
+  _check_patterns(config, mode)
+
+
+def _check_patterns(config, mode: str) -> None:
+  data = config.data
+  if mode == "train" and not data.train_pattern:
+    raise ConfigError("config.data.train_pattern is empty; set it to a glob of training tfrecords")
+  if mode == "eval" and not data.eval_pattern:
+    raise ConfigError("config.data.eval_pattern is empty; set it to a glob of evaluation tfrecords")
+  if mode == "predict" and not (data.predict_pattern or data.eval_pattern):
+    raise ConfigError("config.data.predict_pattern and data.eval_pattern are both empty")
+
+
+def check_batch_split(batch_size: int, field: str, process_count: int, device_count: int) -> int:
+  """The per-process batch; the global batch must split evenly over processes and devices."""
+  if batch_size % device_count or batch_size % process_count:
+    raise ConfigError(
+      f"config.{field}={batch_size} must be divisible by the number of devices ({device_count}) "
+      f"and processes ({process_count})"
+    )
+  return batch_size // process_count

@@ -1,0 +1,173 @@
+"""Evaluation over a whole split and Kaggle-format prediction, on one or many processes.
+
+Every video is seen exactly once: each process reads its own files, the last batch is padded and
+masked, and processes that run out of data early feed all-padding batches until every process is
+done, so all of them run the same number of (collective) steps.
+"""
+
+import csv
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mfb_jax import config_checks, input_pipeline, metrics
+from mfb_jax import train as train_lib
+
+PREDICTIONS_FILE = "predictions.csv"
+RESULTS_FILE = "eval_results.json"
+HISTORY_FILE = "eval_history.jsonl"  # One line per evaluation, for GAP-vs-step curves.
+
+
+def lockstep(batches: Iterator[dict], empty: dict) -> Iterator[dict]:
+  """Yields local batches until every process is exhausted, padding the finished ones."""
+  iterator = iter(batches)
+  while True:
+    batch = next(iterator, None)
+    has_data = batch is not None
+    if jax.process_count() > 1:
+      has_data = bool(np.any(multihost_utils.process_allgather(np.array([has_data]))))
+    if not has_data:
+      return
+    yield batch if batch is not None else empty
+
+
+def _local_batches(config, pattern: str, max_examples: int = 0) -> Iterator[dict]:
+  local_batch = config_checks.check_batch_split(
+    config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
+  )
+  batches = input_pipeline.make_eval_iterator(
+    config,
+    pattern,
+    local_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    max_examples=max_examples,
+  )
+  empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
+  return lockstep(batches, empty)
+
+
+class Progress:
+  """Progress lines with rate and elapsed time for long passes over a split."""
+
+  def __init__(self, what: str, every_seconds: float = 30.0):
+    self.what, self.every = what, every_seconds
+    self.start = self.last = time.time()
+    self.count = 0
+
+  def update(self, num_examples: int) -> None:
+    self.count += num_examples
+    now = time.time()
+    if now - self.last >= self.every:
+      self.last = now
+      rate = self.count / max(now - self.start, 1e-9)
+      logging.info("%s: %d videos, %.0f videos/s", self.what, self.count, rate)
+
+  def done(self) -> float:
+    return time.time() - self.start
+
+
+def evaluate_split(config, state, eval_fn, mesh, pattern: str) -> dict:
+  """Metrics of `state` over every video matched by `pattern` (GAP as a fraction)."""
+  accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
+  progress = Progress("evaluating")
+  for batch in _local_batches(config, pattern, config.eval.max_examples):
+    summary = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, mesh)))
+    valid = summary.pop("valid")
+    accumulator.add(summary, valid)
+    progress.update(int(valid.sum()))
+  result = accumulator.result()
+  logging.info(
+    "evaluated %d videos in %.1fs: GAP@%d %.4f",
+    result["num_examples"],
+    progress.done(),
+    config.eval.top_k,
+    result["gap"],
+  )
+  return result
+
+
+def write_results(workdir: str, step: int, result: dict) -> dict:
+  """Writes eval_results.json (the contract's keys) atomically and appends eval_history.jsonl."""
+  record = {"step": int(step), "num_examples": int(result["num_examples"])}
+  record.update({k: float(result[k]) for k in ("gap", "map", "hit_at_1", "perr")})
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, RESULTS_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+  return record
+
+
+def _format_row(video_id: str, classes_K: np.ndarray, scores_K: np.ndarray) -> list[str]:
+  pairs = " ".join(f"{int(c)} {s:.6f}" for c, s in zip(classes_K, scores_K, strict=True))
+  return [video_id, pairs]
+
+
+def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -> str:
+  """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path."""
+  part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
+  progress = Progress("predicting")
+  with open(part, "w", newline="") as f:
+    writer = csv.writer(f)
+    for batch in _local_batches(config, pattern):
+      scores, classes = predict_fn(state, input_pipeline.to_global(batch, mesh))
+      scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
+      for i in np.flatnonzero(batch["valid"] > 0):
+        writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
+      progress.update(int((batch["valid"] > 0).sum()))
+  multihost_utils.sync_global_devices("predictions written")
+  path = os.path.join(workdir, PREDICTIONS_FILE)
+  if jax.process_index() == 0:
+    _merge_parts(path, jax.process_count())
+  multihost_utils.sync_global_devices("predictions merged")
+  return path
+
+
+def _merge_parts(path: str, num_parts: int) -> None:
+  with open(path + ".tmp", "w", newline="") as out:
+    out.write("VideoId,LabelConfidencePairs\n")
+    for i in range(num_parts):
+      part = f"{path}.part-{i:05d}"
+      with open(part, newline="") as f:
+        out.write(f.read())
+      os.remove(part)
+  os.replace(path + ".tmp", path)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
+  """(mesh, model, abstract state, restored state) of the workdir's latest checkpoint."""
+  from mfb_jax import checkpoint as checkpoint_lib
+
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(config)
+  abstract = train_lib.abstract_state(config, model, tx, mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  state = checkpointer.restore(abstract)
+  checkpointer.close()
+  return mesh, model, abstract, state
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=eval: the latest checkpoint over the whole eval split; writes eval_results.json."""
+  mesh, model, abstract, state = restore_for_inference(config, workdir)
+  eval_fn = train_lib.jit_eval_step(config, model, mesh, abstract)
+  result = evaluate_split(config, state, eval_fn, mesh, config.data.eval_pattern)
+  return write_results(workdir, int(state.step), result)
+
+
+def run_predict(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=predict: the latest checkpoint's top-k labels for every video, as a Kaggle CSV."""
+  mesh, model, abstract, state = restore_for_inference(config, workdir)
+  predict_fn = train_lib.jit_predict_step(config, model, mesh, abstract)
+  pattern = config.data.predict_pattern or config.data.eval_pattern
+  return predict_split(config, state, predict_fn, mesh, pattern, workdir)

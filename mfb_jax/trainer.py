@@ -1,0 +1,193 @@
+"""The training loop: train_and_evaluate(config, workdir).
+
+Resume rule (data position): the training stream is rebuilt at every multiple of
+train.checkpoint_every with a shuffle seed derived from (config.seed, that step). A run resumed from
+a periodic checkpoint therefore sees exactly the batches a straight run would have seen, and ends
+with identical parameters. After a SIGTERM save at another step, the rest of that segment is drawn
+with a seed derived from the resume step instead (a fresh shuffle, no exact replay).
+"""
+
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from mfb_jax import checkpoint as checkpoint_lib
+from mfb_jax import config_checks, evaluate, input_pipeline, workdir_files
+from mfb_jax import train as train_lib
+from mfb_jax.errors import TrainingError
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps (all processes agree on it)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+
+def segment_seed(config: ml_collections.ConfigDict, step: int) -> int:
+  """The training-stream seed of the segment starting at `step` (see the module docstring)."""
+  return int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+
+
+class MetricBuffer:
+  """Train metrics kept on device until the next log/checkpoint, then checked for NaN/Inf."""
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, step_metrics: dict) -> None:
+    self.pending.append((step, step_metrics))
+
+  def flush(self) -> dict[str, float]:
+    """Means of the pending metrics; raises TrainingError at the first non-finite loss."""
+    if not self.pending:
+      return {}
+    steps, values = zip(*self.pending, strict=True)
+    values = jax.device_get(list(values))
+    self.pending = []
+    for step, v in zip(steps, values, strict=True):
+      if not np.isfinite(v["loss"]):
+        raise TrainingError(
+          f"the training loss is {float(v['loss'])} at step {step}; stopping without saving this "
+          "state (lower optim.learning_rate or set optim.grad_clip_norm)"
+        )
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def _progress_line(step: int, total: int, loss: float, steps_per_sec: float, batch: int) -> str:
+  eta = (total - step) / max(steps_per_sec, 1e-9)
+  hours, rest = divmod(int(eta), 3600)
+  return (
+    f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%) loss {loss:.4f} "
+    f"{steps_per_sec:.2f} steps/s {steps_per_sec * batch:.0f} ex/s ETA {hours}h{rest // 60:02d}m"
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains from scratch or from the latest checkpoint in workdir; returns the last eval result."""
+  train_cfg = config.train
+  local_batch = config_checks.check_batch_split(
+    train_cfg.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
+  )
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(config)
+  state_shapes = train_lib.abstract_state(config, model, tx, mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  checkpointer.check_compatible(state_shapes)  # Before anything in the workdir is touched.
+  train_files = input_pipeline.list_files(
+    config.data.train_pattern, jax.process_index(), jax.process_count()
+  )
+  if config.data.eval_pattern:
+    input_pipeline.list_files(config.data.eval_pattern, jax.process_index(), jax.process_count())
+  workdir_files.write_config(workdir, config)
+
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state_shapes)
+  else:
+    state = train_lib.create_state(config, model, tx, mesh)
+  start_step = int(state.step)
+  logging.info(
+    "Training %s+%s+%s from step %d to %d on %d devices (%d processes); %d train files here",
+    config.model.aggregator,
+    config.model.fusion,
+    config.model.classifier,
+    start_step,
+    train_cfg.num_steps,
+    jax.device_count(),
+    jax.process_count(),
+    len(train_files),
+  )
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams(workdir_files.flat_hparams(config))
+
+  train_fn = train_lib.jit_train_step(config, model, tx, mesh, state_shapes)
+  eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
+  buffer, result = MetricBuffer(), None
+  batches = None
+  last_time, last_step = time.time(), start_step
+
+  def run_eval(step: int):
+    if not config.data.eval_pattern:
+      logging.warning("data.eval_pattern is empty: skipping evaluation at step %d", step)
+      return None
+    res = evaluate.evaluate_split(config, state, eval_fn, mesh, config.data.eval_pattern)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
+    logging.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
+    return evaluate.write_results(workdir, step, res)
+
+  with StopRequest() as stop:
+    for step in range(start_step, train_cfg.num_steps):
+      if batches is None or step % train_cfg.checkpoint_every == 0:
+        batches = None  # Release the previous segment's tf.data threads first.
+        batches = input_pipeline.make_train_iterator(
+          config,
+          config.data.train_pattern,
+          segment_seed(config, step),
+          local_batch,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+        )
+      global_batch = input_pipeline.to_global(next(batches), mesh)
+      state, step_metrics = train_fn(state, global_batch)
+      done = step + 1
+      buffer.add(done, step_metrics)
+      is_last = done == train_cfg.num_steps
+      stopping = stop.agreed()
+
+      if done % train_cfg.log_every == 0 or is_last or stopping:
+        means = buffer.flush()
+        now = time.time()
+        steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, done
+        means["steps_per_sec"] = steps_per_sec
+        means["examples_per_sec"] = steps_per_sec * train_cfg.batch_size
+        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+        logging.info(
+          _progress_line(
+            done, train_cfg.num_steps, means["loss"], steps_per_sec, train_cfg.batch_size
+          )
+        )
+      if done % train_cfg.checkpoint_every == 0 or is_last or stopping:
+        buffer.flush()  # Never save a state whose loss went NaN/Inf.
+        checkpointer.save(state, done)
+      if done % train_cfg.eval_every == 0 or is_last:
+        result = run_eval(done)
+      if stopping:
+        logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
+        break
+    else:
+      if start_step >= train_cfg.num_steps:
+        logging.info("Already trained to step %d; evaluating", start_step)
+        result = run_eval(start_step)
+
+  checkpointer.close()
+  writer.flush()
+  writer.close()
+  return result

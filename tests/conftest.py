@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny synthetic shards and a launch.py runner."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TINY = [f"--config={REPO / 'configs' / 'tiny.py'}"]
+
+
+def run_python(args: list[str], env: dict | None = None, timeout: float = 300, **kw):
+  """Runs `python ARGS` from the repo root; returns the CompletedProcess (text output)."""
+  full_env = dict(os.environ, **(env or {}))
+  full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return subprocess.run(
+    [PYTHON, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw
+  )
+
+
+def launch(workdir, *args: str, env: dict | None = None, timeout: float = 300):
+  """python launch.py --workdir=WORKDIR ARGS."""
+  return run_python(["launch.py", f"--workdir={workdir}", *args], env=env, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+  lines = [line for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def write_synthetic(output_dir, *extra: str) -> None:
+  result = run_python(["-m", "mfb_jax.synthetic", f"--output_dir={output_dir}", *extra])
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+  """Frame-level synthetic shards for the tiny config (64 classes, short videos)."""
+  root = tmp_path_factory.mktemp("tiny_data")
+  write_synthetic(
+    root,
+    "--num_train=96",
+    "--num_eval=40",
+    "--num_shards=4",
+    "--num_classes=64",
+    "--min_frames=8",
+    "--max_frames=24",
+    "--seed=1",
+  )
+  return {"train": str(root / "train-*"), "eval": str(root / "eval-*")}
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_data) -> list[str]:
+  """launch.py arguments for the tiny config on the tiny shards."""
+  return [
+    *TINY,
+    f"--config.data.train_pattern={tiny_data['train']}",
+    f"--config.data.eval_pattern={tiny_data['eval']}",
+  ]
+
+
+@pytest.fixture
+def tiny_config(tiny_data):
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.data.train_pattern = tiny_data["train"]
+  config.data.eval_pattern = tiny_data["eval"]
+  return config

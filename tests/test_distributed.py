@@ -1,0 +1,108 @@
+"""8 fake CPU devices and 2 processes on 127.0.0.1 agree with a single device."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import PYTHON, REPO, free_port, launch, run_python
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+# Loss and gradient norm of the first train step on the first batch of the tiny shards.
+FIRST_STEP = """
+import json, sys
+import jax
+from configs import tiny
+from mfb_jax import input_pipeline, train
+config = tiny.get_config()
+config.data.train_pattern = sys.argv[1]
+mesh = train.make_mesh()
+model, tx = train.build(config)
+shapes = train.abstract_state(config, model, tx, mesh)
+state = train.create_state(config, model, tx, mesh)
+step = train.jit_train_step(config, model, tx, mesh, shapes)
+batch = next(input_pipeline.make_train_iterator(config, sys.argv[1], seed=0, local_batch_size=8))
+state, m = step(state, input_pipeline.to_global(batch, mesh))
+print(json.dumps({"devices": jax.device_count(), "loss": float(m["loss"]),
+                  "grad_norm": float(m["grad_norm"])}))
+"""
+
+
+def _first_step(pattern: str, env: dict | None = None) -> dict:
+  result = run_python(["-c", FIRST_STEP, pattern], env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_same_loss_as_one(tiny_data):
+  one = _first_step(tiny_data["train"])
+  eight = _first_step(tiny_data["train"], EIGHT_DEVICES)
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def _two_processes(workdir, args: list[str], timeout: float = 400) -> list[str]:
+  port = free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        PYTHON,
+        "launch.py",
+        f"--workdir={workdir}",
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    for i in range(2)
+  ]
+  outputs = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    outputs.append(out)
+  return outputs
+
+
+def _gap(workdir) -> dict:
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_like_one(tiny_args, tmp_path):
+  _two_processes(tmp_path, tiny_args)
+  two = _gap(tmp_path)
+  assert two["step"] == 6 and two["num_examples"] == 40
+  os.remove(tmp_path / "eval_results.json")
+  result = launch(tmp_path, "--mode=eval", *tiny_args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  one = _gap(tmp_path)
+  for key in ("gap", "map", "hit_at_1", "perr"):
+    assert two[key] == pytest.approx(one[key], abs=1e-6), key
+  assert two["num_examples"] == one["num_examples"]
+
+
+@pytest.mark.slow
+def test_eval_of_one_checkpoint_agrees_on_1_8_and_2x1_devices(tiny_args, tmp_path):
+  result = launch(tmp_path, *tiny_args, "--config.train.eval_every=100")
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = {}
+  for name, env in (("one", None), ("eight", EIGHT_DEVICES)):
+    result = launch(tmp_path, "--mode=eval", *tiny_args, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results[name] = _gap(tmp_path)
+  _two_processes(tmp_path, ["--mode=eval", *tiny_args])
+  results["two"] = _gap(tmp_path)
+  for name in ("eight", "two"):
+    assert results[name]["num_examples"] == results["one"]["num_examples"] == 40
+    for key in ("gap", "map", "hit_at_1", "perr"):
+      assert results[name][key] == pytest.approx(results["one"][key], abs=1e-6), (name, key)

@@ -1,0 +1,152 @@
+"""launch.py from outside: errors, signals, kill -9, eval and predict modes."""
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import PYTHON, REPO, last_line, launch
+
+
+def _tree_digest(path) -> str:
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(full.encode())
+      with open(full, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+  assert result.returncode != 0, result.stdout[-1000:]
+  assert "Traceback" not in result.stderr
+  line = last_line(result.stderr)
+  for fragment in fragments:
+    assert fragment in line, line
+
+
+def test_train_then_eval_and_predict(tiny_args, tmp_path):
+  result = launch(tmp_path, *tiny_args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "GAP@20" in result.stdout
+  with open(tmp_path / "eval_results.json") as f:
+    trained = json.load(f)
+  os.remove(tmp_path / "eval_results.json")
+  result = launch(tmp_path, "--mode=eval", *tiny_args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / "eval_results.json") as f:
+    assert json.load(f) == trained
+  result = launch(tmp_path, "--mode=predict", *tiny_args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / "predictions.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["VideoId", "LabelConfidencePairs"]
+  assert len(rows) - 1 == trained["num_examples"] == 40
+  assert len({r[0] for r in rows[1:]}) == 40
+  for _, pairs in rows[1:]:
+    tokens = pairs.split()
+    assert len(tokens) == 40
+    scores = [float(s) for s in tokens[1::2]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= int(label) < 64 for label in tokens[0::2])
+
+
+def test_bad_config_values_give_one_line(tiny_args, tmp_path):
+  result = launch(tmp_path, *tiny_args, "--config.train.batch_size=-4")
+  _assert_one_line_error(result, "train.batch_size")
+  result = launch(tmp_path, *tiny_args, "--config.model.fusion=bilinear_magic")
+  _assert_one_line_error(result, "model.fusion", "mfb", "concat")
+  result = launch(tmp_path, *tiny_args, "--config.train.batchsize=4")  # Misspelled: locked config.
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_files_give_one_line(tmp_path):
+  result = launch(
+    tmp_path,
+    f"--config={REPO / 'configs' / 'tiny.py'}",
+    "--config.data.train_pattern=/nonexistent/train*",
+    "--config.data.eval_pattern=/nonexistent/x*",
+  )
+  _assert_one_line_error(result, "/nonexistent/train*")
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, tmp_path):
+  result = launch(
+    tmp_path, *tiny_args, "--config.train.num_steps=3", "--config.train.eval_every=100"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  before = _tree_digest(tmp_path)
+  result = launch(tmp_path, *tiny_args, "--config.model.aggregator=dbof")
+  _assert_one_line_error(result, "does not match the config")
+  assert _tree_digest(tmp_path) == before
+
+
+def _start(workdir, tiny_args, *extra):
+  return subprocess.Popen(
+    [
+      PYTHON,
+      "launch.py",
+      f"--workdir={workdir}",
+      *tiny_args,
+      "--config.train.num_steps=100000",
+      "--config.train.eval_every=100000",
+      *extra,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _wait_for_checkpoint(workdir, process, timeout: float = 120) -> int:
+  deadline = time.time() + timeout
+  ckpt = os.path.join(workdir, "checkpoints")
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    steps = [s for s in steps if s >= 6]
+    if steps:
+      return max(steps)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    time.sleep(0.2)
+  process.kill()
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
+  process = _start(tmp_path, tiny_args)
+  seen = _wait_for_checkpoint(tmp_path, process)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps[-1] >= seen
+  assert "signal" in err.lower()
+
+
+def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
+  process = _start(tmp_path, tiny_args, "--config.train.checkpoint_every=2")
+  _wait_for_checkpoint(tmp_path, process)
+  time.sleep(1.0)
+  process.kill()
+  process.communicate()
+  committed = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert committed
+  latest = committed[-1]
+  result = launch(
+    tmp_path,
+    *tiny_args,
+    f"--config.train.num_steps={latest + 2}",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=100000",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"from step {latest} " in result.stderr
+  assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
