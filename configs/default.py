@@ -42,16 +42,32 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Model: registry names (mfb_jax/model.py) and per-module settings in sections of that name.
   config.model = model = ml_collections.ConfigDict()
-  model.aggregator = "dbof"  # avgpool | dbof | netvlad (applied to rgb and audio separately).
-  model.fusion = "mfb"  # audio | video | concat | fc_concat | mfb.
+  # avgpool | dbof | netvlad | nextvlad (applied to rgb and audio separately; at
+  # fusion_level='frame', to the fused frames).
+  model.aggregator = "dbof"
+  model.fusion = "mfb"  # audio | video | concat | fc_concat | mfb | mfh.
+  # 'video' (the paper): aggregate each modality, then fuse the two video vectors. 'frame': fuse
+  # rgb and audio on every frame (config.model.frame_<fusion>), then aggregate the fused frames.
+  model.fusion_level = "video"
+  # Context gating y = sigmoid(Wx + b) * x (Miech et al. 2017) after the fusion and on the
+  # classifier's probabilities.
+  model.context_gating = False
   model.classifier = "moe"  # moe | logistic.
   model.dtype = "float32"  # Matmul dtype: 'float32' or 'bfloat16' (params stay float32).
   model.avgpool = ml_collections.ConfigDict()
   model.dbof = ml_collections.ConfigDict(dict(hidden_size=2000))  # Paper: 2000.
   model.netvlad = ml_collections.ConfigDict(dict(num_clusters=8))  # Paper: K = 8.
+  # NeXtVLAD (Lin et al. 2018): K clusters, expansion lambda, G groups; output K*lambda*F/G, i.e.
+  # the same widths as NetVLAD with K=8 (8192 for rgb, 1024 for audio). Its paper: K=128.
+  model.nextvlad = ml_collections.ConfigDict(dict(num_clusters=32, expansion=2, groups=8))
   # MFB factor k and output o: not given in the paper; MFB's authors used k=5, o=1000. We use
   # k=4, o=1024 (the same projection width k*o=4096 as 4x1024, and a power-of-two output).
   model.mfb = ml_collections.ConfigDict(dict(factor=4, output_dim=1024, dropout=0.1))
+  # MFH (Yu et al. 2018): `order` cascaded MFB blocks with MFB's k and o, concatenated (order*o).
+  model.mfh = ml_collections.ConfigDict(dict(factor=4, output_dim=1024, order=2, dropout=0.1))
+  # Frame-level MFB (fusion_level='frame'): k and o per frame (o smaller: it runs on every
+  # frame), dropout on the aggregated vector.
+  model.frame_mfb = ml_collections.ConfigDict(dict(factor=4, output_dim=256, dropout=0.1))
   # FC+concatenation: one FC per modality with MFB's projection sizes (k*o each), then concat.
   model.fc_concat = ml_collections.ConfigDict(dict(hidden_size=4096))
   model.concat = ml_collections.ConfigDict()

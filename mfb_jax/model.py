@@ -2,11 +2,15 @@
 
 Each registry maps a config name to a Flax linen class; `config.model.<name>` (if present) holds
 that class's keyword arguments. Adding a module = one class + one dict entry.
+`config.model.fusion_level='frame'` fuses every frame first and then aggregates (FRAME_FUSIONS,
+settings in `config.model.frame_<name>`); `config.model.context_gating` adds context gating after
+the fusion and on the probabilities.
 
 Shape letters: B batch, T frames, D rgb size, A audio size, V and G the aggregated rgb and audio
 sizes, O fused size, C classes.
 
-  python -m mfb_jax.model --count    # parameter counts of the paper's 15 models
+  python -m mfb_jax.model --count             # parameter counts of the paper's 15 models
+  python -m mfb_jax.model --count --beyond    # and of the models beyond the paper
 """
 
 import argparse
@@ -20,13 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mfb_jax import aggregation, classifier, fusion
+from mfb_jax import aggregation, classifier, frame_fusion, fusion, gating, mfh, nextvlad
 from mfb_jax.errors import ConfigError
 
 AGGREGATORS = {
   "avgpool": aggregation.AvgPool,
   "dbof": aggregation.DBoF,
   "netvlad": aggregation.NetVLAD,
+  "nextvlad": nextvlad.NeXtVLAD,
 }
 FUSIONS = {
   "audio": fusion.AudioOnly,
@@ -34,12 +39,29 @@ FUSIONS = {
   "concat": fusion.Concat,
   "fc_concat": fusion.FcConcat,
   "mfb": fusion.MFB,
+  "mfh": mfh.MFH,
 }
+# Fusions of single frames (config.model.fusion_level='frame'), by config.model.fusion; their
+# settings live in config.model.frame_<name>.
+FRAME_FUSIONS = {
+  "mfb": frame_fusion.FrameMFB,
+}
+FUSION_LEVELS = ("video", "frame")
 CLASSIFIERS = {
   "moe": classifier.MoE,
   "logistic": classifier.Logistic,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def classify(module: nn.Module, fused_BxO: jax.Array, train: bool) -> jax.Array:
+  """The classifier, with context gating before and after it where the module has gates."""
+  if module.fusion_gate is not None:
+    fused_BxO = module.fusion_gate(fused_BxO)
+  probs_BxC = module.classifier(fused_BxO, train=train).astype(jnp.float32)
+  if module.output_gate is not None:
+    probs_BxC = module.output_gate(probs_BxC)
+  return probs_BxC
 
 
 class VideoClassifier(nn.Module):
@@ -49,6 +71,8 @@ class VideoClassifier(nn.Module):
   audio_aggregator: nn.Module | None  # None when the fusion does not read the audio vector.
   fusion: nn.Module
   classifier: nn.Module
+  fusion_gate: nn.Module | None = None  # Context gating of the fused vector.
+  output_gate: nn.Module | None = None  # Context gating of the probabilities.
 
   @nn.compact
   def __call__(
@@ -64,7 +88,27 @@ class VideoClassifier(nn.Module):
     if self.audio_aggregator is not None:
       audio_BxG = self.audio_aggregator(audio_BxTxA, mask_BxT, train=train)
     fused_BxO = self.fusion(video_BxV, audio_BxG, train=train)
-    return self.classifier(fused_BxO, train=train).astype(jnp.float32)
+    return classify(self, fused_BxO, train)
+
+
+class FrameFusionClassifier(nn.Module):
+  """Per-frame fusion + aggregation (one module) -> classifier; returns probs_BxC in [0, 1]."""
+
+  fusion: nn.Module  # Called as fusion(rgb_BxTxD, audio_BxTxA, mask_BxT, train) -> vec_BxO.
+  classifier: nn.Module
+  fusion_gate: nn.Module | None = None
+  output_gate: nn.Module | None = None
+
+  @nn.compact
+  def __call__(
+    self,
+    rgb_BxTxD: jax.Array,
+    audio_BxTxA: jax.Array,
+    mask_BxT: jax.Array,
+    train: bool = False,
+  ) -> jax.Array:
+    fused_BxO = self.fusion(rgb_BxTxD, audio_BxTxA, mask_BxT, train=train)
+    return classify(self, fused_BxO, train)
 
 
 def _lookup(registry: dict, kind: str, name: str) -> type:
@@ -75,7 +119,16 @@ def _lookup(registry: dict, kind: str, name: str) -> type:
   return registry[name]
 
 
-POSITIVE_INT_FIELDS = ("hidden_size", "num_clusters", "factor", "output_dim", "num_experts")
+POSITIVE_INT_FIELDS = (
+  "hidden_size",
+  "num_clusters",
+  "factor",
+  "output_dim",
+  "num_experts",
+  "order",
+  "expansion",
+  "groups",
+)
 
 
 def _check_value(name: str, field: str, value) -> None:
@@ -107,31 +160,60 @@ def _make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> n
   return cls(**kwargs)
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """Returns the (unbound) model that config.model selects; bad names or values raise."""
-  model_config = config.model
+def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool]:
+  """Checks the options outside the module sections; returns (fusion_level, context_gating).
+
+  A config written before the last two options existed lacks them: it means the paper's model.
+  """
   if model_config.dtype not in DTYPES:
     raise ConfigError(
       f"config.model.dtype: got {model_config.dtype!r}; allowed: {', '.join(sorted(DTYPES))}"
     )
+  level = model_config.get("fusion_level", "video")
+  if level not in FUSION_LEVELS:
+    raise ConfigError(
+      f"config.model.fusion_level: got {level!r}; allowed: {', '.join(FUSION_LEVELS)}"
+    )
+  if level == "frame" and model_config.fusion not in FRAME_FUSIONS:
+    raise ConfigError(
+      f"config.model.fusion={model_config.fusion!r} has no frame-level version; with "
+      f"fusion_level='frame' use one of: {', '.join(sorted(FRAME_FUSIONS))}"
+    )
+  gated = model_config.get("context_gating", False)
+  if not isinstance(gated, bool):
+    raise ConfigError(f"config.model.context_gating must be True or False, got {gated!r}")
+  return level, gated
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Returns the (unbound) model that config.model selects; bad names or values raise."""
+  model_config = config.model
+  fusion_level, context_gating = _model_options(model_config)
   dtype = DTYPES[model_config.dtype]
   agg_cls = _lookup(AGGREGATORS, "aggregator", model_config.aggregator)
   fusion_cls = _lookup(FUSIONS, "fusion", model_config.fusion)
   head_cls = _lookup(CLASSIFIERS, "classifier", model_config.classifier)
+  gates = {"fusion_gate": None, "output_gate": None}
+  if context_gating:
+    gates = {name: gating.ContextGating(dtype=dtype) for name in gates}
+  head = _make(
+    head_cls, model_config.classifier, config, dtype=dtype, num_classes=config.data.num_classes
+  )
+  aggregate = functools.partial(_make, agg_cls, model_config.aggregator, config, dtype=dtype)
+
+  if fusion_level == "frame":
+    name = model_config.fusion
+    frame_cls = FRAME_FUSIONS[name]
+    fuse = _make(frame_cls, f"frame_{name}", config, dtype=dtype, aggregator=aggregate())
+    return FrameFusionClassifier(fusion=fuse, classifier=head, **gates)
+
   modalities = getattr(fusion_cls, "modalities", ("video", "audio"))
-
-  def aggregator(modality: str) -> nn.Module | None:
-    if modality not in modalities:
-      return None
-    return _make(agg_cls, model_config.aggregator, config, dtype=dtype)
-
   return VideoClassifier(
-    rgb_aggregator=aggregator("video"),
-    audio_aggregator=aggregator("audio"),
+    rgb_aggregator=aggregate() if "video" in modalities else None,
+    audio_aggregator=aggregate() if "audio" in modalities else None,
     fusion=_make(fusion_cls, model_config.fusion, config, dtype=dtype),
-    classifier=_make(
-      head_cls, model_config.classifier, config, dtype=dtype, num_classes=config.data.num_classes
-    ),
+    classifier=head,
+    **gates,
   )
 
 
@@ -159,10 +241,26 @@ def count_params(config: ml_collections.ConfigDict) -> int:
   return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in leaves))
 
 
+def beyond_configs() -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(name, config) of the models beyond the paper, at the paper's settings."""
+  from configs import frame_mfb, paper  # Imported here: configs/ is not part of mfb_jax.
+
+  rows = [(f"paper.py:{arg}", paper.get_config(arg)) for arg in paper.BEYOND_ARGS]
+  rows += [(f"frame_mfb.py:{arg}", frame_mfb.get_config(arg)) for arg in frame_mfb.ARGS]
+  for arg in ("dbof,mfb", "netvlad,mfb"):
+    config = paper.get_config(arg)
+    config.model.context_gating = True
+    rows.append((f"paper.py:{arg} context_gating", config))
+  return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  """Prints the parameter counts of the paper's 15 models (configs/paper.py)."""
+  """Prints the parameter counts of the paper's 15 models (configs/paper.py), and more."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--count", action="store_true", help="print the parameter count table")
+  parser.add_argument(
+    "--beyond", action="store_true", help="with --count: also the models beyond the paper"
+  )
   args = parser.parse_args(argv)
   if not args.count:
     parser.error("nothing to do: pass --count")
@@ -171,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"{'config (configs/paper.py:ARG)':<30} {'params':>12}  paper GAP")
   for arg in paper.ARGS:
     print(f"{arg:<30} {count_params(paper.get_config(arg)):>12,}  {paper.PAPER_GAP[arg]:.1f}")
+  if args.beyond:
+    print(f"\n{'beyond the paper (configs/...)':<40} {'params':>12}")
+    for name, config in beyond_configs():
+      print(f"{name:<40} {count_params(config):>12,}")
 
 
 if __name__ == "__main__":
