@@ -85,3 +85,18 @@ def test_penalty_is_recorded_only_when_losses_is_mutable_outside_init():
   assert set(variables) == {"params"}
   probs = module.apply(variables, x_BxO)  # Not a tuple: nothing else comes back.
   assert probs.shape == (B, C)
+
+
+def test_expected_labels_sets_the_initial_output_to_the_label_prior():
+  """With zero input only the bias speaks: each class starts at expected_labels / C."""
+  num_classes, fused_BxO = 50, np.zeros((2, 7), np.float32)
+  for head in (
+    classifier.MoE(num_classes=num_classes, num_experts=2, expected_labels=3.0),
+    classifier.Logistic(num_classes=num_classes, expected_labels=3.0),
+  ):
+    variables = head.init(jax.random.key(0), fused_BxO)
+    probs_BxC = np.asarray(head.apply(variables, fused_BxO))
+    np.testing.assert_allclose(probs_BxC, 3.0 / num_classes, rtol=1e-5)
+  zero_bias = classifier.MoE(num_classes=num_classes, num_experts=2)
+  probs_BxC = zero_bias.apply(zero_bias.init(jax.random.key(0), fused_BxO), fused_BxO)
+  np.testing.assert_allclose(np.asarray(probs_BxC), (2 / 3) * 0.5, rtol=1e-5)  # Starter code.
