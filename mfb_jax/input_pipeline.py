@@ -1,0 +1,246 @@
+"""tf.data input pipeline: YouTube-8M tfrecords (frame- or video-level) to numpy batches.
+
+A batch is one process's share, a dict of numpy arrays: 'rgb' float32 [B, T, D] and 'audio'
+float32 [B, T, A] (dequantized), 'mask' float32 [B, T] (1 = real frame), 'labels' float32 [B, C]
+(multi-hot), 'valid' float32 [B] (0 = padding row of the last eval batch), 'id' object [B] of str.
+Video-level records give T = 1. Bad data raises DataError with one line naming the file.
+"""
+
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mfb_jax import frames, records
+from mfb_jax.errors import DataError
+
+# Train files read at once: batches mix videos from this many files (each file holds videos of
+# all classes in random order, so this plus the record shuffle buffer is enough mixing).
+TRAIN_CYCLE_LENGTH = 16
+ID_BATCH = 256  # Records per parse call in read_ids_and_labels.
+_MAX_MESSAGE = 300  # TensorFlow's parse errors can quote a whole record.
+
+
+def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> list[str]:
+  """This process's share of the files matching comma-separated globs (sorted, then strided)."""
+  globs = [g.strip() for g in pattern.split(",") if g.strip()]
+  if not globs:
+    raise DataError("empty file pattern: set data.train_pattern / data.eval_pattern to a glob")
+  files = set()
+  for glob in globs:
+    try:
+      matched = tf.io.gfile.glob(glob)
+    except tf.errors.OpError as e:
+      raise DataError(f"cannot list files matching {glob!r}: {_tf_message(e)}") from e
+    if not matched:
+      raise DataError(f"no file matches {glob!r}")
+    files.update(matched)
+  files = sorted(files)
+  mine = files[process_index::process_count]
+  if not mine:
+    raise DataError(
+      f"process {process_index} of {process_count} gets no files: {pattern!r} matches "
+      f"{len(files)} file(s); use at least as many files as processes"
+    )
+  for path in mine:
+    stat = tf.io.gfile.stat(path)
+    if stat.is_directory:
+      raise DataError(f"{path} is a directory, not a tfrecord file (pattern {pattern!r})")
+    if stat.length == 0:
+      raise DataError(f"{path} is empty (0 bytes)")
+  return mine
+
+
+def _tagged_records(path: tf.Tensor) -> tf.data.Dataset:
+  """(file name, serialized record) pairs: the name goes into error messages."""
+  return tf.data.TFRecordDataset(path).map(lambda record: (path, record))
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  # Parallelism comes from parallel map calls; intra-op threads on top only add contention
+  # (measured on 2 cores).
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _seeds(seed: int) -> list[int]:
+  """Independent seeds for file order, record order and frame sampling."""
+  return [int(s) for s in np.random.SeedSequence(int(seed) % 2**63).generate_state(3)]
+
+
+def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed=None):
+  """Batch dicts (with 'problem') from (name, record) pairs; short batches padded, valid = 0."""
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  parse_record = frames.parse_frame_record if spec.format == "frame" else records.parse_video_record
+  if frame_seed is None:
+    parse = lambda name, record: parse_record(spec, name, record)
+  else:  # A per-record seed: the record's position in this (seeded, deterministic) stream.
+    records_ds = records_ds.enumerate()
+    parse = lambda index, pair: parse_record(
+      spec, *pair, tf.stack([tf.constant(frame_seed, tf.int64), index])
+    )
+  ds = records_ds.map(parse, **parallel).batch(batch_size, drop_remainder=drop_remainder)
+  return ds.map(lambda batch: records.finish_batch(batch, batch_size), **parallel)
+
+
+def train_dataset(config, files: list[str], seed: int, local_batch_size: int):
+  """(infinite tf.data.Dataset of batch dicts with 'problem', files in first-epoch order)."""
+  spec = records.RecordSpec.from_config(config)
+  data = config.data
+  file_seed, record_seed, frame_seed = _seeds(seed)
+  file_order = tf.data.Dataset.from_tensor_slices(files).shuffle(
+    len(files), seed=file_seed, reshuffle_each_iteration=True
+  )
+  ds = file_order.repeat().interleave(
+    _tagged_records,
+    cycle_length=min(len(files), TRAIN_CYCLE_LENGTH),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
+  if data.shuffle_buffer > 1:
+    ds = ds.shuffle(data.shuffle_buffer, seed=record_seed)
+  sample = spec.format == "frame" and data.random_frames
+  ds = _batches(spec, ds, local_batch_size, True, frame_seed if sample else None)
+  first_epoch = lambda: [p.decode() for p in file_order.take(len(files)).as_numpy_iterator()]
+  return ds.prefetch(data.prefetch_batches).with_options(_options()), first_epoch
+
+
+def eval_dataset(config, files: list[str], local_batch_size: int, max_examples: int = 0):
+  """Every record once in file order; the last batch padded with valid = 0 rows."""
+  spec = records.RecordSpec.from_config(config)
+  ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_tagged_records)
+  if max_examples > 0:
+    ds = ds.take(max_examples)
+  ds = _batches(spec, ds, local_batch_size, drop_remainder=False)
+  return ds.prefetch(config.data.prefetch_batches).with_options(_options())
+
+
+def make_train_iterator(
+  config: ml_collections.ConfigDict,
+  pattern: str,
+  seed: int,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict]:
+  """Infinite shuffled batches of this process's files; the same seed gives the same batches."""
+  files = list_files(pattern, process_index, process_count)
+  dataset, file_order = train_dataset(config, files, seed, local_batch_size)
+  return _checked_batches(dataset, file_order)
+
+
+def make_eval_iterator(
+  config: ml_collections.ConfigDict,
+  pattern: str,
+  local_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  max_examples: int = 0,
+) -> Iterator[dict]:
+  """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
+  files = list_files(pattern, process_index, process_count)
+  dataset = eval_dataset(config, files, local_batch_size, max_examples)
+  return _checked_batches(dataset, lambda: files)
+
+
+def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_frames: int) -> dict:
+  """An all-padding batch (valid = 0) for processes that ran out of eval data."""
+  data, B = config.data, local_batch_size
+  return {
+    "rgb": np.zeros((B, num_frames, data.rgb_size), np.float32),
+    "audio": np.zeros((B, num_frames, data.audio_size), np.float32),
+    "mask": np.zeros((B, num_frames), np.float32),
+    "labels": np.zeros((B, data.num_classes), np.float32),
+    "valid": np.zeros((B,), np.float32),
+    "id": np.full((B,), "", dtype=object),
+  }
+
+
+def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iterator[tuple]:
+  """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed."""
+  spec = records.RecordSpec.from_config(config)
+  files = list_files(pattern)
+
+  def parse(names_B, serialized_B):
+    context = records.parse_context(spec, serialized_B, names_B)
+    labels = context[spec.labels_key]
+    counts_B = tf.math.bincount(
+      tf.cast(labels.indices[:, 0], tf.int32), minlength=tf.shape(names_B)[0], dtype=tf.int64
+    )
+    ids_B = records.video_ids(spec, context)
+    return {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
+
+  ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_tagged_records).batch(ID_BATCH)
+  ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
+  for batch in _checked_batches(ds, lambda: files, decode_ids=False):
+    ends = np.cumsum(batch["counts"])
+    for name, video_id, labels in zip(
+      batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True
+    ):
+      video_id = video_id.decode("utf-8", "replace")
+      bad = labels[(labels < 0) | (labels >= spec.num_classes)]
+      if bad.size:
+        c = spec.num_classes
+        raise DataError(
+          f"{name.decode()}: video '{video_id}': label {bad[0]} is outside [0, {c}) "
+          f"(data.num_classes={c})"
+        )
+      yield video_id, labels.tolist()
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Global arrays sharded on the mesh axis 'data' from this process's batch ('id' dropped)."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {
+    k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k != "id"
+  }
+
+
+def _checked_batches(
+  dataset: tf.data.Dataset, file_order: Callable[[], list[str]], decode_ids: bool = True
+) -> Iterator[dict]:
+  """Numpy batches; TensorFlow errors and bad records become one-line DataErrors."""
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.DataLossError as e:
+      # Under interleave TensorFlow does not say which file; find it by reading them one by one.
+      raise _name_corrupt_file(file_order(), e) from e
+    except tf.errors.OpError as e:
+      raise DataError(f"bad record: {_tf_message(e)}") from e
+    problem = batch.pop("problem", b"")
+    if problem:
+      raise DataError(problem.decode("utf-8", "replace"))
+    if decode_ids:
+      batch["id"] = np.array([i.decode("utf-8", "replace") for i in batch["id"]], dtype=object)
+    yield batch
+
+
+def _name_corrupt_file(files: list[str], error: tf.errors.OpError) -> DataError:
+  logging.warning("corrupt tfrecord data: reading %d file(s) one by one to name it", len(files))
+  for path in files:
+    try:
+      tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1)
+    except tf.errors.DataLossError as e:
+      return DataError(f"{path}: corrupt or truncated tfrecord file ({_tf_message(e)})")
+  return DataError(f"corrupt or truncated tfrecord data ({_tf_message(error)})")
+
+
+def _tf_message(error: tf.errors.OpError) -> str:
+  """TensorFlow's error text without its function-node and op annotations, on one line."""
+  text = re.sub(r"\{\{[^}]*\}\}", "", error.message)
+  text = re.sub(r"Error in user-defined function passed to .*? with iterator: [\w:]+: ", "", text)
+  text = re.split(r"\[\[|\[Op:", text)[0]
+  text = " ".join(text.split())
+  return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."

@@ -1,0 +1,162 @@
+"""Bad input to the input pipeline: each problem is one DataError line naming file and feature."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import default
+from mfb_jax import input_pipeline
+from mfb_jax.bench_input import frame_record, video_record
+from mfb_jax.errors import ConfigError, DataError
+
+D, A = 6, 3
+
+
+def small_config(fmt="frame"):
+  config = default.get_config()
+  config.data.update(format=fmt, num_classes=10, max_frames=8, rgb_size=D, audio_size=A)
+  config.data.shuffle_buffer = 8
+  return config
+
+
+def video(num_frames: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (num_frames, D), np.uint8), rng.integers(
+    0, 256, (num_frames, A), np.uint8
+  )
+
+
+def write(path, serialized: list[bytes]) -> str:
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for record in serialized:
+      writer.write(record)
+  return str(path)
+
+
+def write_shards(directory, counts: list[int]) -> None:
+  for f, count in enumerate(counts):
+    records = [frame_record(f"f{f}-{j}", *video(5, seed=j), [j % 10]) for j in range(count)]
+    write(directory / f"part-{f}.tfrecord", records)
+
+
+def first_error(iterator_fn) -> str:
+  """The one-line message of the DataError raised while reading everything."""
+  with pytest.raises(DataError) as info:
+    for _ in zip(range(100), iterator_fn(), strict=False):
+      pass
+  message = str(info.value)
+  assert "\n" not in message and message
+  return message
+
+
+def eval_error(config, pattern: str, batch_size: int = 2) -> str:
+  return first_error(lambda: input_pipeline.make_eval_iterator(config, pattern, batch_size))
+
+
+def train_error(config, pattern: str) -> str:
+  return first_error(lambda: input_pipeline.make_train_iterator(config, pattern, 0, 2))
+
+
+def test_file_patterns(tmp_path):
+  write_shards(tmp_path, [1])
+  good = str(tmp_path / "part-*.tfrecord")
+  with pytest.raises(DataError, match="no file matches '.*nothing-here-\\*'"):
+    input_pipeline.list_files(f"{good},{tmp_path}/nothing-here-*")
+  with pytest.raises(DataError, match="empty file pattern"):
+    input_pipeline.list_files(" , ")
+  (tmp_path / "part-9.tfrecord").write_bytes(b"")
+  with pytest.raises(DataError, match="part-9.tfrecord is empty \\(0 bytes\\)"):
+    input_pipeline.list_files(good)
+  assert input_pipeline.list_files(good, 0, 2) == [str(tmp_path / "part-0.tfrecord")]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_file_is_named(tmp_path, damage):
+  write_shards(tmp_path, [3, 3, 3])
+  path = tmp_path / "part-1.tfrecord"
+  data = bytearray(path.read_bytes())
+  if damage == "truncated":
+    data = data[:-40]
+  else:
+    data[len(data) // 2] ^= 0xFF  # Inside the second record's payload: its CRC fails.
+  path.write_bytes(bytes(data))
+  pattern = str(tmp_path / "part-*.tfrecord")
+  for message in (eval_error(small_config(), pattern), train_error(small_config(), pattern)):
+    assert message.startswith(f"{path}: corrupt or truncated tfrecord file")
+    assert ("truncated" if damage == "truncated" else "corrupted") in message
+
+
+def frame_problem(tmp_path, record: bytes) -> str:
+  """Error for a shard of two good videos then `record` (so it is found in the second batch)."""
+  good = [frame_record(f"ok{i}", *video(4, seed=i), [1]) for i in range(2)]
+  path = write(tmp_path / "bad.tfrecord", [*good, record])
+  message = eval_error(small_config(), path)
+  assert message.startswith(f"{path}: video 'bad': ")
+  return message[len(f"{path}: video 'bad': ") :]
+
+
+def test_wrong_frame_sizes(tmp_path):
+  rgb, audio = video(5)
+  wide_rgb = [*rgb[:2], np.zeros(D + 3, np.uint8), *rgb[3:]]  # Only frame 2 is wrong.
+  why = frame_problem(tmp_path, frame_record("bad", wide_rgb, audio, [1]))
+  assert why == f"feature 'rgb' has frames of {D + 3} bytes, expected {D} (data.rgb_size)"
+  narrow_audio = [a[:1] for a in audio]
+  why = frame_problem(tmp_path, frame_record("bad", rgb, narrow_audio, [1]))
+  assert why == f"feature 'audio' has frames of 1 bytes, expected {A} (data.audio_size)"
+
+
+def test_frame_counts_and_missing_frames(tmp_path):
+  rgb, audio = video(5)
+  why = frame_problem(tmp_path, frame_record("bad", rgb, audio[:4], [1]))
+  assert why == "'rgb' has 5 frames but 'audio' has 4"
+  # A video-level record given to the frame-level reader has no frames at all.
+  why = frame_problem(tmp_path, video_record("bad", np.zeros(D), np.zeros(A), [1]))
+  assert why.startswith("no 'rgb' frames (is this frame-level data?")
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_label_outside_num_classes(tmp_path, label):
+  why = frame_problem(tmp_path, frame_record("bad", *video(3), [2, label]))
+  assert why == f"label {label} is outside [0, 10) (data.num_classes=10)"
+
+
+def test_train_iterator_reports_bad_records_too(tmp_path):
+  path = write(tmp_path / "bad.tfrecord", [frame_record("bad", *video(3), [1, 99])] * 2)
+  message = train_error(small_config(), path)
+  assert message == f"{path}: video 'bad': label 99 is outside [0, 10) (data.num_classes=10)"
+
+
+def test_video_level_feature_sizes(tmp_path):
+  good = video_record("ok", np.zeros(D), np.zeros(A), [1], id_key="video_id")
+  bad = video_record("bad", np.zeros(D - 1), np.zeros(A), [1], id_key="video_id")
+  path = write(tmp_path / "v.tfrecord", [good, bad])
+  message = eval_error(small_config("video"), path)
+  assert message == f"{path}: video 'bad': feature 'mean_rgb' has {D - 1} values, expected {D} " + (
+    "(data.rgb_size)"
+  )
+  frame_level = write(tmp_path / "f.tfrecord", [frame_record("bad", *video(2), [1])])
+  message = eval_error(small_config("video"), frame_level)
+  assert message.startswith(f"{frame_level}: video 'bad': no feature 'mean_rgb' (is this video")
+
+
+def test_parser_errors_name_the_file(tmp_path):
+  example = tf.train.Example()
+  example.features.feature["id"].bytes_list.value.append(b"x")
+  example.features.feature["labels"].float_list.value.append(1.5)  # Should be int64.
+  path = write(tmp_path / "floats.tfrecord", [example.SerializeToString()])
+  message = eval_error(small_config(), path)
+  assert message.startswith("bad record: ") and str(path) in message and "labels" in message
+
+
+def test_read_ids_and_labels_checks_label_range(tmp_path):
+  path = write(tmp_path / "l.tfrecord", [frame_record("v", *video(2), [3, 12])])
+  with pytest.raises(DataError, match=f"^{path}: video 'v': label 12 is outside \\[0, 10\\)"):
+    list(input_pipeline.read_ids_and_labels(path, small_config()))
+
+
+def test_invalid_data_config_is_a_config_error(tmp_path):
+  path = write(tmp_path / "v.tfrecord", [frame_record("v", *video(2), [1])])
+  config = small_config()
+  config.data.format = "frames"
+  with pytest.raises(ConfigError, match="data.format='frames'; allowed: frame, video"):
+    input_pipeline.make_eval_iterator(config, path, 2)
