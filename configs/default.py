@@ -62,7 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.nextvlad = ml_collections.ConfigDict(dict(num_clusters=32, expansion=2, groups=8))
   # MFB factor k and output o: not given in the paper; MFB's authors used k=5, o=1000. We use
   # k=4, o=1024 (the same projection width k*o=4096 as 4x1024, and a power-of-two output).
-  model.mfb = ml_collections.ConfigDict(dict(factor=4, output_dim=1024, dropout=0.1))
+  # output_scale multiplies the L2-normalized output (1.0: the paper); see README, "MFB scale".
+  model.mfb = ml_collections.ConfigDict(
+    dict(factor=4, output_dim=1024, dropout=0.1, output_scale=1.0)
+  )
   # MFH (Yu et al. 2018): `order` cascaded MFB blocks with MFB's k and o, concatenated (order*o).
   model.mfh = ml_collections.ConfigDict(dict(factor=4, output_dim=1024, order=2, dropout=0.1))
   # Frame-level MFB (fusion_level='frame'): k and o per frame (o smaller: it runs on every

@@ -75,6 +75,10 @@ def _check_patterns(config, mode: str) -> None:
     raise ConfigError("config.data.eval_pattern is empty; set it to a glob of evaluation tfrecords")
   if mode == "predict" and not (data.predict_pattern or data.eval_pattern):
     raise ConfigError("config.data.predict_pattern and data.eval_pattern are both empty")
+  if mode == "predict" and config.predict.vocabulary:
+    from mfb_jax import vocabulary
+
+    vocabulary.load(config.predict.vocabulary)  # Fails now, not after the whole split.
 
 
 def check_batch_split(batch_size: int, field: str, process_count: int, device_count: int) -> int:

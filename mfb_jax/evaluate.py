@@ -17,10 +17,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import config_checks, input_pipeline, metrics
+from mfb_jax import config_checks, input_pipeline, metrics, vocabulary
 from mfb_jax import train as train_lib
 
 PREDICTIONS_FILE = "predictions.csv"
+NAMED_PREDICTIONS_FILE = "predictions_named.csv"  # With predict.vocabulary: label names.
 RESULTS_FILE = "eval_results.json"
 HISTORY_FILE = "eval_history.jsonl"  # One line per evaluation, for GAP-vs-step curves.
 
@@ -170,4 +171,9 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   mesh, model, abstract, state = restore_for_inference(config, workdir)
   predict_fn = train_lib.jit_predict_step(config, model, mesh, abstract)
   pattern = config.data.predict_pattern or config.data.eval_pattern
-  return predict_split(config, state, predict_fn, mesh, pattern, workdir)
+  path = predict_split(config, state, predict_fn, mesh, pattern, workdir)
+  if config.predict.vocabulary and jax.process_index() == 0:
+    named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
+    vocabulary.name_predictions(path, config.predict.vocabulary, named)
+    logging.info("wrote %s (label names from %s)", named, config.predict.vocabulary)
+  return path

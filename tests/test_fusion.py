@@ -70,6 +70,17 @@ def test_mfb_bilinear_matches_low_rank_formula_and_output_is_unit_norm():
   )
 
 
+def test_mfb_output_scale_multiplies_the_unit_vector():
+  l_BxV, a_BxA = make_vectors()
+  plain = fusion.MFB(factor=K_FACTOR, output_dim=OUT, dropout=0.1)
+  scaled = fusion.MFB(factor=K_FACTOR, output_dim=OUT, dropout=0.1, output_scale=8.0)
+  variables = with_random_biases(init(plain, l_BxV, a_BxA))
+  unit = plain.apply(variables, l_BxV, a_BxA, train=False)
+  out = scaled.apply(variables, l_BxV, a_BxA, train=False)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 8.0, rtol=1e-5)
+  np.testing.assert_allclose(out, 8.0 * np.asarray(unit), rtol=1e-6)
+
+
 def test_mfb_dropout_only_in_training():
   l_BxV, a_BxA = make_vectors()
   module = fusion.MFB(factor=K_FACTOR, output_dim=64, dropout=0.5)

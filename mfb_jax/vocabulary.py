@@ -1,0 +1,53 @@
+"""Label names from a YouTube-8M vocabulary CSV, for human-readable predictions.
+
+Reads both published layouts: the 2018 `vocabulary.csv` (columns Index, ..., Name, ...) and the
+`label_names.csv` files (columns label_id, label_name; 2017 and 2018).
+"""
+
+import csv
+import os
+
+from mfb_jax.errors import ConfigError
+
+ID_COLUMNS = ("Index", "label_id")
+NAME_COLUMNS = ("Name", "label_name")
+
+
+def load(path: str) -> dict[int, str]:
+  """{label id: name}; ConfigError naming the file if it is missing or has neither layout."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.predict.vocabulary: no such file {path}")
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    header = reader.fieldnames or []
+    id_col = next((c for c in ID_COLUMNS if c in header), None)
+    name_col = next((c for c in NAME_COLUMNS if c in header), None)
+    if id_col is None or name_col is None:
+      raise ConfigError(
+        f"{path}: not a vocabulary CSV (needs columns Index/Name or label_id/label_name; "
+        f"found {', '.join(header[:6])})"
+      )
+    try:
+      return {int(row[id_col]): row[name_col] for row in reader}
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
+
+
+def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str) -> int:
+  """Writes VideoId,Labels rows ('name (score); ...'); returns the number of videos."""
+  names = load(vocabulary_csv)
+  count = 0
+  with open(predictions_csv, newline="") as f, open(output_csv + ".tmp", "w", newline="") as out:
+    reader, writer = csv.reader(f), csv.writer(out)
+    next(reader)  # Header.
+    writer.writerow(["VideoId", "Labels"])
+    for video_id, pairs in reader:
+      tokens = pairs.split()
+      labels = [
+        f"{names.get(int(label), f'label {label}')} ({float(score):.3f})"
+        for label, score in zip(tokens[0::2], tokens[1::2], strict=True)
+      ]
+      writer.writerow([video_id, "; ".join(labels)])
+      count += 1
+  os.replace(output_csv + ".tmp", output_csv)
+  return count
