@@ -115,4 +115,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.bench = bench = ml_collections.ConfigDict()
   bench.warmup_steps = 3
   bench.steps = 20
+  # Also time the step fed from synthetic tfrecords through the input pipeline (end to end).
+  bench.end_to_end = True
   return config

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import PYTHON, REPO, last_line, launch
 
 
@@ -150,3 +151,14 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"from step {latest} " in result.stderr
   assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_bench_prints_one_json_line_with_the_contract_keys(tmp_path):
+  result = launch(tmp_path, f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=bench")
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
+  assert record["model"] == "netvlad+mfb+moe" and record["batch_size"] == 8
+  assert record["devices"] == 1 and record["examples_per_sec"] > 0
+  assert record["examples_per_sec"] == pytest.approx(8000 / record["step_ms"], rel=0.01)
+  assert record["train_flops_per_example"] > 0 and record["flop_floor_examples_per_sec"] > 0
+  assert 0 < record["end_to_end_examples_per_sec"]

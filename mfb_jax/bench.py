@@ -1,0 +1,155 @@
+"""--mode=bench: throughput of the real jitted train step on in-memory batches of the real shapes.
+
+Prints one JSON line (examples_per_sec, step_ms, batch_size, devices, model, the analytic FLOP
+floor and the fraction of it reached). No data files are needed.
+"""
+
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mfb_jax import config_checks, flops, input_pipeline
+from mfb_jax import train as train_lib
+
+
+def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+  """A batch like the pipeline's: dequantized uint8 features, full masks, ~3 labels per video."""
+  rng = np.random.default_rng(seed)
+  T = train_lib.frames_per_example(config)
+  quantized = lambda dim: rng.integers(0, 256, (batch_size, T, dim), dtype=np.uint8)
+  return {
+    "rgb": quantized(config.data.rgb_size).astype(np.float32) * (4.0 / 255.0) - 2.0,
+    "audio": quantized(config.data.audio_size).astype(np.float32) * (4.0 / 255.0) - 2.0,
+    "mask": np.ones((batch_size, T), np.float32),
+    "labels": (rng.random((batch_size, config.data.num_classes)) < 3.0 / 3862).astype(np.float32),
+  }
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+  m = config.model
+  name = f"{m.aggregator}+{m.fusion}+{m.classifier}"
+  if m.get("fusion_level", "video") == "frame":
+    name = f"frame-{m.fusion}+{m.aggregator}+{m.classifier}"
+  if m.get("context_gating", False):
+    name += "+cg"
+  return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
+
+
+def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
+  """Median step time of the jitted train step after warm-up (single process)."""
+  batch_size = config_checks.check_batch_split(
+    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
+  )
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(config)
+  shapes = train_lib.abstract_state(config, model, tx, mesh)
+  state = train_lib.create_state(config, model, tx, mesh)
+  step_fn = train_lib.jit_train_step(config, model, tx, mesh, shapes)
+  sharding = train_lib.batch_shardings(mesh)
+  batches = [
+    jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)
+  ]
+  start = time.perf_counter()
+  state, step_metrics = step_fn(state, batches[0])
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - start
+  times = []
+  for i in range(config.bench.warmup_steps + config.bench.steps):
+    start = time.perf_counter()
+    state, step_metrics = step_fn(state, batches[i % num_batches])
+    jax.block_until_ready(state)
+    if i >= config.bench.warmup_steps:
+      times.append(time.perf_counter() - start)
+  return {
+    "step_s": statistics.median(times),
+    "min_step_ms": 1e3 * min(times),
+    "max_step_ms": 1e3 * max(times),
+    "first_step_s": compile_s,
+    "final_loss": float(step_metrics["loss"]),
+  }
+
+
+def time_end_to_end(config: ml_collections.ConfigDict) -> float:
+  """Median step time when batches come from synthetic tfrecords through the input pipeline.
+
+  The shards hold videos of exactly max_frames frames, so the step sees the same shapes and work
+  as the bare-step figure; the difference is what reading, parsing and hand-off cost.
+  """
+  from mfb_jax import synthetic  # Deferred: only this figure needs the writer.
+
+  batch_size = config_checks.check_batch_split(
+    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
+  )
+  frames = train_lib.frames_per_example(config)
+  with tempfile.TemporaryDirectory(prefix="mfb_jax_bench_") as data_dir:
+    synthetic.write_dataset(
+      data_dir,
+      num_train=2 * batch_size,
+      num_eval=0,
+      num_shards=4,
+      seed=config.seed,
+      num_classes=config.data.num_classes,
+      frames=(max(frames, 1), max(frames, 1)),
+      fmt=config.data.format,
+    )
+    mesh = train_lib.make_mesh()
+    model, tx = train_lib.build(config)
+    shapes = train_lib.abstract_state(config, model, tx, mesh)
+    state = train_lib.create_state(config, model, tx, mesh)
+    step_fn = train_lib.jit_train_step(config, model, tx, mesh, shapes)
+    batches = input_pipeline.make_train_iterator(
+      config, os.path.join(data_dir, "train-*"), seed=0, local_batch_size=batch_size
+    )
+    times = []
+    for i in range(config.bench.warmup_steps + config.bench.steps + 1):
+      start = time.perf_counter()
+      state, _ = step_fn(state, input_pipeline.to_global(next(batches), mesh))
+      jax.block_until_ready(state)
+      if i > config.bench.warmup_steps:
+        times.append(time.perf_counter() - start)
+    del batches
+  return statistics.median(times)
+
+
+def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Measures and prints one JSON line; returns the same record."""
+  del workdir  # Nothing is written: the benchmark needs no data files.
+  timing = time_train_step(config)
+  batch_size = config.train.batch_size
+  flops_per_example = flops.train_flops_per_example(config)
+  peak_dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
+  peak_gflops = flops.measure_matmul_peak(peak_dtype)
+  floor = peak_gflops * 1e9 / flops_per_example
+  examples_per_sec = batch_size / timing["step_s"]
+  record = {
+    "model": model_name(config),
+    "examples_per_sec": round(examples_per_sec, 2),
+    "step_ms": round(1e3 * timing["step_s"], 2),
+    "min_step_ms": round(timing["min_step_ms"], 2),
+    "max_step_ms": round(timing["max_step_ms"], 2),
+    "first_step_s": round(timing["first_step_s"], 2),
+    "batch_size": batch_size,
+    "devices": jax.device_count(),
+    "platform": jax.devices()[0].platform,
+    "device_kind": jax.devices()[0].device_kind,
+    "train_flops_per_example": flops_per_example,
+    "matmul_peak_gflops": round(peak_gflops, 1),
+    "flop_floor_examples_per_sec": round(floor, 1),
+    "fraction_of_floor": round(examples_per_sec / floor, 3),
+    "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "steps_timed": config.bench.steps,
+  }
+  if config.bench.end_to_end:
+    end_to_end_s = time_end_to_end(config)
+    record["end_to_end_examples_per_sec"] = round(batch_size / end_to_end_s, 2)
+    record["end_to_end_vs_bare_step"] = round(timing["step_s"] / end_to_end_s, 3)
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+  return record

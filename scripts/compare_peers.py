@@ -1,0 +1,97 @@
+r"""Measures mfb-jax's train step against the PyTorch and TensorFlow peers, in one run.
+
+  .venv/bin/python scripts/compare_peers.py --peers_dir=../shared/peers \
+    --torch_python=/path/to/venv_with_torch/bin/python [--models=netvlad_mfb,dbof_mfb] [--bf16]
+
+The peers (reference implementations of the same step, kept outside this project) print
+`examples_per_sec=X`; mfb-jax is measured with `launch.py --mode=bench`. Runs are interleaved
+(jax, torch, tf per model, repeated) so machine noise hits all of them alike; the table reports
+the median of the repeats and mfb-jax's ratio to the best peer. Figures are only comparable
+within one run: these 2-core machines are not all the same CPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+CELLS = {"netvlad_mfb": "netvlad,mfb", "dbof_mfb": "dbof,mfb"}
+
+
+def _run(cmd: list[str], env: dict | None = None) -> str:
+  result = subprocess.run(
+    cmd, cwd=REPO, env=dict(os.environ, **(env or {})), capture_output=True, text=True
+  )
+  if result.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip().splitlines()[-1:]}")
+  return result.stdout
+
+
+def jax_bench(model: str, bf16: bool, steps: int) -> float:
+  cmd = [
+    sys.executable,
+    "launch.py",
+    "--mode=bench",
+    "--workdir=/tmp/mfb_jax_bench",
+    f"--config=configs/paper.py:{CELLS[model]}",
+    f"--config.bench.steps={steps}",
+    "--config.bench.end_to_end=False",
+  ]
+  if bf16:
+    cmd.append("--config.model.dtype=bfloat16")
+  line = [x for x in _run(cmd).splitlines() if x.startswith("{")][-1]
+  return json.loads(line)["examples_per_sec"]
+
+
+def peer_bench(python: str, script: str, args: list[str], steps: int) -> float:
+  env = {"LD_PRELOAD": TCMALLOC} if os.path.exists(TCMALLOC) else {}
+  out = _run([python, script, *args, "--steps", str(steps)], env=env)
+  line = [x for x in out.splitlines() if x.startswith("examples_per_sec=")][-1]
+  return float(line.split("=")[1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--peers_dir", default=os.path.join(REPO, "..", "shared", "peers"))
+  parser.add_argument("--torch_python", default=None, help="a python with torch installed")
+  parser.add_argument("--models", default="netvlad_mfb,dbof_mfb")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--bf16", action="store_true", help="bf16 for mfb-jax and torch autocast")
+  args = parser.parse_args()
+  results: dict[tuple[str, str], list[float]] = {}
+  for repeat in range(args.repeats):
+    for model in args.models.split(","):
+      runs = {"mfb-jax": lambda m=model: jax_bench(m, args.bf16, args.steps)}
+      if args.torch_python:
+        torch_args = ["--model", model, "--mode", "compile", "--adam", "fused"]
+        torch_args += ["--bf16"] if args.bf16 else []
+        script = os.path.join(args.peers_dir, "torch_peer.py")
+        runs["torch compile+fused+tcmalloc"] = lambda a=torch_args, s=script: peer_bench(
+          args.torch_python, s, a, args.steps
+        )
+      if not args.bf16:
+        script = os.path.join(args.peers_dir, "tf_peer.py")
+        runs["tf jit+tcmalloc"] = lambda m=model, s=script: peer_bench(
+          sys.executable, s, ["--model", m, "--mode", "jit"], args.steps
+        )
+      for name, fn in runs.items():
+        value = fn()
+        results.setdefault((model, name), []).append(value)
+        print(f"[{repeat + 1}/{args.repeats}] {model:12s} {name:30s} {value:8.1f} ex/s", flush=True)
+  print("\n| model | implementation | examples/sec (median) | mfb-jax / this |")
+  print("|---|---|---:|---:|")
+  for model in args.models.split(","):
+    ours = statistics.median(results[(model, "mfb-jax")])
+    for (m, name), values in results.items():
+      if m == model:
+        value = statistics.median(values)
+        print(f"| {model} | {name} | {value:.1f} | {ours / value:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
