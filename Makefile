@@ -32,7 +32,13 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m mfb_jax.demo --workdir=$(DEMO_DIR)
+	@test -e $(DEMO_DIR)/data/train-00000-of-00008.tfrecord || \
+	  $(PY) -m mfb_jax.synthetic --output_dir=$(DEMO_DIR)/data --num_train=2000 --num_eval=500
+	$(PY) launch.py --config=configs/demo.py --workdir=$(DEMO_DIR)/work \
+	  --config.data.train_pattern='$(DEMO_DIR)/data/train-*' \
+	  --config.data.eval_pattern='$(DEMO_DIR)/data/eval-*'
+	@echo "predict: $(PY) launch.py --config=configs/demo.py --workdir=$(DEMO_DIR)/work --mode=predict \\"
+	@echo "  --config.data.eval_pattern='$(DEMO_DIR)/data/eval-*'   # writes $(DEMO_DIR)/work/predictions.csv"
 
 bench: setup
 	$(PY) launch.py --mode=bench --config=configs/paper.py:netvlad,mfb --workdir=/tmp/mfb_jax_bench
