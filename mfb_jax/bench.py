@@ -42,16 +42,21 @@ def model_name(config: ml_collections.ConfigDict) -> str:
   return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
 
 
+def fresh_train_step(config: ml_collections.ConfigDict):
+  """(mesh, freshly initialized state, jitted train step) of the configured model."""
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(config)
+  shapes = train_lib.abstract_state(config, model, tx, mesh)
+  state = train_lib.create_state(config, model, tx, mesh)
+  return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
+
+
 def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
   """Median step time of the jitted train step after warm-up (single process)."""
   batch_size = config_checks.check_batch_split(
     config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
   )
-  mesh = train_lib.make_mesh()
-  model, tx = train_lib.build(config)
-  shapes = train_lib.abstract_state(config, model, tx, mesh)
-  state = train_lib.create_state(config, model, tx, mesh)
-  step_fn = train_lib.jit_train_step(config, model, tx, mesh, shapes)
+  mesh, state, step_fn = fresh_train_step(config)
   sharding = train_lib.batch_shardings(mesh)
   batches = [
     jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)
@@ -99,11 +104,7 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
       frames=(max(frames, 1), max(frames, 1)),
       fmt=config.data.format,
     )
-    mesh = train_lib.make_mesh()
-    model, tx = train_lib.build(config)
-    shapes = train_lib.abstract_state(config, model, tx, mesh)
-    state = train_lib.create_state(config, model, tx, mesh)
-    step_fn = train_lib.jit_train_step(config, model, tx, mesh, shapes)
+    mesh, state, step_fn = fresh_train_step(config)
     batches = input_pipeline.make_train_iterator(
       config, os.path.join(data_dir, "train-*"), seed=0, local_batch_size=batch_size
     )

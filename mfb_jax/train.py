@@ -195,38 +195,36 @@ def batch_shardings(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def jit_train_step(config, model, tx, mesh, state_shapes) -> Callable:
-  """train_step jitted with explicit shardings and a donated state."""
+def _jit(step: Callable, mesh: Mesh, state_shapes, out_shardings, donate: bool = False):
+  """`step(state, batch)` jitted with the state's shardings and a 'data'-sharded batch."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state_shapes)
-  step = functools.partial(train_step, model=model, tx=tx, schedule=learning_rate_schedule(config))
+  if callable(out_shardings):
+    out_shardings = out_shardings(state_sharding)
   return jax.jit(
     step,
     in_shardings=(state_sharding, batch_shardings(mesh)),
-    out_shardings=(state_sharding, NamedSharding(mesh, P())),
-    donate_argnums=(0,),
+    out_shardings=out_shardings,
+    donate_argnums=(0,) if donate else (),
   )
+
+
+def jit_train_step(config, model, tx, mesh, state_shapes) -> Callable:
+  """train_step jitted with explicit shardings and a donated state."""
+  step = functools.partial(train_step, model=model, tx=tx, schedule=learning_rate_schedule(config))
+  outputs = lambda state_sharding: (state_sharding, NamedSharding(mesh, P()))
+  return _jit(step, mesh, state_shapes, outputs, donate=True)
 
 
 def jit_eval_step(config, model, mesh, state_shapes) -> Callable:
   """eval_step jitted; its summaries come back replicated so every process sees the split."""
-  state_sharding = jax.tree.map(lambda x: x.sharding, state_shapes)
   step = functools.partial(eval_step, model=model, top_k=config.eval.top_k)
-  return jax.jit(
-    step,
-    in_shardings=(state_sharding, batch_shardings(mesh)),
-    out_shardings=NamedSharding(mesh, P()),
-  )
+  return _jit(step, mesh, state_shapes, NamedSharding(mesh, P()))
 
 
 def jit_predict_step(config, model, mesh, state_shapes) -> Callable:
   """predict_step jitted; outputs stay sharded so each process reads back its own rows."""
-  state_sharding = jax.tree.map(lambda x: x.sharding, state_shapes)
   step = functools.partial(predict_step, model=model, top_k=config.predict.top_k)
-  return jax.jit(
-    step,
-    in_shardings=(state_sharding, batch_shardings(mesh)),
-    out_shardings=batch_shardings(mesh),
-  )
+  return _jit(step, mesh, state_shapes, batch_shardings(mesh))
 
 
 def local_rows(global_array: jax.Array) -> np.ndarray:
