@@ -65,7 +65,10 @@ class MetricBuffer:
     self.pending.append((step, step_metrics))
 
   def flush(self) -> dict[str, float]:
-    """Means of the pending metrics; raises TrainingError at the first non-finite loss."""
+    """Means of the pending metrics; raises TrainingError at the first non-finite loss.
+
+    A metric only some steps report (the parameter norms of logged steps) is averaged over those.
+    """
     if not self.pending:
       return {}
     steps, values = zip(*self.pending, strict=True)
@@ -77,7 +80,8 @@ class MetricBuffer:
           f"the training loss is {float(v['loss'])} at step {step}; stopping without saving this "
           "state (lower optim.learning_rate or set optim.grad_clip_norm)"
         )
-    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    keys = dict.fromkeys(k for v in values for k in v)
+    return {k: float(np.mean([v[k] for v in values if k in v])) for k in keys}
 
 
 def _progress_line(step: int, total: int, loss: float, steps_per_sec: float, batch: int) -> str:
@@ -155,8 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           process_count=jax.process_count(),
         )
       global_batch = input_pipeline.to_global(next(batches), mesh)
-      state, step_metrics = train_fn(state, global_batch)
       done = step + 1
+      # The parameter norms cost a pass over all parameters: only on steps that log metrics.
+      logs = done % train_cfg.log_every == 0 or done == train_cfg.num_steps
+      state, step_metrics = train_fn(state, global_batch, logs)
       buffer.add(done, step_metrics)
       is_last = done == train_cfg.num_steps
       stopping = stop.agreed()

@@ -23,7 +23,7 @@ shapes = train.abstract_state(config, model, tx, mesh)
 state = train.create_state(config, model, tx, mesh)
 step = train.jit_train_step(config, model, tx, mesh, shapes)
 batch = next(input_pipeline.make_train_iterator(config, sys.argv[1], seed=0, local_batch_size=8))
-state, m = step(state, input_pipeline.to_global(batch, mesh))
+state, m = step(state, input_pipeline.to_global(batch, mesh), True)
 print(json.dumps({"devices": jax.device_count(), "loss": float(m["loss"]),
                   "grad_norm": float(m["grad_norm"])}))
 """

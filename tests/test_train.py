@@ -41,8 +41,28 @@ def test_train_step_lowers_the_loss_on_a_batch(tiny_config):
     losses.append(float(step_metrics["loss"]))
   assert int(state.step) == 40
   assert losses[-1] < 0.8 * losses[0], losses
-  assert np.isfinite(float(step_metrics["grad_norm"])) and float(step_metrics["grad_norm"]) > 0
   assert float(step_metrics["learning_rate"]) == pytest.approx(3e-3)
+  assert "grad_norm" not in step_metrics  # The norms cost a pass: only when asked for.
+
+
+def test_norms_are_reported_on_request_and_do_not_change_the_step(tiny_config):
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(tiny_config)
+  shapes = train_lib.abstract_state(tiny_config, model, tx, mesh)
+  step_fn = train_lib.jit_train_step(tiny_config, model, tx, mesh, shapes)
+  batches = input_pipeline.make_train_iterator(
+    tiny_config, tiny_config.data.train_pattern, seed=0, local_batch_size=8
+  )
+  batch = input_pipeline.to_global(next(batches), mesh)
+  start = jax.device_get(train_lib.create_state(tiny_config, model, tx, mesh).params)
+  plain, _ = step_fn(train_lib.create_state(tiny_config, model, tx, mesh), batch)
+  normed, m = step_fn(train_lib.create_state(tiny_config, model, tx, mesh), batch, True)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+  np.testing.assert_array_equal(flat(plain.params), flat(normed.params))
+  new, old = flat(normed.params).astype(np.float64), flat(start).astype(np.float64)
+  assert float(m["param_norm"]) == pytest.approx(np.linalg.norm(new), rel=1e-5)
+  assert float(m["update_norm"]) == pytest.approx(np.linalg.norm(new - old), rel=1e-3)
+  assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
 
 
 def test_train_and_evaluate_writes_the_workdir_contract(tiny_config, tmp_path):
@@ -105,3 +125,11 @@ def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
   per_example = flops.train_flops_per_example(config)
   assert per_example / 1e6 == pytest.approx(mflops, rel=1e-3)
   assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # DESIGN.md rounds.
+
+
+def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
+  buffer = trainer.MetricBuffer()
+  buffer.add(1, {"loss": np.float32(1.0)})
+  buffer.add(2, {"loss": np.float32(3.0), "grad_norm": np.float32(5.0)})
+  assert buffer.flush() == {"loss": 2.0, "grad_norm": 5.0}
+  assert buffer.flush() == {}
