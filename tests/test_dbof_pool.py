@@ -1,0 +1,99 @@
+"""DBoF's fused pooling and its hand-written gradient against autodiff of the plain formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mfb_jax import dbof_pool
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+EPS = 1e-3
+
+
+def bn(h, mean, var, scale, bias):
+  e = lambda v: v[None, None]
+  return (h - e(mean)) / jnp.sqrt(e(var) + EPS) * e(scale) + e(bias)
+
+
+def plain_dbof(x, mask, kernel, scale, bias):
+  """relu(BatchNorm(x W)) with the valid frames' batch moments, zeroed padding, max over time."""
+  h = jnp.einsum("btf,fh->bth", x, kernel)
+  m = mask[:, :, None]
+  count = jnp.sum(mask)
+  mean = jnp.sum(h * m, axis=(0, 1)) / count
+  var = jnp.sum(h * h * m, axis=(0, 1)) / count - mean**2
+  y = jax.nn.relu(bn(h, mean, var, scale, bias)) * m
+  return jnp.max(y, axis=1), mean, var
+
+
+def make_case(num_frames: int, seed: int = 0):
+  """float64 inputs; video 1 is half padding (with garbage), video 3 has no valid frame."""
+  rng = np.random.default_rng(seed)
+  B, F, H = 4, 5, 6
+  x = rng.normal(size=(B, num_frames, F))
+  mask = np.ones((B, num_frames))
+  mask[1, num_frames // 2 :] = 0.0
+  x[1, num_frames // 2 :] = rng.uniform(-50, 50, size=(num_frames - num_frames // 2, F))
+  mask[3] = 0.0
+  kernel = rng.normal(size=(F, H))
+  scale = np.array([1.0, -0.5, 2.0, 0.3, -1.2, 0.7])  # Both signs: max and min frames.
+  bias = rng.normal(size=H) * 0.5
+  cotangent = rng.normal(size=(B, H))
+  return x, mask, kernel, scale, bias, cotangent
+
+
+@pytest.mark.parametrize("num_frames", [8, 9, 10, 7])  # Chunks of 4, 3, 2 and 1 frames.
+def test_value_moments_and_gradients_match_autodiff(num_frames):
+  with jax.enable_x64(True):
+    x, mask, kernel, scale, bias, cotangent = map(jnp.asarray, make_case(num_frames))
+    pooled, mean, var = dbof_pool.train_pool(x, mask, kernel, scale, bias, EPS)
+    want_pooled, want_mean, want_var = plain_dbof(x, mask, kernel, scale, bias)
+    np.testing.assert_allclose(pooled, want_pooled, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, want_var, rtol=1e-12, atol=1e-12)
+    assert np.all(np.asarray(pooled[3]) == 0.0)  # No valid frame: zeros.
+
+    ours = lambda *a: jnp.sum(dbof_pool.train_pool(*a[:2], *a[2:], EPS)[0] * cotangent)
+    plain = lambda *a: jnp.sum(plain_dbof(*a)[0] * cotangent)
+    args = (x, mask, kernel, scale, bias)
+    got = jax.grad(ours, argnums=(0, 2, 3, 4))(*args)
+    want = jax.grad(plain, argnums=(0, 2, 3, 4))(*args)
+    for name, g, w in zip(("x", "kernel", "scale", "bias"), got, want, strict=True):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_eval_pool_uses_the_given_moments():
+  with jax.enable_x64(True):
+    x, mask, kernel, scale, bias, _ = map(jnp.asarray, make_case(8))
+    mean, var = jnp.linspace(-0.5, 0.5, 6), jnp.linspace(0.5, 2.0, 6)
+    got = dbof_pool.eval_pool(x, mask, kernel, mean, var, scale, bias, EPS)
+    h = jnp.einsum("btf,fh->bth", x, kernel)
+    y = jax.nn.relu(bn(h, mean, var, scale, bias)) * mask[:, :, None]
+    np.testing.assert_allclose(got, jnp.max(y, axis=1), rtol=1e-12, atol=1e-12)
+
+
+def test_tied_frames_give_the_gradient_to_the_first_one():
+  # Frames 1 and 2 tie for the max. Ours sends the max's gradient to frame 1, which is what
+  # autodiff of the plain formula does once frame 2 is lowered by a hair.
+  with jax.enable_x64(True):
+    x = jnp.array([[[0.0], [2.0], [2.0], [1.0]], [[1.0], [0.0], [-1.0], [0.5]]])
+    mask = jnp.ones((2, 4))
+    kernel, scale, bias = jnp.ones((1, 1)), jnp.ones(1), jnp.zeros(1)
+    ours = lambda x: dbof_pool.train_pool(x, mask, kernel, scale, bias, EPS)[0][0, 0]
+    plain = lambda x: plain_dbof(x, mask, kernel, scale, bias)[0][0, 0]
+    lowered = x.at[0, 2, 0].add(-1e-9)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(lowered), atol=1e-6)
+
+
+def test_bfloat16_matmuls_give_float32_moments_and_float32_gradients():
+  x, mask, kernel, scale, bias, cotangent = make_case(8)
+  x16, kernel16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+  scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+  pooled, mean, var = dbof_pool.train_pool(x16, jnp.asarray(mask), kernel16, scale, bias, EPS)
+  assert pooled.dtype == mean.dtype == var.dtype == jnp.float32
+  want, _, _ = plain_dbof(x16.astype(jnp.float32), mask, kernel16.astype(jnp.float32), scale, bias)
+  np.testing.assert_allclose(pooled, want, rtol=2e-2, atol=2e-2)
+  loss = lambda k: jnp.sum(dbof_pool.train_pool(x16, jnp.asarray(mask), k, scale, bias, EPS)[0])
+  assert jax.grad(loss)(kernel16).dtype == jnp.bfloat16
