@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.classifier = "moe"  # moe | logistic.
   model.dtype = "float32"  # Matmul dtype: 'float32' or 'bfloat16' (params stay float32).
   model.avgpool = ml_collections.ConfigDict()
-  model.dbof = ml_collections.ConfigDict(dict(hidden_size=2000))  # Paper: 2000.
+  # Paper: 2000 hidden units. fused_gradient: DBoF's BatchNorm -> ReLU -> max runs fused with an
+  # exact hand-written gradient (mfb_jax/dbof_pool.py, 1.45x on a CPU); False: plain autodiff.
+  model.dbof = ml_collections.ConfigDict(dict(hidden_size=2000, fused_gradient=True))
   model.netvlad = ml_collections.ConfigDict(dict(num_clusters=8))  # Paper: K = 8.
   # NeXtVLAD (Lin et al. 2018): K clusters, expansion lambda, G groups; output K*lambda*F/G, i.e.
   # the same widths as NetVLAD with K=8 (8192 for rgb, 1024 for audio). Its paper: K=128.

@@ -145,6 +145,38 @@ def test_dbof_eval_uses_running_stats():
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_dbof_fused_gradient_equals_the_plain_flax_layers():
+  """Same variables, outputs, running statistics and gradients, with scales of both signs."""
+  x_BxTxF, mask_BxT = make_inputs()
+  fused, plain = aggregation.DBoF(hidden_size=5), aggregation.DBoF(5, fused_gradient=False)
+  variables = randomize_bn(init(fused, x_BxTxF, mask_BxT))
+  variables["params"]["bn"]["scale"] = variables["params"]["bn"]["scale"] * np.array(
+    [1, -1, 1, -1, 1], np.float32
+  )
+  shapes = lambda v: jax.tree.map(np.shape, v)
+  assert shapes(init(plain, x_BxTxF, mask_BxT)) == shapes(variables)
+
+  def loss(module, params):
+    out, updates = module.apply(
+      {**variables, "params": params}, x_BxTxF, mask_BxT, train=True, mutable=["batch_stats"]
+    )
+    weights = np.arange(out.size, dtype=np.float32).reshape(out.shape) / out.size
+    return jax.numpy.sum(out * weights), (out, updates)
+
+  (_, (out_f, upd_f)), grad_f = jax.value_and_grad(functools.partial(loss, fused), has_aux=True)(
+    variables["params"]
+  )
+  (_, (out_p, upd_p)), grad_p = jax.value_and_grad(functools.partial(loss, plain), has_aux=True)(
+    variables["params"]
+  )
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+  close(out_f, out_p)
+  jax.tree.map(close, upd_f, upd_p)
+  jax.tree.map(close, grad_f, grad_p)
+  evals = [m.apply(variables, x_BxTxF, mask_BxT, train=False) for m in (fused, plain)]
+  close(*evals)
+
+
 AGGREGATORS = {
   "avgpool": aggregation.AvgPool(),
   "dbof": aggregation.DBoF(hidden_size=5),
