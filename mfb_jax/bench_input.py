@@ -11,7 +11,6 @@ Like launch.py it runs with tcmalloc when installed (MFB_JAX_NO_TCMALLOC=1 to op
 
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -21,14 +20,20 @@ from absl import app, flags
 from mfb_jax import runtime
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pattern", "", "Frame-level tfrecord glob(s); empty: write random shards.")
-flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
-flags.DEFINE_float("seconds", 5.0, "Length of each timed window.")
-flags.DEFINE_integer("rounds", 3, "Timed windows per reader, alternating between the readers.")
-flags.DEFINE_integer("num_frames", 300, "Frames per generated video (and data.max_frames).")
-flags.DEFINE_integer("num_files", 4, "Generated shards.")
-flags.DEFINE_integer("records_per_file", 64, "Videos per generated shard.")
-flags.DEFINE_integer("shuffle_buffer", -1, "data.shuffle_buffer for our reader; -1: the config's.")
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (importers keep their flag names)."""
+  flags.DEFINE_string("pattern", "", "Frame-level tfrecord glob(s); empty: write random shards.")
+  flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
+  flags.DEFINE_float("seconds", 5.0, "Length of each timed window.")
+  flags.DEFINE_integer("rounds", 3, "Timed windows per reader, alternating between the readers.")
+  flags.DEFINE_integer("num_frames", 300, "Frames per generated video (and data.max_frames).")
+  flags.DEFINE_integer("num_files", 4, "Generated shards.")
+  flags.DEFINE_integer("records_per_file", 64, "Videos per generated shard.")
+  flags.DEFINE_integer(
+    "shuffle_buffer", -1, "data.shuffle_buffer for our reader; -1: the config's."
+  )
 
 
 def _bytes_feature(value: bytes):
@@ -153,16 +158,6 @@ def machine() -> dict:
   return {"cpu": model, "cores": os.cpu_count(), "tcmalloc": tcmalloc}
 
 
-def _preload_tcmalloc() -> None:
-  """runtime.preload_tcmalloc for `python -m` (which needs '-m NAME' again on re-exec)."""
-  if os.environ.get("MFB_JAX_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-    return
-  lib = next((p for p in runtime.TCMALLOC_CANDIDATES if os.path.exists(p)), None)
-  if lib is not None:
-    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (lib, os.environ.get("LD_PRELOAD")) if p))
-    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
-
-
 def run(pattern: str) -> None:
   from configs import default
   from mfb_jax import input_pipeline
@@ -197,7 +192,7 @@ def run(pattern: str) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  _preload_tcmalloc()
+  runtime.preload_tcmalloc(module=__spec__.name)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if FLAGS.pattern:
     run(FLAGS.pattern)
@@ -210,4 +205,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

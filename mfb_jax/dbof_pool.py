@@ -58,9 +58,15 @@ def hidden(x_BxTxF: jax.Array, kernel_FxH: jax.Array) -> jax.Array:
   return h_NxH.reshape(B, T, -1)
 
 
-def extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, sign_H):
-  """Per video and channel the extreme of sign * h over valid frames and its first frame t*;
-  per channel sum(m h) and sum(m h^2). h = x W is built a few frames at a time."""
+def _has_frames(mask_BxT: jax.Array) -> jax.Array:
+  return jnp.any(mask_BxT > 0, axis=1, keepdims=True)
+
+
+def extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, scale_H):
+  """Per video and channel the extreme of h over valid frames (the max where scale >= 0, the
+  min elsewhere: identity 1) and its first frame t*; per channel sum(m h) and sum(m h^2).
+  h = x W is built a few frames at a time."""
+  sign_H = jnp.where(scale_H >= 0, 1.0, -1.0)
   B, T, F = x_BxTxF.shape
   H = kernel_FxH.shape[1]
   chunk = next(c for c in (_FRAMES_PER_CHUNK, 3, 2, 1) if T % c == 0)
@@ -109,21 +115,17 @@ def _pool(hsel_BxH, has_frames_Bx1, mean_H, var_H, scale_H, bias_H, epsilon):
 
 def eval_pool(x_BxTxF, mask_BxT, kernel_FxH, mean_H, var_H, scale_H, bias_H, epsilon):
   """max_t relu(BN(x W)) with the given (running) mean and variance."""
-  sign_H = jnp.where(scale_H >= 0, 1.0, -1.0)
-  hsel_BxH, _, _, _ = extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, sign_H)
-  has_frames_Bx1 = jnp.any(mask_BxT > 0, axis=1, keepdims=True)
-  return _pool(hsel_BxH, has_frames_Bx1, mean_H, var_H, scale_H, bias_H, epsilon)[0]
+  hsel_BxH, _, _, _ = extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, scale_H)
+  return _pool(hsel_BxH, _has_frames(mask_BxT), mean_H, var_H, scale_H, bias_H, epsilon)[0]
 
 
 def _forward(x_BxTxF, mask_BxT, kernel_FxH, scale_H, bias_H, epsilon):
-  sign_H = jnp.where(scale_H >= 0, 1.0, -1.0)
-  hsel_BxH, t_star_BxH, sum_H, sum_sq_H = extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, sign_H)
+  hsel_BxH, t_star_BxH, sum_H, sum_sq_H = extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, scale_H)
   count = jnp.maximum(jnp.sum(mask_BxT), 1.0)
   mean_H = sum_H / count
   var_H = jnp.maximum(sum_sq_H / count - jnp.square(mean_H), 0.0)  # Biased, as flax.
-  has_frames_Bx1 = jnp.any(mask_BxT > 0, axis=1, keepdims=True)
   pooled_BxH, hsel_BxH, pre_BxH = _pool(
-    hsel_BxH, has_frames_Bx1, mean_H, var_H, scale_H, bias_H, epsilon
+    hsel_BxH, _has_frames(mask_BxT), mean_H, var_H, scale_H, bias_H, epsilon
   )
   saved = (x_BxTxF, mask_BxT, kernel_FxH, scale_H, mean_H, var_H, hsel_BxH, pre_BxH, t_star_BxH)
   return (pooled_BxH, mean_H, var_H), saved
@@ -140,8 +142,7 @@ def train_pool(x_BxTxF, mask_BxT, kernel_FxH, scale_H, bias_H, epsilon):
 
 def _train_pool_bwd(epsilon, saved, cotangents):
   x, mask_BxT, kernel_FxH, scale_H, mean_H, var_H, hsel_BxH, pre_BxH, t_star_BxH = saved
-  has_frames_Bx1 = jnp.any(mask_BxT > 0, axis=1, keepdims=True)
-  g_BxH = jnp.where((pre_BxH > 0) & has_frames_Bx1, cotangents[0], 0.0)  # Through the ReLU.
+  g_BxH = jnp.where((pre_BxH > 0) & _has_frames(mask_BxT), cotangents[0], 0.0)  # The ReLU.
   count = jnp.maximum(jnp.sum(mask_BxT), 1.0)
   inv_std_H = jax.lax.rsqrt(var_H + epsilon)
   d_bias = jnp.sum(g_BxH, axis=0)
@@ -159,10 +160,11 @@ def _train_pool_bwd(epsilon, saved, cotangents):
   m_BxTx1 = mask_BxT[:, :, None].astype(x.dtype)
   gather = lambda x_TxF, t_H, d_H: x_TxF[t_H].astype(acc) * d_H[:, None]
   sparse_HxF = jnp.sum(jax.vmap(gather)(x, t_star_BxH, d_hsel_BxH), axis=0)
-  sum_x_F = jnp.sum(x * m_BxTx1, axis=(0, 1), dtype=acc)
+  valid_rows_NxF = (x * m_BxTx1).reshape(B * T, F)
+  sum_x_F = jnp.sum(valid_rows_NxF, axis=0, dtype=acc)
   rows_NxF = x.reshape(B * T, F)
   gram_FxF = jax.lax.dot_general(
-    (x * m_BxTx1).reshape(B * T, F),
+    valid_rows_NxF,
     rows_NxF,
     (((0,), (0,)), ((), ())),
     preferred_element_type=acc,

@@ -15,12 +15,13 @@ TCMALLOC_CANDIDATES = (
 CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
 
 
-def preload_tcmalloc() -> None:
+def preload_tcmalloc(module: str | None = None) -> None:
   """Re-executes this process with tcmalloc preloaded when it is installed.
 
   glibc returns large freed buffers to the OS and maps fresh ones every step; tcmalloc keeps them,
   which measured +15% to +33% train-step throughput on 2-core CPUs (BENCHMARKS.md). Set
-  MFB_JAX_NO_TCMALLOC=1 to opt out. Without the library nothing changes.
+  MFB_JAX_NO_TCMALLOC=1 to opt out. Without the library nothing changes. `module`: the name a
+  `python -m NAME` program was started with (its sys.argv[0] is a path that `-m` needs again).
   """
   if os.environ.get("MFB_JAX_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
     return
@@ -31,7 +32,8 @@ def preload_tcmalloc() -> None:
   env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  program = ["-m", module] if module else sys.argv[:1]
+  os.execve(sys.executable, [sys.executable, *program, *sys.argv[1:]], env)
 
 
 def hide_gpus_from_tensorflow() -> None:

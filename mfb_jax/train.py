@@ -199,9 +199,11 @@ def batch_shardings(mesh: Mesh) -> NamedSharding:
 
 
 def _jit(step: Callable, mesh: Mesh, state_shapes, out_shardings, donate: bool = False, static=()):
-  # Static arguments come after (state, batch), positionally: jit takes no keyword arguments
-  # when in_shardings are given.
-  """`step(state, batch)` jitted with the state's shardings and a 'data'-sharded batch."""
+  """`step(state, batch)` jitted with the state's shardings and a 'data'-sharded batch.
+
+  `static`: positions of static arguments after (state, batch); they are passed positionally,
+  since jit takes no keyword arguments when in_shardings are given.
+  """
   state_sharding = jax.tree.map(lambda x: x.sharding, state_shapes)
   if callable(out_shardings):
     out_shardings = out_shardings(state_sharding)

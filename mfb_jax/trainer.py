@@ -160,11 +160,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         )
       global_batch = input_pipeline.to_global(next(batches), mesh)
       done = step + 1
-      # The parameter norms cost a pass over all parameters: only on steps that log metrics.
-      logs = done % train_cfg.log_every == 0 or done == train_cfg.num_steps
-      state, step_metrics = train_fn(state, global_batch, logs)
-      buffer.add(done, step_metrics)
       is_last = done == train_cfg.num_steps
+      # The parameter norms cost a pass over all parameters: only on steps that log metrics.
+      state, step_metrics = train_fn(
+        state, global_batch, done % train_cfg.log_every == 0 or is_last
+      )
+      buffer.add(done, step_metrics)
       stopping = stop.agreed()
 
       if done % train_cfg.log_every == 0 or is_last or stopping:
