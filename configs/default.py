@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Paper: 2000 hidden units. fused_gradient: DBoF's BatchNorm -> ReLU -> max runs fused with an
   # exact hand-written gradient (mfb_jax/dbof_pool.py, 1.45x on a CPU); False: plain autodiff.
   model.dbof = ml_collections.ConfigDict(dict(hidden_size=2000, fused_gradient=True))
-  model.netvlad = ml_collections.ConfigDict(dict(num_clusters=8))  # Paper: K = 8.
+  # Paper: K = 8. hand_written_gradient: NetVLAD's per-frame sums get a gradient written with its
+  # products in their fast orientation (mfb_jax/netvlad_pool.py, same arithmetic); False: autodiff.
+  model.netvlad = ml_collections.ConfigDict(dict(num_clusters=8, hand_written_gradient=True))
   # NeXtVLAD (Lin et al. 2018): K clusters, expansion lambda, G groups; output K*lambda*F/G, i.e.
   # the same widths as NetVLAD with K=8 (8192 for rgb, 1024 for audio). Its paper: K=128.
   model.nextvlad = ml_collections.ConfigDict(dict(num_clusters=32, expansion=2, groups=8))

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mfb_jax import dbof_pool
+from mfb_jax import dbof_pool, netvlad_pool
 
 Dtype = Any
 
@@ -113,10 +113,28 @@ class DBoF(nn.Module):
     return jnp.max(h_BxTxH, axis=1).astype(jnp.float32)
 
 
+class _DenseVariables(nn.Module):
+  """The kernel and bias of nn.Dense (same names, inits and rngs), without the layer."""
+
+  shape: tuple[int, int]
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", self.kernel_init, self.shape)
+    return kernel, self.param("bias", nn.initializers.zeros_init(), self.shape[1:])
+
+
 class NetVLAD(nn.Module):
-  """NetVLAD (paper, eqs. 4-5): soft-assigned residuals to K learnt centres, normalized."""
+  """NetVLAD (paper, eqs. 4-5): soft-assigned residuals to K learnt centres, normalized.
+
+  By default the per-frame part runs with a hand-written gradient whose products are written in
+  their fast orientation (mfb_jax/netvlad_pool.py: the same arithmetic, 1.2x faster NetVLAD+MFB
+  steps on a CPU); `hand_written_gradient=False` runs flax layers and autodiff. Same variables.
+  """
 
   num_clusters: int = 8
+  hand_written_gradient: bool = True
   dtype: Dtype = jnp.float32  # Matmul dtype; softmax and normalizations run in float32.
 
   @nn.compact
@@ -124,19 +142,34 @@ class NetVLAD(nn.Module):
     B, T, F = x_BxTxF.shape
     K = self.num_clusters
     init = nn.initializers.normal(stddev=F**-0.5)
+    if self.hand_written_gradient:
+      kernel_FxK, bias_K = _DenseVariables((F, K), kernel_init=init, name="assign")()
+      weighted_BxKxF, mass_BxK = netvlad_pool.soft_assignment_sums(
+        x_BxTxF.astype(self.dtype),
+        mask_BxT.astype(jnp.float32),
+        kernel_FxK.astype(self.dtype),
+        bias_K,
+      )
+      mass_BxKx1 = mass_BxK[:, :, None]
+    else:
+      weighted_BxKxF, mass_BxKx1 = self._plain_sums(x_BxTxF, mask_BxT, init)
+    centres_KxF = self.param("centres", init, (K, F))
+    # sum_t a_tk (x_t - c_k) = sum_t a_tk x_t - (sum_t a_tk) c_k.
+    vlad_BxKxF = weighted_BxKxF - mass_BxKx1 * centres_KxF[None]
+    vlad_BxKxF = l2_normalize(vlad_BxKxF, axis=-1)  # Intra-normalization, per cluster.
+    return l2_normalize(vlad_BxKxF.reshape(B, K * F), axis=-1)
+
+  def _plain_sums(self, x_BxTxF, mask_BxT, init):
+    B, T, F = x_BxTxF.shape
+    K = self.num_clusters
     assign_layer = nn.Dense(K, dtype=self.dtype, kernel_init=init, name="assign")
     logits_NxK = assign_layer(x_BxTxF.reshape(B * T, F)).astype(jnp.float32)
     # Soft assignment with bias; padded frames get zero weight, so they add no residual.
     assign_BxTxK = jax.nn.softmax(logits_NxK, axis=-1).reshape(B, T, K) * mask_BxT[:, :, None]
-    centres_KxF = self.param("centres", init, (K, F))
-    # sum_t a_tk (x_t - c_k) = sum_t a_tk x_t - (sum_t a_tk) c_k: one batched matmul.
     weighted_BxKxF = jnp.einsum(
       "btk,btf->bkf",
       assign_BxTxK.astype(self.dtype),
       x_BxTxF.astype(self.dtype),
       preferred_element_type=jnp.float32,
     )
-    mass_BxKx1 = jnp.sum(assign_BxTxK, axis=1)[:, :, None]
-    vlad_BxKxF = weighted_BxKxF - mass_BxKx1 * centres_KxF[None]
-    vlad_BxKxF = l2_normalize(vlad_BxKxF, axis=-1)  # Intra-normalization, per cluster.
-    return l2_normalize(vlad_BxKxF.reshape(B, K * F), axis=-1)
+    return weighted_BxKxF, jnp.sum(assign_BxTxK, axis=1)[:, :, None]

@@ -31,29 +31,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mfb_jax.pooling_common import accumulation_dtype, replicated_under_explicit_sharding
+
 # Frames per scan step: enough rows (B x 4) for an efficient matmul, few enough that the
 # chunk's h stays in cache.
 _FRAMES_PER_CHUNK = 4
 
 
-def _accumulation_dtype(*arrays: jax.Array):
-  """float32, or wider if the inputs are (bfloat16 matmuls still accumulate in float32)."""
-  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
-
-
-def _replicated_under_explicit_sharding(x: jax.Array):
-  """out_sharding for a product that sums over x's (batch-sharded) rows: replicated when x is
-  explicitly sharded (where JAX asks for it), else left to the compiler (None)."""
-  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
-    return None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
 def hidden(x_BxTxF: jax.Array, kernel_FxH: jax.Array) -> jax.Array:
   """h = x W as one 2-D (B*T, F) x (F, H) matmul (faster on CPU than a 3-D dot), float32."""
   B, T, F = x_BxTxF.shape
-  acc = _accumulation_dtype(x_BxTxF, kernel_FxH)
+  acc = accumulation_dtype(x_BxTxF, kernel_FxH)
   h_NxH = jnp.dot(x_BxTxF.reshape(B * T, F), kernel_FxH, preferred_element_type=acc)
   return h_NxH.reshape(B, T, -1)
 
@@ -91,7 +79,7 @@ def extremes_and_sums(x_BxTxF, mask_BxT, kernel_FxH, scale_H):
       sum_sq_H + jnp.sum(jnp.square(h_BxcxH) * m_Bxcx1, axis=(0, 1)),
     ), None
 
-  acc = _accumulation_dtype(x_BxTxF, kernel_FxH)
+  acc = accumulation_dtype(x_BxTxF, kernel_FxH)
   init = (
     jnp.full((B, H), -jnp.inf, acc),
     jnp.zeros((B, H), jnp.int32),
@@ -156,7 +144,7 @@ def _train_pool_bwd(epsilon, saved, cotangents):
   b_H = 2.0 * d_var / count
 
   B, T, F = x.shape
-  acc = _accumulation_dtype(x, kernel_FxH)
+  acc = accumulation_dtype(x, kernel_FxH)
   m_BxTx1 = mask_BxT[:, :, None].astype(x.dtype)
   gather = lambda x_TxF, t_H, d_H: x_TxF[t_H].astype(acc) * d_H[:, None]
   sparse_HxF = jnp.sum(jax.vmap(gather)(x, t_star_BxH, d_hsel_BxH), axis=0)
@@ -168,7 +156,7 @@ def _train_pool_bwd(epsilon, saved, cotangents):
     rows_NxF,
     (((0,), (0,)), ((), ())),
     preferred_element_type=acc,
-    out_sharding=_replicated_under_explicit_sharding(rows_NxF),
+    out_sharding=replicated_under_explicit_sharding(rows_NxF),
   )
   gram_term_FxH = jnp.dot(gram_FxF, kernel_FxH, preferred_element_type=acc)
   d_kernel = sparse_HxF.T + sum_x_F[:, None] * a_H[None] + gram_term_FxH * b_H[None]

@@ -92,9 +92,10 @@ def netvlad_by_loops(x_BxTxF, params):
   return np.stack(out)
 
 
-def test_netvlad_equals_loop_over_frames_and_clusters():
+@pytest.mark.parametrize("hand_written_gradient", [True, False])
+def test_netvlad_equals_loop_over_frames_and_clusters(hand_written_gradient):
   x_BxTxF, mask_BxT = make_inputs()
-  module = aggregation.NetVLAD(num_clusters=4)
+  module = aggregation.NetVLAD(num_clusters=4, hand_written_gradient=hand_written_gradient)
   variables = init(module, x_BxTxF, mask_BxT)
   # Non-zero assignment bias so that the bias term is exercised.
   params = jax.tree.map(np.asarray, variables["params"])
@@ -102,6 +103,33 @@ def test_netvlad_equals_loop_over_frames_and_clusters():
   out = module.apply({"params": params}, x_BxTxF, mask_BxT)
   assert out.shape == (B, 4 * F)
   np.testing.assert_allclose(out, netvlad_by_loops(x_BxTxF, params), rtol=1e-4, atol=1e-5)
+
+
+def test_netvlad_hand_written_gradient_equals_the_flax_layers():
+  """Same variables (so checkpoints), outputs and parameter gradients."""
+  x_BxTxF, mask_BxT = make_inputs()
+  fast, plain = (aggregation.NetVLAD(3, hand_written_gradient=h) for h in (True, False))
+  variables = init(fast, x_BxTxF, mask_BxT)
+  assert jax.tree.map(np.shape, init(plain, x_BxTxF, mask_BxT)) == jax.tree.map(np.shape, variables)
+  np.testing.assert_array_equal(
+    init(plain, x_BxTxF, mask_BxT)["params"]["assign"]["kernel"],
+    variables["params"]["assign"]["kernel"],
+  )
+  params = jax.tree.map(np.asarray, variables["params"])
+  params["assign"]["bias"] = np.array([0.5, -1.0, 0.2], np.float32)
+  weights = np.random.default_rng(3).normal(size=(B, 3 * F)).astype(np.float32)
+
+  def loss(module, params):
+    out = module.apply({"params": params}, x_BxTxF, mask_BxT, train=True)
+    return jax.numpy.sum(out * weights)
+
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
+  close(loss(fast, params), loss(plain, params))
+  jax.tree.map(
+    close,
+    jax.grad(functools.partial(loss, fast))(params),
+    jax.grad(functools.partial(loss, plain))(params),
+  )
 
 
 def dbof_by_hand(x_BxTxF, params, mean_H, var_H):
