@@ -20,6 +20,7 @@ from mfb_jax import runtime
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter.
   runtime.preload_tcmalloc()
+  runtime.set_xla_cpu_flags()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

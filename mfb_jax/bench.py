@@ -146,6 +146,9 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     "fraction_of_floor": round(examples_per_sec / floor, 3),
     "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     "steps_timed": config.bench.steps,
+    # The process set-up the figure was measured with (launch.py applies both: mfb_jax/runtime.py).
+    "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   if config.bench.end_to_end:
     end_to_end_s = time_end_to_end(config)

@@ -162,3 +162,6 @@ def test_bench_prints_one_json_line_with_the_contract_keys(tmp_path):
   assert record["examples_per_sec"] == pytest.approx(8000 / record["step_ms"], rel=0.01)
   assert record["train_flops_per_example"] > 0 and record["flop_floor_examples_per_sec"] > 0
   assert 0 < record["end_to_end_examples_per_sec"]
+  # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
+  assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
+  assert record["allocator"] in ("tcmalloc", "system")
