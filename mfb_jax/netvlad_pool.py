@@ -6,8 +6,10 @@ with m the frame mask. Its gradient is four products over the frame tensor x (B*
 each with only K (8) columns on the other side: skinny products, whose speed on a CPU depends on
 which way round they are written, by up to 3x for the same FLOPs. Autodiff writes the kernel's
 gradient as x^T g ([F, N] x [N, K]): 47 ms for the paper's rgb shapes (128 x 300 frames of 1024)
-on a 2-core Xeon, where (g^T x)^T takes 17 ms. The backward here writes every product in its
-fast orientation (see BENCHMARKS.md); the arithmetic is exactly autodiff's.
+on a 2-core Xeon, where (g^T x)^T takes 15-17 ms. The backward here writes every product in its
+fast orientation (see BENCHMARKS.md); in float32 the arithmetic is autodiff's (bit-identical
+outputs, gradients within rounding). With bfloat16 inputs the logits get their bias in float32
+(nn.Dense adds it in bfloat16), so gradients differ from the flax layers' by about 1%.
 
 The gradient of x (needed only when the frames are computed, as in frame-level fusion) is
 returned too; XLA drops it from the compiled step when x is data. Tested against autodiff of the
@@ -66,6 +68,8 @@ def _backward(saved, cotangents):
   )
   g_assign_BxTxK = g_assign_BxTxK + g_mass_BxK[:, None, :].astype(acc)
   g_probs_BxTxK = g_assign_BxTxK * mask_BxT[:, :, None].astype(acc)
+  # The mask's own gradient (a computed, soft mask); compiled away when the mask is data.
+  g_mask_BxT = jnp.sum(g_assign_BxTxK * probs_BxTxK, axis=-1)
   inner_BxTx1 = jnp.sum(g_probs_BxTxK * probs_BxTxK, axis=-1, keepdims=True)
   g_logits_NxK = (probs_BxTxK * (g_probs_BxTxK - inner_BxTx1)).reshape(B * T, -1)
   # The kernel's gradient as g^T x ([K, N] x [N, F]), transposed: the fast orientation.
@@ -86,7 +90,7 @@ def _backward(saved, cotangents):
   g_x_BxTxF = g_x_BxTxF + jnp.einsum("btk,bkf->btf", assign_BxTxK, g_weighted_BxKxF.astype(acc))
   return (
     g_x_BxTxF.astype(x_BxTxF.dtype),
-    jnp.zeros_like(mask_BxT),
+    g_mask_BxT.astype(mask_BxT.dtype),
     g_kernel_KxF.T.astype(kernel_FxK.dtype),
     g_bias_K.astype(bias_K.dtype),
   )

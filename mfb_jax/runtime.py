@@ -4,6 +4,7 @@ This module imports nothing heavy at import time: launch.py calls preload_tcmall
 """
 
 import os
+import re
 import sys
 
 TCMALLOC_CANDIDATES = (
@@ -48,7 +49,8 @@ def set_xla_cpu_flags() -> None:
   """Adds XLA_CPU_FLAGS to the XLA_FLAGS environment variable; a flag the user set wins.
 
   Call before JAX creates its backends (XLA reads XLA_FLAGS once). MFB_JAX_NO_XLA_FLAGS=1 opts
-  out; jaxlib versions other than the verified ones are left alone.
+  out; jaxlib versions other than the verified ones, and an XLA_FLAGS that names a flags file,
+  are left alone.
   """
   if os.environ.get("MFB_JAX_NO_XLA_FLAGS"):
     return
@@ -60,8 +62,11 @@ def set_xla_cpu_flags() -> None:
     return
   if not version.startswith(XLA_CPU_FLAGS_VERIFIED_ON):
     return
-  current = os.environ.get("XLA_FLAGS", "")
-  extra = [f"--{k}={v}" for k, v in XLA_CPU_FLAGS.items() if f"--{k}=" not in current]
+  current = os.environ.get("XLA_FLAGS", "").strip()
+  if current and not current.startswith("-"):
+    return  # XLA reads a value without dashes as the path of a file of flags: leave it whole.
+  named = lambda k: re.search(rf"(^|\s)--{k}(=|\s|$)", current)
+  extra = [f"--{k}={v}" for k, v in XLA_CPU_FLAGS.items() if not named(k)]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 

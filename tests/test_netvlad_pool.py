@@ -17,7 +17,9 @@ def plain_sums(x, mask, kernel, bias):
 
 
 def make_case(seed: int = 0):
-  """float64; video 1 is half padding (with garbage in it), video 2 has no valid frame."""
+  """float64; video 1 is half padding (with garbage in it), video 2 has no valid frame.
+
+  The mask is differentiated too (as a soft mask computed upstream would be)."""
   rng = np.random.default_rng(seed)
   B, T, F, K = 3, 6, 5, 4
   x = rng.normal(size=(B, T, F))
@@ -43,9 +45,9 @@ def test_values_and_all_gradients_match_autodiff_of_the_plain_formula():
       return lambda *a: jnp.sum(sums_fn(*a)[0] * cot_w) + jnp.sum(sums_fn(*a)[1] * cot_m)
 
     args = (x, mask, kernel, bias)
-    got = jax.grad(scalar(netvlad_pool.soft_assignment_sums), argnums=(0, 2, 3))(*args)
-    want = jax.grad(scalar(plain_sums), argnums=(0, 2, 3))(*args)
-    for name, g, w in zip(("x", "kernel", "bias"), got, want, strict=True):
+    got = jax.grad(scalar(netvlad_pool.soft_assignment_sums), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(scalar(plain_sums), argnums=(0, 1, 2, 3))(*args)
+    for name, g, w in zip(("x", "mask", "kernel", "bias"), got, want, strict=True):
       assert g.shape == w.shape, name
       np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=name)
     # Padded frames get no gradient, whatever garbage they hold.

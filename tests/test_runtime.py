@@ -3,14 +3,22 @@
 import os
 import subprocess
 import sys
+from importlib import metadata
 
+import pytest
 from conftest import REPO
 
 from mfb_jax import runtime
 
+VERIFIED = metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON)
+needs_verified_jaxlib = pytest.mark.skipif(
+  not VERIFIED, reason="the XLA flags are only set on the jaxlib versions they were verified on"
+)
+
 FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
 
 
+@needs_verified_jaxlib
 def test_xla_cpu_flags_are_added_to_what_the_user_set(monkeypatch):
   monkeypatch.delenv("MFB_JAX_NO_XLA_FLAGS", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -35,6 +43,19 @@ def test_a_flag_the_user_set_wins_and_the_opt_out_and_other_jaxlibs_change_nothi
   assert "XLA_FLAGS" not in os.environ
 
 
+@needs_verified_jaxlib
+def test_a_flags_file_or_a_bare_flag_is_left_as_the_user_wrote_it(monkeypatch, tmp_path):
+  monkeypatch.delenv("MFB_JAX_NO_XLA_FLAGS", raising=False)
+  flags_file = str(tmp_path / "xla_flags.txt")  # XLA reads a value without dashes as a file.
+  monkeypatch.setenv("XLA_FLAGS", flags_file)
+  runtime.set_xla_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == flags_file
+  monkeypatch.setenv("XLA_FLAGS", f"{FLAG} --xla_cpu_enable_fast_math=false")  # Bare: true.
+  runtime.set_xla_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == f"{FLAG} --xla_cpu_enable_fast_math=false"
+
+
+@needs_verified_jaxlib
 def test_the_flags_are_known_to_the_installed_xla():
   """XLA aborts on a flag it does not know: a jaxlib that drops one must fail here first."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MFB_JAX_NO_XLA_FLAGS")}
@@ -47,3 +68,28 @@ def test_the_flags_are_known_to_the_installed_xla():
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "2.0"
+
+
+@pytest.mark.skipif(
+  not any(os.path.exists(p) for p in runtime.TCMALLOC_CANDIDATES), reason="tcmalloc not installed"
+)
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_a_program_re_executes_itself_with_tcmalloc_unless_opted_out(tmp_path, opt_out):
+  script = tmp_path / "program.py"
+  script.write_text(
+    "import os, sys\n"
+    f"sys.path.insert(0, {str(REPO)!r})\n"
+    "from mfb_jax import runtime\n"
+    "runtime.preload_tcmalloc()\n"
+    "print(os.environ.get('LD_PRELOAD', ''), sys.argv[1:], sep='|')\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MFB_JAX_NO_TCMALLOC")}
+  if opt_out:
+    env["MFB_JAX_NO_TCMALLOC"] = "1"
+  result = subprocess.run(
+    [sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True, timeout=60
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  preload, argv = result.stdout.strip().split("|")
+  assert ("tcmalloc" in preload) != opt_out
+  assert argv == "['--flag=1']"  # The arguments survive the re-exec.
