@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mfb_jax import config_checks, flops, input_pipeline
+from mfb_jax import config_checks, flops, input_pipeline, runtime
 from mfb_jax import train as train_lib
 
 
@@ -147,7 +147,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     "steps_timed": config.bench.steps,
     # The process set-up the figure was measured with (launch.py applies both: mfb_jax/runtime.py).
-    "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+    "allocator": "tcmalloc" if runtime.tcmalloc_loaded() else "system",
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   if config.bench.end_to_end:

@@ -153,9 +153,7 @@ def machine() -> dict:
       if line.startswith("model name"):
         model = line.split(":", 1)[1].strip()
         break
-  with open("/proc/self/maps") as f:
-    tcmalloc = "tcmalloc" in f.read()
-  return {"cpu": model, "cores": os.cpu_count(), "tcmalloc": tcmalloc}
+  return {"cpu": model, "cores": os.cpu_count(), "tcmalloc": runtime.tcmalloc_loaded()}
 
 
 def run(pattern: str) -> None:

@@ -16,6 +16,17 @@ TCMALLOC_CANDIDATES = (
 CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
 
 
+def tcmalloc_library() -> str | None:
+  """The installed tcmalloc library (the first of TCMALLOC_CANDIDATES that exists), or None."""
+  return next((p for p in TCMALLOC_CANDIDATES if os.path.exists(p)), None)
+
+
+def tcmalloc_loaded() -> bool:
+  """Whether tcmalloc is mapped into this process (what the benchmarks report)."""
+  with open("/proc/self/maps") as f:
+    return "tcmalloc" in f.read()
+
+
 def preload_tcmalloc(module: str | None = None) -> None:
   """Re-executes this process with tcmalloc preloaded when it is installed.
 
@@ -26,7 +37,7 @@ def preload_tcmalloc(module: str | None = None) -> None:
   """
   if os.environ.get("MFB_JAX_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
     return
-  lib = next((p for p in TCMALLOC_CANDIDATES if os.path.exists(p)), None)
+  lib = tcmalloc_library()
   if lib is None:
     return
   env = dict(os.environ)

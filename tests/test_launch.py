@@ -168,6 +168,5 @@ def test_bench_prints_one_json_line_with_the_contract_keys(tmp_path):
   # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
   if metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON):
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
-  installed = any(os.path.exists(p) for p in runtime.TCMALLOC_CANDIDATES)
-  wanted = installed and not os.environ.get("MFB_JAX_NO_TCMALLOC")
+  wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
   assert record["allocator"] == ("tcmalloc" if wanted else "system")

@@ -70,9 +70,7 @@ def test_the_flags_are_known_to_the_installed_xla():
   assert result.stdout.strip() == "2.0"
 
 
-@pytest.mark.skipif(
-  not any(os.path.exists(p) for p in runtime.TCMALLOC_CANDIDATES), reason="tcmalloc not installed"
-)
+@pytest.mark.skipif(runtime.tcmalloc_library() is None, reason="tcmalloc not installed")
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_a_program_re_executes_itself_with_tcmalloc_unless_opted_out(tmp_path, opt_out):
   script = tmp_path / "program.py"
