@@ -7,9 +7,10 @@ each with only K (8) columns on the other side: skinny products, whose speed on 
 which way round they are written, by up to 3x for the same FLOPs. Autodiff writes the kernel's
 gradient as x^T g ([F, N] x [N, K]): 47 ms for the paper's rgb shapes (128 x 300 frames of 1024)
 on a 2-core Xeon, where (g^T x)^T takes 15-17 ms. The backward here writes every product in its
-fast orientation (see BENCHMARKS.md); in float32 the arithmetic is autodiff's (bit-identical
-outputs, gradients within rounding). With bfloat16 inputs the logits get their bias in float32
-(nn.Dense adds it in bfloat16), so gradients differ from the flax layers' by about 1%.
+fast orientation (see BENCHMARKS.md); the arithmetic is autodiff's (`autodiff_sums`: the
+same forward, differentiated by JAX; outputs bit-identical, gradients within rounding). With
+bfloat16 inputs the products run in bfloat16 with float32 accumulation and the bias is added to
+the float32 logits.
 
 The gradient of x (needed only when the frames are computed, as in frame-level fusion) is
 returned too; XLA drops it from the compiled step when x is data. Tested against autodiff of the
@@ -44,6 +45,12 @@ def _forward(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
   return (weighted_BxKxF, mass_BxK), (x_BxTxF, mask_BxT, kernel_FxK, bias_K, probs_BxTxK)
 
 
+def autodiff_sums(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
+  """soft_assignment_sums without the hand-written gradient (JAX differentiates the forward;
+  forward-mode autodiff works too)."""
+  return _forward(x_BxTxF, mask_BxT, kernel_FxK, bias_K)[0]
+
+
 @jax.custom_vjp
 def soft_assignment_sums(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
   """(S [B, K, F], M [B, K]): the assignment-weighted frame sums and the assignment masses.
@@ -67,7 +74,8 @@ def _backward(saved, cotangents):
     preferred_element_type=acc,
   )
   g_assign_BxTxK = g_assign_BxTxK + g_mass_BxK[:, None, :].astype(acc)
-  g_probs_BxTxK = g_assign_BxTxK * mask_BxT[:, :, None].astype(acc)
+  m_BxTx1 = mask_BxT[:, :, None].astype(acc)
+  g_probs_BxTxK = g_assign_BxTxK * m_BxTx1
   # The mask's own gradient (a computed, soft mask); compiled away when the mask is data.
   g_mask_BxT = jnp.sum(g_assign_BxTxK * probs_BxTxK, axis=-1)
   inner_BxTx1 = jnp.sum(g_probs_BxTxK * probs_BxTxK, axis=-1, keepdims=True)
@@ -85,7 +93,7 @@ def _backward(saved, cotangents):
   g_kernel_KxF = jax.lax.optimization_barrier(g_kernel_KxF)
   g_bias_K = jnp.sum(g_logits_NxK, axis=0)
   # dx: through the logits and through the weighted sums; compiled away when x is data.
-  assign_BxTxK = probs_BxTxK * mask_BxT[:, :, None].astype(acc)
+  assign_BxTxK = probs_BxTxK * m_BxTx1
   g_x_BxTxF = jnp.dot(g_logits_NxK, kernel_FxK.T.astype(acc)).reshape(B, T, F)
   g_x_BxTxF = g_x_BxTxF + jnp.einsum("btk,bkf->btf", assign_BxTxK, g_weighted_BxKxF.astype(acc))
   return (

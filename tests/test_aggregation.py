@@ -105,8 +105,8 @@ def test_netvlad_equals_loop_over_frames_and_clusters(hand_written_gradient):
   np.testing.assert_allclose(out, netvlad_by_loops(x_BxTxF, params), rtol=1e-4, atol=1e-5)
 
 
-def test_netvlad_hand_written_gradient_equals_the_flax_layers():
-  """Same variables (so checkpoints), outputs and parameter gradients."""
+def test_netvlad_hand_written_gradient_equals_autodiff():
+  """Same variables (so checkpoints), outputs and parameter gradients with either option."""
   x_BxTxF, mask_BxT = make_inputs()
   fast, plain = (aggregation.NetVLAD(3, hand_written_gradient=h) for h in (True, False))
   variables = init(fast, x_BxTxF, mask_BxT)
