@@ -36,14 +36,19 @@ class AvgPool(nn.Module):
     return (sum_BxF / count_Bx1).astype(jnp.float32)
 
 
-class _Kernel(nn.Module):
-  """A weight matrix declared as nn.Dense declares its 'kernel' (same name, init and rng)."""
+class _DenseVariables(nn.Module):
+  """The kernel (and bias) of nn.Dense, same names, inits and rngs, without the layer."""
 
   shape: tuple[int, int]
+  kernel_init: Any = nn.initializers.lecun_normal()
+  use_bias: bool = True
 
   @nn.compact
-  def __call__(self) -> jax.Array:
-    return self.param("kernel", nn.initializers.lecun_normal(), self.shape)
+  def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+    kernel = self.param("kernel", self.kernel_init, self.shape)
+    if not self.use_bias:
+      return kernel, None
+    return kernel, self.param("bias", nn.initializers.zeros_init(), self.shape[1:])
 
 
 class _BatchNormVariables(nn.Module):
@@ -79,7 +84,8 @@ class DBoF(nn.Module):
   def __call__(self, x_BxTxF: jax.Array, mask_BxT: jax.Array, train: bool = False) -> jax.Array:
     if not self.fused_gradient:
       return self._plain(x_BxTxF, mask_BxT, train)
-    kernel_FxH = _Kernel((x_BxTxF.shape[-1], self.hidden_size), name="fc")()
+    shape = (x_BxTxF.shape[-1], self.hidden_size)
+    kernel_FxH, _ = _DenseVariables(shape, use_bias=False, name="fc")()
     scale_H, bias_H, ra_mean, ra_var = _BatchNormVariables(self.hidden_size, name="bn")()
     x_BxTxF, kernel_FxH = x_BxTxF.astype(self.dtype), kernel_FxH.astype(self.dtype)
     mask_BxT = mask_BxT.astype(jnp.float32)
@@ -111,18 +117,6 @@ class DBoF(nn.Module):
     # unchanged (and a video with no valid frame gives zeros).
     h_BxTxH = (h_NxH * valid_Nx1.astype(h_NxH.dtype)).reshape(B, T, self.hidden_size)
     return jnp.max(h_BxTxH, axis=1).astype(jnp.float32)
-
-
-class _DenseVariables(nn.Module):
-  """The kernel and bias of nn.Dense (same names, inits and rngs), without the layer."""
-
-  shape: tuple[int, int]
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", self.kernel_init, self.shape)
-    return kernel, self.param("bias", nn.initializers.zeros_init(), self.shape[1:])
 
 
 class NetVLAD(nn.Module):
