@@ -166,3 +166,22 @@ def test_head_without_weights_before_it_needs_no_input_gradient():
   config.model.fc_concat.hidden_size = 3
   fc = 2 * 6 * 3 * 2 + 2 * 5 * 3 * 2
   assert flops.train_flops_per_example(config) == fc + 2 * (2 * 3) * 7 * 3
+
+
+@pytest.mark.parametrize("backend, size", [("cpu", 2048), ("gpu", 8192), ("tpu", 8192)])
+def test_matmul_peak_uses_large_products_on_accelerators(monkeypatch, backend, size):
+  """A 2048 product takes tens of microseconds on a GPU: the peak is measured on 8192 there."""
+  shapes = []
+
+  class MeasuredError(Exception):
+    pass
+
+  def record_shape(key, shape, dtype):
+    shapes.append(shape)
+    raise MeasuredError
+
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax.random, "normal", record_shape)
+  with pytest.raises(MeasuredError):
+    flops.measure_matmul_peak()
+  assert shapes == [(size, size)]
