@@ -131,7 +131,12 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config_file = FLAGS["config"].config_filename.split(":", 1)[0]
+  if not os.path.isfile(config_file):
+    print(f"error: config file not found: {config_file}", file=sys.stderr)
+    sys.exit(2)
   runtime.preload_tcmalloc(module=__spec__.name)
   runtime.set_xla_cpu_flags()
   from mfb_jax import config_checks
@@ -140,8 +145,8 @@ def main(argv: list[str]) -> None:
   try:
     config_checks.validate(FLAGS.config, "bench")
     rows, wall_ms = profile_step(FLAGS.config, FLAGS.steps)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (UserError, OSError) as e:  # OSError: the config file failed to load.
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
   print(format_table(rows, wall_ms, FLAGS.top, os.cpu_count() or 1), flush=True)
 

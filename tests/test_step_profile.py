@@ -1,6 +1,7 @@
 """The step profiler: HLO parsing, per-step sums from a trace, and a real traced tiny step."""
 
 import pytest
+from conftest import run_python
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from mfb_jax import step_profile
@@ -64,3 +65,12 @@ def test_profile_step_rejects_zero_steps():
 
   with pytest.raises(ConfigError, match="--steps=0"):
     step_profile.profile_step(tiny.get_config(), steps=0)
+
+
+def test_command_line_errors_are_one_line_with_exit_code_2():
+  missing = run_python(["-m", "mfb_jax.step_profile", "--config=configs/missing.py"])
+  assert missing.returncode == 2
+  assert missing.stderr.strip() == "error: config file not found: configs/missing.py"
+  bad = run_python(["-m", "mfb_jax.step_profile", "--config=configs/tiny.py", "--steps=0"])
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == "error: --steps=0; it must be at least 1"
