@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mfb_jax import dbof_pool, netvlad_pool
+from mfb_jax import dbof_pool, dense, netvlad_pool
 
 Dtype = Any
 
@@ -105,7 +105,7 @@ class DBoF(nn.Module):
 
   def _plain(self, x_BxTxF: jax.Array, mask_BxT: jax.Array, train: bool) -> jax.Array:
     B, T, F = x_BxTxF.shape
-    fc = nn.Dense(self.hidden_size, use_bias=False, dtype=self.dtype, name="fc")
+    fc = dense.Dense(self.hidden_size, use_bias=False, dtype=self.dtype, name="fc")
     h_NxH = fc(x_BxTxF.reshape(B * T, F))  # One 2-D matmul: faster on CPU than a 3-D dot.
     # (B, T) -> (B*T,) then a new axis: a direct reshape to (B*T, 1) has no sharding rule under
     # an explicitly sharded batch.

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfb_jax import dense
+
 Dtype = Any
 
 
@@ -55,10 +57,10 @@ class MoE(nn.Module):
   @nn.compact
   def __call__(self, fused_BxO: jax.Array, train: bool = False) -> jax.Array:
     C, E = self.num_classes, self.num_experts
-    gate_layer = nn.Dense(C * (E + 1), use_bias=False, dtype=self.dtype, name="gates")
+    gate_layer = dense.Dense(C * (E + 1), use_bias=False, dtype=self.dtype, name="gates")
     # At init the gates are uniform, so the real experts share E/(E+1) of the output.
     bias_init = prior_bias(self.expected_labels, C, output_share=E / (E + 1))
-    expert_layer = nn.Dense(C * E, dtype=self.dtype, bias_init=bias_init, name="experts")
+    expert_layer = dense.Dense(C * E, dtype=self.dtype, bias_init=bias_init, name="experts")
     # Column c*(E+1)+e is gate e of class c (the starter code's reshape order). The extra gate
     # is the "dummy" expert that always predicts 0, so a class can get little total weight.
     gates_BxCxE1 = gate_layer(fused_BxO).astype(jnp.float32).reshape(-1, C, E + 1)
@@ -81,7 +83,7 @@ class Logistic(nn.Module):
   @nn.compact
   def __call__(self, fused_BxO: jax.Array, train: bool = False) -> jax.Array:
     bias_init = prior_bias(self.expected_labels, self.num_classes)
-    layer = nn.Dense(self.num_classes, dtype=self.dtype, bias_init=bias_init, name="logits")
+    layer = dense.Dense(self.num_classes, dtype=self.dtype, bias_init=bias_init, name="logits")
     logits_BxC = layer(fused_BxO).astype(jnp.float32)
     sow_penalty(self, self.l2_penalty * l2_loss(layer.variables["params"]["kernel"]))
     return jax.nn.sigmoid(logits_BxC)

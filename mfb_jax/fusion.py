@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfb_jax import dense
 from mfb_jax.aggregation import l2_normalize
 
 Dtype = Any
@@ -71,8 +72,8 @@ class FcConcat(nn.Module):
 
   @nn.compact
   def __call__(self, video_BxV: jax.Array, audio_BxA: jax.Array, train: bool = False) -> jax.Array:
-    video_BxP = nn.Dense(self.hidden_size, dtype=self.dtype, name="video_fc")(video_BxV)
-    audio_BxP = nn.Dense(self.hidden_size, dtype=self.dtype, name="audio_fc")(audio_BxA)
+    video_BxP = dense.Dense(self.hidden_size, dtype=self.dtype, name="video_fc")(video_BxV)
+    audio_BxP = dense.Dense(self.hidden_size, dtype=self.dtype, name="audio_fc")(audio_BxA)
     return jnp.concatenate([video_BxP, audio_BxP], axis=-1).astype(jnp.float32)
 
 
@@ -95,8 +96,8 @@ class MFB(nn.Module):
   @nn.compact
   def __call__(self, video_BxV: jax.Array, audio_BxA: jax.Array, train: bool = False) -> jax.Array:
     k, o = self.factor, self.output_dim
-    video_BxP = nn.Dense(k * o, dtype=self.dtype, name="U")(video_BxV).astype(jnp.float32)
-    audio_BxP = nn.Dense(k * o, dtype=self.dtype, name="V")(audio_BxA).astype(jnp.float32)
+    video_BxP = dense.Dense(k * o, dtype=self.dtype, name="U")(video_BxV).astype(jnp.float32)
+    audio_BxP = dense.Dense(k * o, dtype=self.dtype, name="V")(audio_BxA).astype(jnp.float32)
     # Sum pooling over groups of k consecutive elements: element j*k + i belongs to output j.
     bilinear_BxO = (video_BxP * audio_BxP).reshape(-1, o, k).sum(axis=-1)
     self.sow("intermediates", "bilinear_BxO", bilinear_BxO)

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfb_jax import dense
+
 Dtype = Any
 
 
@@ -28,5 +30,5 @@ class ContextGating(nn.Module):
     H = x_BxH.shape[-1]
     # N(0, 1/H) as Miech et al.'s gating weights, so initial gate logits are O(|x|).
     init = nn.initializers.normal(stddev=H**-0.5)
-    logits_BxH = nn.Dense(H, dtype=self.dtype, kernel_init=init, name="gate")(x_BxH)
+    logits_BxH = dense.Dense(H, dtype=self.dtype, kernel_init=init, name="gate")(x_BxH)
     return jax.nn.sigmoid(logits_BxH.astype(jnp.float32)) * x_BxH.astype(jnp.float32)

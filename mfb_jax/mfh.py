@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfb_jax import dense
 from mfb_jax.aggregation import l2_normalize
 from mfb_jax.fusion import dropout
 
@@ -37,8 +38,8 @@ class MFH(nn.Module):
     expanded_BxP = None
     blocks = []
     for i in range(self.order):
-      video_BxP = nn.Dense(k * o, dtype=self.dtype, name=f"U_{i}")(video_BxV).astype(jnp.float32)
-      audio_BxP = nn.Dense(k * o, dtype=self.dtype, name=f"V_{i}")(audio_BxA).astype(jnp.float32)
+      video_BxP = dense.Dense(k * o, dtype=self.dtype, name=f"U_{i}")(video_BxV).astype(jnp.float32)
+      audio_BxP = dense.Dense(k * o, dtype=self.dtype, name=f"V_{i}")(audio_BxA).astype(jnp.float32)
       product_BxP = video_BxP * audio_BxP
       # The cascade: block i carries the expanded (pre-pooling) product of block i-1.
       expanded_BxP = product_BxP if expanded_BxP is None else product_BxP * expanded_BxP

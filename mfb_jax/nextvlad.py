@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfb_jax import dense
 from mfb_jax.aggregation import l2_normalize
 from mfb_jax.errors import ConfigError
 
@@ -47,10 +48,10 @@ class NeXtVLAD(nn.Module):
       )
     Fg = X // G
     # One 2-D (B*T, F) matmul for the expansion, as DBoF's fc.
-    expanded_NxX = nn.Dense(X, dtype=self.dtype, name="expand")(x_BxTxF.reshape(B * T, F))
+    expanded_NxX = dense.Dense(X, dtype=self.dtype, name="expand")(x_BxTxF.reshape(B * T, F))
     init = nn.initializers.normal(stddev=X**-0.5)
-    attention_layer = nn.Dense(G, dtype=self.dtype, kernel_init=init, name="attention")
-    assign_layer = nn.Dense(G * K, dtype=self.dtype, kernel_init=init, name="assign")
+    attention_layer = dense.Dense(G, dtype=self.dtype, kernel_init=init, name="attention")
+    assign_layer = dense.Dense(G * K, dtype=self.dtype, kernel_init=init, name="assign")
 
     # Reshapes split the sharded B*T axis alone, then the last axis: other reshapes of an
     # explicitly sharded batch have no sharding rule.
