@@ -64,7 +64,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     and not lhs_batch
     and not rhs_batch
   )
-  narrow = jnp.finfo(lhs.dtype).bits < 32 and lhs.dtype == rhs.dtype
+  floating = jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype
+  narrow = floating and jnp.finfo(lhs.dtype).bits < 32
   if dense_product and narrow and precision is None and preferred_element_type is None:
     return kernel_oriented_product(lhs, rhs)
   return lax.dot_general(

@@ -95,3 +95,11 @@ def test_explicitly_sharded_batch_gives_the_unsharded_gradients():
     jax.device_put(x, NamedSharding(mesh, P("data"))),
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=BF16_ULP), sharded, expected)
+
+
+def test_integer_and_mixed_dtype_products_take_the_plain_path():
+  ints = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+  dims = (((1,), (0,)), ((), ()))
+  np.testing.assert_array_equal(dense.dot_general(ints, ints.T, dims), ints @ ints.T)
+  mixed = dense.dot_general(ints.astype(jnp.bfloat16), ints.T.astype(jnp.float32), dims)
+  assert mixed.dtype == jnp.float32
