@@ -51,8 +51,9 @@ def fresh_train_step(config: ml_collections.ConfigDict):
   return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
 
 
-def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
-  """Median step time of the jitted train step after warm-up (single process)."""
+def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
+  """(state after one step, jitted train step, `num_batches` random device batches, seconds that
+  first step took, compilation included) of the configured model."""
   batch_size = config_checks.check_batch_split(
     config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
   )
@@ -62,9 +63,14 @@ def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> 
     jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)
   ]
   start = time.perf_counter()
-  state, step_metrics = step_fn(state, batches[0])
+  state, _ = step_fn(state, batches[0])
   jax.block_until_ready(state)
-  compile_s = time.perf_counter() - start
+  return state, step_fn, batches, time.perf_counter() - start
+
+
+def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
+  """Median step time of the jitted train step after warm-up (single process)."""
+  state, step_fn, batches, compile_s = first_train_step(config, num_batches)
   times = []
   for i in range(config.bench.warmup_steps + config.bench.steps):
     start = time.perf_counter()

@@ -9,8 +9,8 @@ bfloat16 NetVLAD+MFB step spent more time in Adam than in its matmuls (`mfb_jax/
 BENCHMARKS.md). Here the product's backward computes x^T g directly in the kernel's [in, out]
 orientation. The arithmetic is JAX's own rule: float32 accumulation, rounded once to the dtype of
 the bfloat16 kernel copy, so gradients equal autodiff's up to the order of the float32 sums
-(tested). float32 layers call
-lax.dot_general unchanged; parameter names and shapes are nn.Dense's (checkpoints load either way).
+(tested). float32 layers call lax.dot_general unchanged; parameter names and shapes are
+nn.Dense's (checkpoints load either way).
 """
 
 import jax

@@ -76,15 +76,12 @@ def profile_step(config, steps: int) -> tuple[list[OpTime], float]:
   import jax
 
   from mfb_jax import bench
-  from mfb_jax import train as train_lib
   from mfb_jax.errors import ConfigError
 
   if steps < 1:
     raise ConfigError(f"--steps={steps}; it must be at least 1")
-  batch_size = config.train.batch_size
-  mesh, state, step_fn = bench.fresh_train_step(config)
-  batch = jax.device_put(bench.random_batch(config, batch_size), train_lib.batch_shardings(mesh))
-  for _ in range(1 + config.bench.warmup_steps):
+  state, step_fn, (batch,), _ = bench.first_train_step(config, num_batches=1)
+  for _ in range(config.bench.warmup_steps):
     state, _ = step_fn(state, batch)
   jax.block_until_ready(state)
   instructions = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
