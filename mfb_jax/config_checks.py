@@ -64,6 +64,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     if _get(config, field) > config.data.num_classes:
       raise ConfigError(f"config.{field} must be <= data.num_classes ({config.data.num_classes})")
   _choice({"mode": mode}, "mode", MODES)
+  if mode == "bench":
+    _positive(config, "bench.steps")
+    _positive(config, "bench.warmup_steps", 0)
   _check_patterns(config, mode)
 
 

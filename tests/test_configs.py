@@ -97,3 +97,17 @@ def test_paper_bad_argument_names_allowed_values(arg):
 def test_paper_argument_tolerates_spaces_and_case():
   config = paper.get_config(" NetVLAD, MFB ")
   assert (config.model.aggregator, config.model.fusion) == ("netvlad", "mfb")
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("warmup_steps", -1)])
+def test_bench_mode_rejects_impossible_step_counts(field, value):
+  """Zero timed steps used to end in 'no median for empty data'."""
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = default.get_config()
+  config.bench[field] = value
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  config_checks.validate(config, "train")  # Only the bench mode reads these fields.
+  with pytest.raises(ConfigError, match=rf"config\.bench\.{field}={value} is invalid"):
+    config_checks.validate(config, "bench")
