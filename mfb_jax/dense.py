@@ -11,6 +11,11 @@ orientation. The arithmetic is JAX's own rule: float32 accumulation, rounded onc
 the bfloat16 kernel copy, so gradients equal autodiff's up to the order of the float32 sums
 (tested). float32 layers call lax.dot_general unchanged; parameter names and shapes are
 nn.Dense's (checkpoints load either way).
+
+All three bfloat16 products are also written in the forms XLA:CPU runs natively on CPUs with bf16
+instructions (YNNPACK: bf16 x bf16 -> float32, first operand contracted on its last axis); for
+any other form it widens both operands to float32. On a 2-core Zen 4 that took the bfloat16
+NetVLAD+MFB step from about 345 to 265-300 ms (BENCHMARKS.md, fifth session).
 """
 
 import jax
@@ -22,8 +27,28 @@ from mfb_jax.pooling_common import accumulation_dtype, replicated_under_explicit
 
 
 def _product(x, kernel):
-  """x [..., I] . kernel [I, O] -> [..., O], in the inputs' dtype (as flax's Dense does)."""
-  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  """x [..., I] . kernel [I, O] -> [..., O], in the inputs' dtype (as flax's Dense does).
+
+  Asked for with float32 accumulation and rounded after: XLA:CPU runs a bfloat16 x bfloat16 ->
+  float32 product natively (YNNPACK), but upcasts both operands to float32 for a bfloat16 result.
+  """
+  acc = accumulation_dtype(x, kernel)
+  return lax.dot_general(
+    x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc
+  ).astype(x.dtype)
+
+
+def _features_first(x):
+  """x [..., I] as its own array of shape [I, ...] (a real transpose, not a view).
+
+  A product that contracts its first operand's leading axis, as x^T g does, is one XLA:CPU's
+  bfloat16 kernels do not take: XLA then upcasts both operands and multiplies in float32 (about
+  half the speed, plus the conversions). Fed a transposed copy, the product is a plain row-major
+  one. A bare transpose would be folded back into the product; a pad and slice is not (jaxlib
+  0.10.2). The copy is of the activations (2 MB for MFB's U), not of the kernel.
+  """
+  x_t = jnp.moveaxis(x, -1, 0)
+  return jnp.pad(x_t, [(0, 1)] + [(0, 0)] * (x.ndim - 1))[: x.shape[-1]]
 
 
 @jax.custom_vjp
@@ -42,9 +67,9 @@ def _backward(saved, g):
   rows = tuple(range(x.ndim - 1))  # Every axis of x but the features: summed for the kernel.
   g_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
   g_kernel = lax.dot_general(
-    x,
+    _features_first(x),
     g,
-    ((rows, rows), ((), ())),
+    ((tuple(a + 1 for a in rows), rows), ((), ())),
     preferred_element_type=acc,
     out_sharding=replicated_under_explicit_sharding(x),
   )

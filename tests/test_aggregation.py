@@ -130,6 +130,20 @@ def test_netvlad_hand_written_gradient_equals_autodiff():
   )
 
 
+def test_netvlad_never_narrows_the_frames():
+  """bfloat16 NetVLAD on float32 frames computes its per-frame products in float32 (equal to the
+  float32 module); on bfloat16 frames it keeps them in bfloat16 (a bf16-rounded result)."""
+  x_BxTxF, mask_BxT = make_inputs()
+  wide, narrow = (aggregation.NetVLAD(3, dtype=d) for d in (jax.numpy.float32, jax.numpy.bfloat16))
+  variables = init(wide, x_BxTxF, mask_BxT)
+  want = wide.apply(variables, x_BxTxF, mask_BxT)
+  np.testing.assert_array_equal(narrow.apply(variables, x_BxTxF, mask_BxT), want)
+  x16 = jax.numpy.asarray(x_BxTxF, jax.numpy.bfloat16)
+  got16 = narrow.apply(variables, x16, mask_BxT)
+  assert np.max(np.abs(got16 - wide.apply(variables, x16.astype(np.float32), mask_BxT))) > 0
+  np.testing.assert_allclose(got16, want, atol=3e-2)
+
+
 def dbof_by_hand(x_BxTxF, params, mean_H, var_H):
   """fc -> BatchNorm(mean_H, var_H) -> ReLU -> max over each video's valid frames."""
   w_FxH = np.asarray(params["fc"]["kernel"], np.float64)
