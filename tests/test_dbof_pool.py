@@ -97,3 +97,18 @@ def test_bfloat16_matmuls_give_float32_moments_and_float32_gradients():
   np.testing.assert_allclose(pooled, want, rtol=2e-2, atol=2e-2)
   loss = lambda k: jnp.sum(dbof_pool.train_pool(x16, jnp.asarray(mask), k, scale, bias, EPS)[0])
   assert jax.grad(loss)(kernel16).dtype == jnp.bfloat16
+
+
+def test_bfloat16_kernel_gradient_equals_the_float32_one_on_the_same_values():
+  """The bf16 backward (bf16 products, float32 accumulation) computes the same
+  gradient as float32 arithmetic on the bf16-rounded inputs, within bf16 rounding."""
+  x, mask, kernel, scale, bias, cotangent = make_case(9)
+  x16, kernel16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+  scale, bias, mask = (jnp.asarray(v, jnp.float32) for v in (scale, bias, mask))
+
+  def loss(x, k):
+    return jnp.sum(dbof_pool.train_pool(x, mask, k, scale, bias, EPS)[0] * cotangent)
+
+  got = jax.grad(loss, argnums=1)(x16, kernel16).astype(jnp.float32)
+  want = jax.grad(loss, argnums=1)(x16.astype(jnp.float32), kernel16.astype(jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.max(np.abs(want)))
