@@ -146,6 +146,7 @@ class NetVLAD(nn.Module):
     # matmul dtype gains nothing unless the frames already come in it, and narrowing float32
     # frames first costs a pass over them (and on CPUs without bf16 matrix units, XLA widens
     # them back: 24 of 266 ms in the bf16 NetVLAD+MFB step). So: never narrower than the frames.
+    x_BxTxF = jnp.asarray(x_BxTxF)  # A float64 numpy input becomes float32 here (no x64).
     frames_dtype = jnp.promote_types(x_BxTxF.dtype, self.dtype)
     # Soft assignment with bias; padded frames get zero weight, so they add no residual.
     weighted_BxKxF, mass_BxK = sums(
