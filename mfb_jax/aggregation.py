@@ -144,8 +144,8 @@ class NetVLAD(nn.Module):
       sums = netvlad_pool.autodiff_sums
     # The per-frame products have K columns: they are bound by reading the frames, so a narrower
     # matmul dtype gains nothing unless the frames already come in it, and narrowing float32
-    # frames first costs a pass over them (and on CPUs without bf16 matrix units, XLA widens
-    # them back: 24 of 266 ms in the bf16 NetVLAD+MFB step). So: never narrower than the frames.
+    # frames first costs a pass over them (and XLA:CPU widens them back for these products:
+    # about 24 thread-ms per bf16 NetVLAD+MFB step on a Zen 4). So: never narrower than the frames.
     x_BxTxF = jnp.asarray(x_BxTxF)  # A float64 numpy input becomes float32 here (no x64).
     frames_dtype = jnp.promote_types(x_BxTxF.dtype, self.dtype)
     # Soft assignment with bias; padded frames get zero weight, so they add no residual.

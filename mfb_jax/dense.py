@@ -14,8 +14,9 @@ nn.Dense's (checkpoints load either way).
 
 All three bfloat16 products are also written in the forms XLA:CPU runs natively on CPUs with bf16
 instructions (YNNPACK: bf16 x bf16 -> float32, first operand contracted on its last axis); for
-any other form it widens both operands to float32. On a 2-core Zen 4 that took the bfloat16
-NetVLAD+MFB step from about 345 to 265-300 ms (BENCHMARKS.md, fifth session).
+any other form it widens both operands to float32. On a 2-core Zen 4 this, with NetVLAD keeping
+float32 frames, took the bfloat16 NetVLAD+MFB step from 345-353 to 283-303 ms (medians of
+interleaved bench runs; BENCHMARKS.md, fifth session).
 """
 
 import jax
