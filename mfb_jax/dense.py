@@ -1,23 +1,26 @@
-"""The models' dense layer: nn.Dense whose bfloat16 kernel gradient keeps the kernel's orientation.
+"""The models' dense layer: nn.Dense's variables and arithmetic, with a mixed-precision gradient.
 
-With `dtype=bfloat16` (float32 parameters, bfloat16 matmuls) flax casts the kernel to bfloat16
-and multiplies, and JAX writes the kernel's gradient as a transpose of g^T x. XLA:CPU does not fold
-that transpose into the product across the conversion to bfloat16; it pushes it into the
-consumers instead, so Adam's first- and second-moment updates each read the gradient column by
-column. For MFB's 8192 x 4096 U that took 146 thread-ms per update (18 in float32), and the
-bfloat16 NetVLAD+MFB step spent more time in Adam than in its matmuls (`mfb_jax/step_profile.py`;
-BENCHMARKS.md). Here the product's backward computes x^T g directly in the kernel's [in, out]
-orientation. The arithmetic is JAX's own rule: float32 accumulation, rounded once to the dtype of
-the bfloat16 kernel copy, so gradients equal autodiff's up to the order of the float32 sums
-(tested). float32 layers call lax.dot_general unchanged; parameter names and shapes are
-nn.Dense's (checkpoints load either way).
+With `dtype=bfloat16` (float32 parameters, bfloat16 matmuls) the float32 kernel is cast to
+bfloat16 *inside* the product's custom gradient, so that:
 
-All three bfloat16 products are also written in the forms XLA:CPU runs natively on CPUs with bf16
-instructions (YNNPACK: bf16 x bf16 -> float32, first operand contracted on its last axis); for
-any other form it widens both operands to float32. On a 2-core Zen 4 this, with NetVLAD keeping
-float32 frames, took the bfloat16 NetVLAD+MFB step from 345-353 to 283-303 ms (medians of
-interleaved bench runs; BENCHMARKS.md, fifth session).
+- the kernel's gradient reaches Adam in float32, straight from the product's float32
+  accumulation. nn.Dense casts the kernel before the product, so autodiff rounds the kernel's
+  gradient to bfloat16 (the cotangent of the bfloat16 copy) and widens it again: a lost 16 bits
+  and two passes over every kernel-sized gradient (about 28 thread-ms of a bfloat16 NetVLAD+MFB
+  step on a 2-core Xeon with AMX; BENCHMARKS.md, sixth session);
+- the kernel's gradient is computed as x^T g in the kernel's [in, out] orientation. JAX writes
+  it as a transpose of g^T x, which XLA:CPU pushes into Adam's moment updates, which then read
+  the gradient column by column (146 thread-ms per update of MFB's U, against 18 in float32:
+  the bfloat16 NetVLAD+MFB step went from 823 to 458 ms; fourth session);
+- all three products take the forms XLA:CPU runs natively on CPUs with bf16 instructions
+  (YNNPACK: bf16 x bf16 -> float32, the first operand contracted on its last axis); for any
+  other form it widens both operands to float32 (fifth session: 345-353 -> 283-303 ms on a Zen 4).
+
+float32 layers trace exactly as nn.Dense. Parameter names, shapes, initializers and rngs are
+nn.Dense's, so checkpoints load either way (tested).
 """
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,8 @@ from flax import linen as nn
 from jax import lax
 
 from mfb_jax.pooling_common import accumulation_dtype, replicated_under_explicit_sharding
+
+Dtype = Any
 
 
 def _product(x, kernel):
@@ -53,20 +58,24 @@ def _features_first(x):
 
 
 @jax.custom_vjp
-def kernel_oriented_product(x, kernel):
-  """x [..., I] . kernel [I, O]; its kernel gradient is computed as x^T g, shaped [I, O]."""
-  return _product(x, kernel)
+def mixed_precision_product(x, kernel):
+  """x [..., I] (narrow dtype) . kernel [I, O] (float32) in x's dtype; the kernel's gradient
+  is the float32 sum x^T g, shaped [I, O]."""
+  return _product(x, kernel.astype(x.dtype))
 
 
 def _forward(x, kernel):
-  return _product(x, kernel), (x, kernel)
+  narrow_kernel = kernel.astype(x.dtype)  # Saved for the input's gradient: cast once a step.
+  return _product(x, narrow_kernel), (x, narrow_kernel)
 
 
 def _backward(saved, g):
-  x, kernel = saved
-  acc = accumulation_dtype(x, kernel)
+  x, narrow_kernel = saved
+  acc = accumulation_dtype(x, narrow_kernel)
   rows = tuple(range(x.ndim - 1))  # Every axis of x but the features: summed for the kernel.
-  g_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
+  g_x = lax.dot_general(
+    g, narrow_kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc
+  )
   g_kernel = lax.dot_general(
     _features_first(x),
     g,
@@ -74,31 +83,45 @@ def _backward(saved, g):
     preferred_element_type=acc,
     out_sharding=replicated_under_explicit_sharding(x),
   )
-  return g_x.astype(x.dtype), g_kernel.astype(kernel.dtype)
+  return g_x.astype(x.dtype), g_kernel  # The float32 accumulation is the float32 kernel's.
 
 
-kernel_oriented_product.defvjp(_forward, _backward)
+mixed_precision_product.defvjp(_forward, _backward)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """lax.dot_general, with kernel_oriented_product for nn.Dense's product in a narrow dtype."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  dense_product = (
-    rhs.ndim == 2
-    and tuple(lhs_contract) == (lhs.ndim - 1,)
-    and tuple(rhs_contract) == (0,)
-    and not lhs_batch
-    and not rhs_batch
+def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., I] . kernel [I, O] in x's dtype: mixed_precision_product when x is a narrower float
+  than the kernel, else nn.Dense's plain lax.dot_general."""
+  narrow = (
+    jnp.issubdtype(x.dtype, jnp.floating)
+    and jnp.issubdtype(kernel.dtype, jnp.floating)
+    and jnp.finfo(x.dtype).bits < min(32, jnp.finfo(kernel.dtype).bits)
   )
-  floating = jnp.issubdtype(lhs.dtype, jnp.floating) and lhs.dtype == rhs.dtype
-  narrow = floating and jnp.finfo(lhs.dtype).bits < 32
-  if dense_product and narrow and precision is None and preferred_element_type is None:
-    return kernel_oriented_product(lhs, rhs)
-  return lax.dot_general(
-    lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
-  )
+  if narrow:
+    return mixed_precision_product(x, kernel)
+  return lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def Dense(features: int, **kwargs) -> nn.Dense:  # noqa: N802 - stands in for the nn.Dense class.
-  """nn.Dense(features, **kwargs) with this module's dot_general."""
-  return nn.Dense(features, dot_general=dot_general, **kwargs)
+class Dense(nn.Module):
+  """nn.Dense (same fields, variables and float32 trace) whose narrow-dtype product is
+  mixed_precision_product."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Dtype | None = None  # Computation dtype; None: the inputs' and parameters' promotion.
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    shape = (jnp.shape(inputs)[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(inputs, kernel)
+    y = product(jnp.asarray(inputs, dtype), kernel)
+    if bias is not None:
+      y += jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
