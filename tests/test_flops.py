@@ -10,7 +10,9 @@ import functools
 import math
 
 import jax
+import numpy as np
 import pytest
+from conftest import dot_operand_dtypes, native_bfloat16_products
 
 from configs import default
 from mfb_jax import flops, model
@@ -185,3 +187,15 @@ def test_matmul_peak_uses_large_products_on_accelerators(monkeypatch, backend, s
   with pytest.raises(MeasuredError):
     flops.measure_matmul_peak()
   assert shapes == [(size, size)]
+
+
+def test_the_bfloat16_peak_is_measured_on_the_native_product():
+  """bf16 x bf16 -> float32, the form the layers use (XLA:CPU widens a bf16-result product, so
+  `x @ y` in bf16 would measure the float32 peak on AMX)."""
+  a = jax.numpy.ones((64, 64), jax.numpy.bfloat16)
+  assert flops.peak_product("bfloat16")(a, a).dtype == jax.numpy.float32
+  hlo = flops.peak_product("bfloat16").lower(a, a).compile().as_text()
+  if native_bfloat16_products():
+    assert dot_operand_dtypes(hlo) == [("bf16", "bf16")]
+  f32 = a.astype(jax.numpy.float32)
+  np.testing.assert_array_equal(flops.peak_product("float32")(f32, f32), f32 @ f32)
