@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # classifier's probabilities.
   model.context_gating = False
   model.classifier = "moe"  # moe | logistic.
-  model.dtype = "float32"  # Matmul dtype: 'float32' or 'bfloat16' (params stay float32).
+  # Matmul dtype: 'float32' or 'bfloat16' (parameters, optimizer state, BatchNorm statistics and
+  # loss stay float32). bfloat16 also delivers the frames in bfloat16 (half the batch's memory).
+  model.dtype = "float32"
   model.avgpool = ml_collections.ConfigDict()
   # Paper: 2000 hidden units. fused_gradient: DBoF's BatchNorm -> ReLU -> max runs fused with an
   # exact hand-written gradient (mfb_jax/dbof_pool.py, 1.45x on a CPU); False: plain autodiff.

@@ -29,7 +29,10 @@ class AvgPool(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxF: jax.Array, mask_BxT: jax.Array, train: bool = False) -> jax.Array:
-    # An elementwise masked sum (not an einsum) keeps float32 exact on GPUs that use TF32 dots.
+    # An elementwise masked sum (not an einsum) keeps float32 exact on GPUs that use TF32 dots;
+    # bfloat16 frames are summed in float32.
+    x_BxTxF = jnp.asarray(x_BxTxF)
+    x_BxTxF = x_BxTxF.astype(jnp.promote_types(x_BxTxF.dtype, jnp.float32))
     sum_BxF = jnp.sum(x_BxTxF * mask_BxT[:, :, None], axis=1)
     # A video without valid frames (an eval padding row) gives zeros instead of NaN.
     count_Bx1 = jnp.maximum(jnp.sum(mask_BxT, axis=1, keepdims=True), 1.0)
@@ -143,9 +146,10 @@ class NetVLAD(nn.Module):
     if not self.hand_written_gradient:
       sums = netvlad_pool.autodiff_sums
     # The per-frame products have K columns: they are bound by reading the frames, so a narrower
-    # matmul dtype gains nothing unless the frames already come in it, and narrowing float32
-    # frames first costs a pass over them (and XLA:CPU widens them back for these products:
-    # about 24 thread-ms per bf16 NetVLAD+MFB step on a Zen 4). So: never narrower than the frames.
+    # matmul dtype gains nothing unless the frames already come in it (as the input pipeline
+    # delivers them for a bfloat16 model), and narrowing float32 frames here would cost a pass
+    # over them (about 24 thread-ms per bf16 NetVLAD+MFB step on a Zen 4). So: never narrower
+    # than the frames.
     x_BxTxF = jnp.asarray(x_BxTxF)  # A float64 numpy input becomes float32 here (no x64).
     frames_dtype = jnp.promote_types(x_BxTxF.dtype, self.dtype)
     # Soft assignment with bias; padded frames get zero weight, so they add no residual.

@@ -15,18 +15,24 @@ import jax
 import ml_collections
 import numpy as np
 
-from mfb_jax import config_checks, flops, input_pipeline, runtime
+from mfb_jax import config_checks, flops, input_pipeline, records, runtime
 from mfb_jax import train as train_lib
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
-  """A batch like the pipeline's: dequantized uint8 features, full masks, ~3 labels per video."""
+  """A batch like the pipeline's: dequantized uint8 features (in the pipeline's dtype), full
+  masks, ~3 labels per video."""
   rng = np.random.default_rng(seed)
   T = train_lib.frames_per_example(config)
-  quantized = lambda dim: rng.integers(0, 256, (batch_size, T, dim), dtype=np.uint8)
+  dtype = records.feature_dtype(config).as_numpy_dtype  # The pipeline's feature dtype.
+  features = lambda dim: (
+    rng.integers(0, 256, (batch_size, T, dim), dtype=np.uint8).astype(np.float32)
+    * records.QUANT_SCALE
+    + records.QUANT_OFFSET
+  ).astype(dtype)
   return {
-    "rgb": quantized(config.data.rgb_size).astype(np.float32) * (4.0 / 255.0) - 2.0,
-    "audio": quantized(config.data.audio_size).astype(np.float32) * (4.0 / 255.0) - 2.0,
+    "rgb": features(config.data.rgb_size),
+    "audio": features(config.data.audio_size),
     "mask": np.ones((batch_size, T), np.float32),
     "labels": (rng.random((batch_size, config.data.num_classes)) < 3.0 / 3862).astype(np.float32),
   }

@@ -1,11 +1,13 @@
-r"""Reader benchmark: frame-level tfrecords to float32 numpy batches, examples per second.
+r"""Reader benchmark: frame-level tfrecords to numpy batches, examples per second.
 
-  python -m mfb_jax.bench_input [--pattern=GLOB] [--batch_size=128] [--seconds=5] [--rounds=3]
+  python -m mfb_jax.bench_input [--pattern=GLOB] [--batch_size=128] [--seconds=5] [--rounds=3] \
+    [--dtype=float32|bfloat16]
 
 Without --pattern it writes temporary shards of 300-frame videos with random uint8 features in
 the official 2018 format. It alternates timed windows of mfb_jax.input_pipeline's train iterator
 and of a plain per-record reader (map(parse_single_sequence_example) then batch) in one process,
 so both see the same machine load, and prints one JSON line per reader, ours last with the ratio.
+--dtype is config.model.dtype: our reader delivers the features in it (the plain reader float32).
 Like launch.py it runs with tcmalloc when installed (MFB_JAX_NO_TCMALLOC=1 to opt out).
 """
 
@@ -33,6 +35,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("records_per_file", 64, "Videos per generated shard.")
   flags.DEFINE_integer(
     "shuffle_buffer", -1, "data.shuffle_buffer for our reader; -1: the config's."
+  )
+  flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "config.model.dtype: our reader's feature dtype."
   )
 
 
@@ -162,6 +167,7 @@ def run(pattern: str) -> None:
 
   config = default.get_config()
   config.data.max_frames = FLAGS.num_frames
+  config.model.dtype = FLAGS.dtype
   if FLAGS.shuffle_buffer >= 0:
     config.data.shuffle_buffer = FLAGS.shuffle_buffer
   files = input_pipeline.list_files(pattern)
@@ -178,6 +184,7 @@ def run(pattern: str) -> None:
     for name, batches in readers.items():
       windows[name].append(timed_window(batches, FLAGS.seconds))
   common = {"batch_size": FLAGS.batch_size, "max_frames": FLAGS.num_frames, **machine()}
+  common["dtype"] = FLAGS.dtype
   plain = {"reader": "plain_per_record", **summarize(windows["plain_per_record"]), **common}
   ours = {"reader": "mfb_jax.input_pipeline", **summarize(windows["mfb_jax.input_pipeline"])}
   ours["ratio_to_plain"] = round(ours["examples_per_sec"] / plain["examples_per_sec"], 3)

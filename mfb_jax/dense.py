@@ -27,7 +27,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mfb_jax.pooling_common import accumulation_dtype, replicated_under_explicit_sharding
+from mfb_jax.pooling_common import (
+  accumulation_dtype,
+  replicated_under_explicit_sharding,
+  transposed_copy,
+)
 
 Dtype = Any
 
@@ -45,16 +49,14 @@ def _product(x, kernel):
 
 
 def _features_first(x):
-  """x [..., I] as its own array of shape [I, ...] (a real transpose, not a view).
+  """x [..., I] as its own array of shape [I, ...] (pooling_common.transposed_copy).
 
-  A product that contracts its first operand's leading axis, as x^T g does, is one XLA:CPU's
-  bfloat16 kernels do not take: XLA then upcasts both operands and multiplies in float32 (about
-  half the speed, plus the conversions). Fed a transposed copy, the product is a plain row-major
-  one. A bare transpose would be folded back into the product; a pad and slice is not (jaxlib
-  0.10.2). The copy is of the activations (2 MB for MFB's U), not of the kernel.
+  The kernel gradient x^T g contracts x's leading axes, a form XLA:CPU's bfloat16 kernels do not
+  take (it upcasts both operands and multiplies in float32: about half the speed, plus the
+  conversions); fed a transposed copy, the product is a plain row-major one. The copy is of the
+  activations (2 MB for MFB's U), not of the kernel.
   """
-  x_t = jnp.moveaxis(x, -1, 0)
-  return jnp.pad(x_t, [(0, 1)] + [(0, 0)] * (x.ndim - 1))[: x.shape[-1]]
+  return transposed_copy(x, (x.ndim - 1, *range(x.ndim - 1)))
 
 
 @jax.custom_vjp

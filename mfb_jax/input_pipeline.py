@@ -1,7 +1,8 @@
 """tf.data input pipeline: YouTube-8M tfrecords (frame- or video-level) to numpy batches.
 
-A batch is one process's share, a dict of numpy arrays: 'rgb' float32 [B, T, D] and 'audio'
-float32 [B, T, A] (dequantized), 'mask' float32 [B, T] (1 = real frame), 'labels' float32 [B, C]
+A batch is one process's share, a dict of numpy arrays: 'rgb' [B, T, D] and 'audio' [B, T, A]
+(dequantized, in config.model.dtype: float32, or bfloat16 for bfloat16 models), 'mask' float32
+[B, T] (1 = real frame), 'labels' float32 [B, C]
 (multi-hot), 'valid' float32 [B] (0 = padding row of the last eval batch), 'id' object [B] of str.
 Video-level records give T = 1. Bad data raises DataError with one line naming the file.
 """
@@ -88,7 +89,8 @@ def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed
       spec, *pair, tf.stack([tf.constant(frame_seed, tf.int64), index])
     )
   ds = records_ds.map(parse, **parallel).batch(batch_size, drop_remainder=drop_remainder)
-  return ds.map(lambda batch: records.finish_batch(batch, batch_size), **parallel)
+  finish = lambda batch: records.finish_batch(batch, batch_size, spec.feature_dtype)
+  return ds.map(finish, **parallel)
 
 
 def train_dataset(config, files: list[str], seed: int, local_batch_size: int):
@@ -154,9 +156,10 @@ def make_eval_iterator(
 def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_frames: int) -> dict:
   """An all-padding batch (valid = 0) for processes that ran out of eval data."""
   data, B = config.data, local_batch_size
+  dtype = records.feature_dtype(config).as_numpy_dtype
   return {
-    "rgb": np.zeros((B, num_frames, data.rgb_size), np.float32),
-    "audio": np.zeros((B, num_frames, data.audio_size), np.float32),
+    "rgb": np.zeros((B, num_frames, data.rgb_size), dtype),
+    "audio": np.zeros((B, num_frames, data.audio_size), dtype),
     "mask": np.zeros((B, num_frames), np.float32),
     "labels": np.zeros((B, data.num_classes), np.float32),
     "valid": np.zeros((B,), np.float32),

@@ -10,7 +10,10 @@ on a 2-core Xeon, where (g^T x)^T takes 15-17 ms. The backward here writes every
 fast orientation (see BENCHMARKS.md); the arithmetic is autodiff's (`autodiff_sums`: the
 same forward, differentiated by JAX; outputs bit-identical, gradients within rounding). With
 bfloat16 inputs the products run in bfloat16 with float32 accumulation and the bias is added to
-the float32 logits.
+the float32 logits; the sums and the kernel's gradient then take the forms XLA:CPU runs natively
+in bfloat16 (a small transposed copy of the assignments or of g first): bfloat16 frames, as the
+input pipeline delivers them to a bfloat16 model, are never widened to float32 (a bfloat16
+NetVLAD+MFB step 233.8 -> 218.1 ms on a 2-core Xeon with AMX, BENCHMARKS.md, sixth session).
 
 The gradient of x (needed only when the frames are computed, as in frame-level fusion) is
 returned too; XLA drops it from the compiled step when x is data. Tested against autodiff of the
@@ -22,7 +25,16 @@ Shapes: B batch, T frames, F input features, K clusters, N = B*T.
 import jax
 import jax.numpy as jnp
 
-from mfb_jax.pooling_common import accumulation_dtype, replicated_under_explicit_sharding
+from mfb_jax.pooling_common import (
+  accumulation_dtype,
+  replicated_under_explicit_sharding,
+  transposed_copy,
+)
+
+
+def _narrow(x: jax.Array) -> bool:
+  """Frames narrower than float32 (bfloat16): their products are written in native forms."""
+  return jnp.finfo(x.dtype).bits < 32
 
 
 def _probabilities(x_BxTxF, kernel_FxK, bias_K):
@@ -38,9 +50,14 @@ def _forward(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
   acc = accumulation_dtype(x_BxTxF, kernel_FxK)
   probs_BxTxK = _probabilities(x_BxTxF, kernel_FxK, bias_K)
   assign_BxTxK = probs_BxTxK * mask_BxT[:, :, None].astype(acc)  # Padded frames: no weight.
-  weighted_BxKxF = jnp.einsum(
-    "btk,btf->bkf", assign_BxTxK.astype(x_BxTxF.dtype), x_BxTxF, preferred_element_type=acc
-  )
+  if _narrow(x_BxTxF):  # [B, K, T] x [B, T, F]: the form XLA:CPU runs natively in bfloat16.
+    assign_BxKxT = transposed_copy(assign_BxTxK.astype(x_BxTxF.dtype), (0, 2, 1), pad_axis=1)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    weighted_BxKxF = jax.lax.dot_general(assign_BxKxT, x_BxTxF, dims, preferred_element_type=acc)
+  else:
+    weighted_BxKxF = jnp.einsum(
+      "btk,btf->bkf", assign_BxTxK.astype(x_BxTxF.dtype), x_BxTxF, preferred_element_type=acc
+    )
   mass_BxK = jnp.sum(assign_BxTxK, axis=1)
   return (weighted_BxKxF, mass_BxK), (x_BxTxF, mask_BxT, kernel_FxK, bias_K, probs_BxTxK)
 
@@ -80,12 +97,16 @@ def _backward(saved, cotangents):
   g_mask_BxT = jnp.sum(g_assign_BxTxK * probs_BxTxK, axis=-1)
   inner_BxTx1 = jnp.sum(g_probs_BxTxK * probs_BxTxK, axis=-1, keepdims=True)
   g_logits_NxK = (probs_BxTxK * (g_probs_BxTxK - inner_BxTx1)).reshape(B * T, -1)
-  # The kernel's gradient as g^T x ([K, N] x [N, F]), transposed: the fast orientation.
+  # The kernel's gradient as g^T x ([K, N] x [N, F]), transposed: the fast orientation. In
+  # bfloat16, g^T is copied first (0.3M values), so that the product takes the native form.
   rows_NxF = x_BxTxF.reshape(B * T, F)
+  g_lhs, dims = g_logits_NxK.astype(x_BxTxF.dtype), (((0,), (0,)), ((), ()))
+  if _narrow(x_BxTxF):
+    g_lhs, dims = transposed_copy(g_lhs, (1, 0)), (((1,), (0,)), ((), ()))
   g_kernel_KxF = jax.lax.dot_general(
-    g_logits_NxK.astype(x_BxTxF.dtype),
+    g_lhs,
     rows_NxF,
-    (((0,), (0,)), ((), ())),
+    dims,
     preferred_element_type=acc,
     out_sharding=replicated_under_explicit_sharding(rows_NxF),
   )

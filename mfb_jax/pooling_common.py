@@ -16,3 +16,18 @@ def replicated_under_explicit_sharding(x: jax.Array):
   if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
     return None
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def transposed_copy(x: jax.Array, axes: tuple[int, ...], pad_axis: int = 0) -> jax.Array:
+  """jnp.transpose(x, axes) as an array of its own (a real copy, not a view).
+
+  XLA:CPU runs a bfloat16 product natively (bf16 x bf16 -> float32) only when its first operand
+  is contracted on its last axis; for any other form it widens both operands to float32. A small
+  operand in the wrong orientation is therefore copied transposed first. A bare transpose would
+  be folded back into the product; a pad and slice along `pad_axis` (of the result; never the
+  batch's, which may be sharded) is not (jaxlib 0.10.2).
+  """
+  y = jnp.transpose(x, axes)
+  pad = [(0, 0)] * y.ndim
+  pad[pad_axis] = (0, 1)
+  return jax.lax.slice_in_dim(jnp.pad(y, pad), 0, y.shape[pad_axis], axis=pad_axis)

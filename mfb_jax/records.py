@@ -20,6 +20,9 @@ QUANT_SCALE = 4.0 / 255.0
 QUANT_OFFSET = -2.0
 AUTO_ID_KEYS = ("id", "video_id")  # 2018 data uses 'id', the 2017 (v1) data 'video_id'.
 FORMATS = ("frame", "video")
+# Features are delivered in the model's matmul dtype (config.model.dtype): in bfloat16 a batch is
+# half the memory, and the models' per-frame products read it without a conversion pass.
+FEATURE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class RecordSpec:
   audio_key: str
   rgb_size: int
   audio_size: int
+  feature_dtype: tf.DType = tf.float32  # Of the dequantized 'rgb' and 'audio' batches.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "RecordSpec":
@@ -57,7 +61,13 @@ class RecordSpec:
       audio_key=data.audio_feature if frame else data.video_audio_feature,
       rgb_size=int(data.rgb_size),
       audio_size=int(data.audio_size),
+      feature_dtype=feature_dtype(config),
     )
+
+
+def feature_dtype(config: ml_collections.ConfigDict) -> tf.DType:
+  """The dtype of the batches' features: config.model.dtype's (float32 for any other value)."""
+  return FEATURE_DTYPES.get(config.get("model", {}).get("dtype", "float32"), tf.float32)
 
 
 def context_features(spec: RecordSpec) -> dict:
@@ -127,15 +137,17 @@ def pad_rows(x_B: tf.Tensor, pad: tf.Tensor) -> tf.Tensor:
 
 
 @tf.function(jit_compile=True)
-def dequantize(q_BxTxD: tf.Tensor, num_frames_B: tf.Tensor) -> tf.Tensor:
-  """float32 q * 4/255 - 2 on real frames and 0 on padding, in one fused pass (XLA)."""
+def dequantize(q_BxTxD: tf.Tensor, num_frames_B: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+  """q * 4/255 - 2 (computed in float32, stored as `dtype`) on real frames and 0 on padding, in
+  one fused pass (XLA)."""
   mask_BxT = tf.sequence_mask(num_frames_B, tf.shape(q_BxTxD)[1])
   values = tf.cast(q_BxTxD, tf.float32) * QUANT_SCALE + QUANT_OFFSET
-  return tf.where(mask_BxT[:, :, None], values, 0.0)
+  return tf.cast(tf.where(mask_BxT[:, :, None], values, 0.0), dtype)
 
 
-def finish_batch(batch: dict, batch_size: int) -> dict:
-  """The batch dict from parsed records: padded to batch_size rows (valid = 0), dequantized."""
+def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32) -> dict:
+  """The batch dict from parsed records: padded to batch_size rows (valid = 0), features
+  dequantized (frame-level) or cast (video-level) to `dtype`."""
   count = tf.shape(batch["num_frames"])[0]
   padded = {k: pad_rows(v, batch_size - count) for k, v in batch.items()}
   num_frames_B = padded["num_frames"]
@@ -148,7 +160,9 @@ def finish_batch(batch: dict, batch_size: int) -> dict:
   }
   for key in ("rgb", "audio"):
     quantized = padded[key].dtype == tf.uint8  # Frame-level; video-level features are floats.
-    out[key] = dequantize(padded[key], num_frames_B) if quantized else padded[key]
+    out[key] = (
+      dequantize(padded[key], num_frames_B, dtype) if quantized else tf.cast(padded[key], dtype)
+    )
   return out
 
 

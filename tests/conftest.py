@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic shards and a launch.py runner."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +37,24 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
+  """The element types of every dot's operands in compiled HLO text."""
+  types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
+  dots = re.findall(r"= \w+\[[\d,]*\]\{[\d,]*\} dot\(([^)]*)\)", hlo)
+  return [tuple(types[name.strip()] for name in operands.split(",")) for operands in dots]
+
+
+def native_bfloat16_products() -> bool:
+  """Whether this backend runs a plain bf16 x bf16 -> f32 product without widening its operands
+  (XLA:CPU does where the CPU has bf16 instructions)."""
+  import jax
+  import jax.numpy as jnp
+
+  probe = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  a16, b16 = jnp.ones((128, 1024), jnp.bfloat16), jnp.ones((1024, 512), jnp.bfloat16)
+  return dot_operand_dtypes(probe.lower(a16, b16).compile().as_text()) == [("bf16", "bf16")]
 
 
 def write_synthetic(output_dir, *extra: str) -> None:

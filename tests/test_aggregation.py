@@ -262,3 +262,16 @@ def test_frame_aggregators_see_more_than_the_mean_frame(name):
     variables = randomize_bn(variables)
   out = module.apply(variables, x_2xTxF, mask_2xT, train=False)
   assert np.abs(out[0] - out[1]).max() > 1e-2
+
+
+def test_avgpool_sums_bfloat16_frames_in_float32():
+  """bfloat16 frames (a bfloat16 model's batches) are averaged in float32: the mean of the
+  bfloat16 values, not a bfloat16 running sum."""
+  x_BxTxF, mask_BxT = make_inputs()
+  x16 = jax.numpy.asarray(x_BxTxF + 100.0, jax.numpy.bfloat16)  # A large offset: bf16 sums drift.
+  x64 = np.asarray(x16, np.float64)
+  expected = np.stack([x64[b, :n].mean(axis=0) for b, n in enumerate(LENGTHS)])
+  for mask in (mask_BxT, mask_BxT.astype(jax.numpy.bfloat16)):
+    out = aggregation.AvgPool().apply({}, x16, mask)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-6)

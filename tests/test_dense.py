@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dot_operand_dtypes, native_bfloat16_products
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -142,22 +143,13 @@ def test_integer_and_wide_products_take_the_plain_path():
   assert dense.product(f32, bf16).dtype == jnp.float32
 
 
-def dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
-  """The element types of every dot's operands in compiled HLO text."""
-  types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
-  dots = re.findall(r"= \w+\[[\d,]*\]\{[\d,]*\} dot\(([^)]*)\)", hlo)
-  return [tuple(types[name.strip()] for name in operands.split(",")) for operands in dots]
-
-
 def test_bfloat16_products_keep_bfloat16_operands():
   """XLA:CPU runs bf16 x bf16 -> f32 products natively where the CPU has bf16 instructions, but
   widens both operands to float32 for a bf16 result or a transposed first operand (x^T g): the
   layer's forward, input gradient and kernel gradient must all avoid those forms."""
-  x = jax.random.normal(jax.random.key(0), (128, 1024))
-  probe = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  a16, b16 = x.astype(jnp.bfloat16), jnp.ones((1024, 512), jnp.bfloat16)
-  if dot_operand_dtypes(probe.lower(a16, b16).compile().as_text()) != [("bf16", "bf16")]:
+  if not native_bfloat16_products():
     pytest.skip("this backend widens even a plain bfloat16 product")
+  x = jax.random.normal(jax.random.key(0), (128, 1024))
   layer = dense.Dense(512, dtype=jnp.bfloat16)
   variables = layer.init(jax.random.key(1), x)
   loss = lambda v, x: jnp.sum(layer.apply(v, x).astype(jnp.float32) ** 2)

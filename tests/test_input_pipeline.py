@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from configs import default
 from mfb_jax import input_pipeline
-from mfb_jax.bench_input import frame_record
+from mfb_jax.bench_input import frame_record, video_record
 from mfb_jax.errors import DataError
 
 SAMPLE = Path("/work/shared/yt8m_sample")
@@ -156,6 +156,30 @@ def test_more_padding_leaves_real_frames_unchanged(tmp_path):
   (cut,) = read_all(small_config(max_frames=3), path, 1)
   np.testing.assert_allclose(cut["rgb"][0], dequantize(rgb[:3]), atol=1e-6)
   assert cut["mask"].tolist() == [[1, 1, 1]]
+
+
+@pytest.mark.parametrize("fmt", ["frame", "video"])
+def test_a_bfloat16_model_gets_bfloat16_features(tmp_path, fmt):
+  """model.dtype=bfloat16: the features arrive as the bfloat16 rounding of the float32 ones (the
+  dequantization itself in float32), padding still 0; masks and labels stay float32."""
+  rgb, audio = video(5)
+  if fmt == "frame":
+    record = frame_record("v", rgb, audio, [3])
+  else:
+    record = video_record("v", dequantize(rgb[0]), dequantize(audio[0]), [3])
+  path = write(tmp_path / "v.tfrecord", [record])
+  (wide,) = read_all(small_config(fmt), path, 2)
+  config = small_config(fmt)
+  config.model.dtype = "bfloat16"
+  (narrow,) = read_all(config, path, 2)
+  for key in ("rgb", "audio"):
+    assert wide[key].dtype == np.float32 and narrow[key].dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(narrow[key], wide[key].astype(jax.numpy.bfloat16))
+  for key in ("mask", "labels", "valid"):
+    assert narrow[key].dtype == np.float32
+    np.testing.assert_array_equal(narrow[key], wide[key])
+  empty = input_pipeline.empty_batch(config, 2, num_frames=narrow["rgb"].shape[1])
+  assert empty["rgb"].dtype == empty["audio"].dtype == jax.numpy.bfloat16
 
 
 def test_random_frames_are_an_ordered_subset_and_follow_the_seed(tmp_path):

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import dot_operand_dtypes, native_bfloat16_products
 
 from mfb_jax import netvlad_pool
 
@@ -94,3 +96,24 @@ def test_the_kernel_gradient_is_computed_in_the_fast_orientation():
   K, F = kernel.shape[1], kernel.shape[0]
   assert any(f"f32[{K},{F}]" in line.split("=")[1] for line in dots), dots
   assert not any(f"f32[{F},{K}]" in line.split("=")[1] for line in dots), dots
+
+
+def test_bfloat16_frames_are_never_widened():
+  """With bfloat16 frames (as the pipeline delivers them to a bfloat16 model) all four products
+  over the frames, forward and backward, keep bfloat16 operands: XLA:CPU widens a bf16 product
+  that is not in its native form, a float32 pass over the whole frame tensor."""
+  if not native_bfloat16_products():
+    pytest.skip("this backend widens even a plain bfloat16 product")
+  B, T, F, K = 16, 30, 128, 8
+  x16 = jax.random.normal(jax.random.key(0), (B, T, F)).astype(jnp.bfloat16)
+  mask = jnp.ones((B, T), jnp.float32)
+  kernel16 = jax.random.normal(jax.random.key(1), (F, K)).astype(jnp.bfloat16)
+  bias, cot = jnp.zeros((K,)), jax.random.normal(jax.random.key(2), (B, K, F))
+
+  def loss(kernel, bias, x, cot):  # x and cot as arguments: constants would be folded.
+    weighted, mass = netvlad_pool.soft_assignment_sums(x, mask, kernel, bias)
+    return jnp.sum(weighted * cot) + jnp.sum(mass)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  hlo = step.lower(kernel16, bias, x16, cot).compile().as_text()
+  assert dot_operand_dtypes(hlo) == [("bf16", "bf16")] * 4
