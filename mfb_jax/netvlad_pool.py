@@ -12,8 +12,9 @@ same forward, differentiated by JAX; outputs bit-identical, gradients within rou
 bfloat16 inputs the products run in bfloat16 with float32 accumulation and the bias is added to
 the float32 logits; the sums and the kernel's gradient then take the forms XLA:CPU runs natively
 in bfloat16 (a small transposed copy of the assignments or of g first): bfloat16 frames, as the
-input pipeline delivers them to a bfloat16 model, are never widened to float32 (a bfloat16
-NetVLAD+MFB step 233.8 -> 218.1 ms on a 2-core Xeon with AMX, BENCHMARKS.md, sixth session).
+input pipeline delivers them to a bfloat16 model, are never widened to float32 (with the
+pipeline's bfloat16 frames, the bfloat16 NetVLAD+MFB step took 4-7% less time on a 2-core Xeon
+with AMX: 286.2 -> 274.6 and 233.8 -> 218.1 ms in two interleaved runs; sixth session).
 
 The gradient of x (needed only when the frames are computed, as in frame-level fusion) is
 returned too; XLA drops it from the compiled step when x is data. Tested against autodiff of the
