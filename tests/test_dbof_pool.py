@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dot_operand_dtypes, native_bfloat16_products
 
 from mfb_jax import dbof_pool
 
@@ -112,3 +113,24 @@ def test_bfloat16_kernel_gradient_equals_the_float32_one_on_the_same_values():
   got = jax.grad(loss, argnums=1)(x16, kernel16).astype(jnp.float32)
   want = jax.grad(loss, argnums=1)(x16.astype(jnp.float32), kernel16.astype(jnp.float32))
   np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.max(np.abs(want)))
+
+
+def test_bfloat16_frames_are_never_widened():
+  """With bfloat16 frames every product over the frames (the fc, the Gram matrix) keeps bf16
+  operands; only the F x F Gram matrix times W runs in float32. XLA:CPU widened the former
+  one-piece Gram product (80 GFLOP per paper-sized step) to float32."""
+  if not native_bfloat16_products():
+    pytest.skip("this backend widens even a plain bfloat16 product")
+  B, T, F, H = 8, 12, 64, 48
+  x16 = jax.random.normal(jax.random.key(0), (B, T, F)).astype(jnp.bfloat16)
+  kernel16 = jax.random.normal(jax.random.key(1), (F, H)).astype(jnp.bfloat16)
+  mask, scale, bias = jnp.ones((B, T)), jnp.ones((H,)), jnp.zeros((H,))
+
+  def loss(kernel, x):  # x as an argument: a constant would be folded.
+    pooled, mean, var = dbof_pool.train_pool(x, mask, kernel, scale, bias, EPS)
+    return jnp.sum(pooled) + jnp.sum(mean) + jnp.sum(var)
+
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(kernel16, x16).compile().as_text()
+  dtypes = dot_operand_dtypes(hlo)
+  assert dtypes.count(("bf16", "bf16")) == 2  # The fc and the Gram matrix, per chunk.
+  assert dtypes.count(("f32", "f32")) == len(dtypes) - 2  # G W and (sum_n m_n x_n) W.
