@@ -29,7 +29,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 demo: setup
 	@test -e $(DEMO_DIR)/data/train-00000-of-00008.tfrecord || \
