@@ -90,7 +90,7 @@ class DBoF(nn.Module):
     shape = (x_BxTxF.shape[-1], self.hidden_size)
     kernel_FxH, _ = _DenseVariables(shape, use_bias=False, name="fc")()
     scale_H, bias_H, ra_mean, ra_var = _BatchNormVariables(self.hidden_size, name="bn")()
-    x_BxTxF, kernel_FxH = x_BxTxF.astype(self.dtype), kernel_FxH.astype(self.dtype)
+    x_BxTxF = x_BxTxF.astype(self.dtype)  # The kernel is cast inside (float32 gradient).
     mask_BxT = mask_BxT.astype(jnp.float32)
     if not train:
       return dbof_pool.eval_pool(
@@ -156,7 +156,7 @@ class NetVLAD(nn.Module):
     weighted_BxKxF, mass_BxK = sums(
       x_BxTxF.astype(frames_dtype),
       mask_BxT.astype(jnp.float32),
-      kernel_FxK.astype(frames_dtype),
+      kernel_FxK,  # Cast to the frames' dtype inside, where its gradient stays float32.
       bias_K,
     )
     centres_KxF = self.param("centres", init, (K, F))

@@ -27,11 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from mfb_jax.pooling_common import (
-  accumulation_dtype,
-  replicated_under_explicit_sharding,
-  transposed_copy,
-)
+from mfb_jax.pooling_common import accumulation_dtype, is_narrow, sum_over_rows
 
 Dtype = Any
 
@@ -46,17 +42,6 @@ def _product(x, kernel):
   return lax.dot_general(
     x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc
   ).astype(x.dtype)
-
-
-def _features_first(x):
-  """x [..., I] as its own array of shape [I, ...] (pooling_common.transposed_copy).
-
-  The kernel gradient x^T g contracts x's leading axes, a form XLA:CPU's bfloat16 kernels do not
-  take (it upcasts both operands and multiplies in float32: about half the speed, plus the
-  conversions); fed a transposed copy, the product is a plain row-major one. The copy is of the
-  activations (2 MB for MFB's U), not of the kernel.
-  """
-  return transposed_copy(x, (x.ndim - 1, *range(x.ndim - 1)))
 
 
 @jax.custom_vjp
@@ -74,17 +59,13 @@ def _forward(x, kernel):
 def _backward(saved, g):
   x, narrow_kernel = saved
   acc = accumulation_dtype(x, narrow_kernel)
-  rows = tuple(range(x.ndim - 1))  # Every axis of x but the features: summed for the kernel.
   g_x = lax.dot_general(
     g, narrow_kernel, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc
   )
-  g_kernel = lax.dot_general(
-    _features_first(x),
-    g,
-    ((tuple(a + 1 for a in rows), rows), ((), ())),
-    preferred_element_type=acc,
-    out_sharding=replicated_under_explicit_sharding(x),
-  )
+  # x^T g over every axis but the features, from a transposed copy of x: contracting x's leading
+  # axes is a form XLA:CPU's bfloat16 kernels do not take (it upcasts both operands: about half
+  # the speed, plus the conversions). The copy is of the activations (2 MB for MFB's U).
+  g_kernel = sum_over_rows(x, g, acc)
   return g_x.astype(x.dtype), g_kernel  # The float32 accumulation is the float32 kernel's.
 
 
@@ -94,12 +75,8 @@ mixed_precision_product.defvjp(_forward, _backward)
 def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x [..., I] . kernel [I, O] in x's dtype: mixed_precision_product when x is a narrower float
   than the kernel, else nn.Dense's plain lax.dot_general."""
-  narrow = (
-    jnp.issubdtype(x.dtype, jnp.floating)
-    and jnp.issubdtype(kernel.dtype, jnp.floating)
-    and jnp.finfo(x.dtype).bits < min(32, jnp.finfo(kernel.dtype).bits)
-  )
-  if narrow:
+  floats = jnp.issubdtype(kernel.dtype, jnp.floating) and is_narrow(x.dtype)
+  if floats and jnp.finfo(x.dtype).bits < jnp.finfo(kernel.dtype).bits:
     return mixed_precision_product(x, kernel)
   return lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
 

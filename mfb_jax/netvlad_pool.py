@@ -26,16 +26,7 @@ Shapes: B batch, T frames, F input features, K clusters, N = B*T.
 import jax
 import jax.numpy as jnp
 
-from mfb_jax.pooling_common import (
-  accumulation_dtype,
-  replicated_under_explicit_sharding,
-  transposed_copy,
-)
-
-
-def _narrow(x: jax.Array) -> bool:
-  """Frames narrower than float32 (bfloat16): their products are written in native forms."""
-  return jnp.finfo(x.dtype).bits < 32
+from mfb_jax.pooling_common import accumulation_dtype, is_narrow, sum_over_rows, transposed_copy
 
 
 def _probabilities(x_BxTxF, kernel_FxK, bias_K):
@@ -48,10 +39,12 @@ def _probabilities(x_BxTxF, kernel_FxK, bias_K):
 
 
 def _forward(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
+  # The kernel is cast to the frames' dtype here, inside the custom gradient, so that a float32
+  # kernel gets its gradient in float32 (a cast outside would round it to bfloat16).
   acc = accumulation_dtype(x_BxTxF, kernel_FxK)
-  probs_BxTxK = _probabilities(x_BxTxF, kernel_FxK, bias_K)
+  probs_BxTxK = _probabilities(x_BxTxF, kernel_FxK.astype(x_BxTxF.dtype), bias_K)
   assign_BxTxK = probs_BxTxK * mask_BxT[:, :, None].astype(acc)  # Padded frames: no weight.
-  if _narrow(x_BxTxF):  # [B, K, T] x [B, T, F]: the form XLA:CPU runs natively in bfloat16.
+  if is_narrow(x_BxTxF.dtype):  # [B, K, T] x [B, T, F]: the form XLA:CPU runs natively in bfloat16.
     assign_BxKxT = transposed_copy(assign_BxTxK.astype(x_BxTxF.dtype), (0, 2, 1), pad_axis=1)
     dims = (((2,), (1,)), ((0,), (0,)))
     weighted_BxKxF = jax.lax.dot_general(assign_BxKxT, x_BxTxF, dims, preferred_element_type=acc)
@@ -73,8 +66,9 @@ def autodiff_sums(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
 def soft_assignment_sums(x_BxTxF, mask_BxT, kernel_FxK, bias_K):
   """(S [B, K, F], M [B, K]): the assignment-weighted frame sums and the assignment masses.
 
-  float32 results (or wider) for any input dtype; bfloat16 inputs give bfloat16 products with
-  float32 accumulation.
+  float32 results (or wider) for any input dtype; bfloat16 frames give bfloat16 products with
+  float32 accumulation (the kernel is cast to the frames' dtype; its gradient keeps the
+  kernel's own dtype).
   """
   return _forward(x_BxTxF, mask_BxT, kernel_FxK, bias_K)[0]
 
@@ -101,22 +95,14 @@ def _backward(saved, cotangents):
   # The kernel's gradient as g^T x ([K, N] x [N, F]), transposed: the fast orientation. In
   # bfloat16, g^T is copied first (0.3M values), so that the product takes the native form.
   rows_NxF = x_BxTxF.reshape(B * T, F)
-  g_lhs, dims = g_logits_NxK.astype(x_BxTxF.dtype), (((0,), (0,)), ((), ()))
-  if _narrow(x_BxTxF):
-    g_lhs, dims = transposed_copy(g_lhs, (1, 0)), (((1,), (0,)), ((), ()))
-  g_kernel_KxF = jax.lax.dot_general(
-    g_lhs,
-    rows_NxF,
-    dims,
-    preferred_element_type=acc,
-    out_sharding=replicated_under_explicit_sharding(rows_NxF),
-  )
+  g_kernel_KxF = sum_over_rows(g_logits_NxK.astype(x_BxTxF.dtype), rows_NxF, acc)
   # The barrier keeps XLA from folding the transpose below back into the product.
   g_kernel_KxF = jax.lax.optimization_barrier(g_kernel_KxF)
   g_bias_K = jnp.sum(g_logits_NxK, axis=0)
   # dx: through the logits and through the weighted sums; compiled away when x is data.
   assign_BxTxK = probs_BxTxK * m_BxTx1
-  g_x_BxTxF = jnp.dot(g_logits_NxK, kernel_FxK.T.astype(acc)).reshape(B, T, F)
+  narrow_kernel_KxF = kernel_FxK.T.astype(x_BxTxF.dtype)  # The forward's kernel.
+  g_x_BxTxF = jnp.dot(g_logits_NxK, narrow_kernel_KxF.astype(acc)).reshape(B, T, F)
   g_x_BxTxF = g_x_BxTxF + jnp.einsum("btk,bkf->btf", assign_BxTxK, g_weighted_BxKxF.astype(acc))
   return (
     g_x_BxTxF.astype(x_BxTxF.dtype),

@@ -1,4 +1,4 @@
-"""Helpers shared by the pooling layers with hand-written gradients (dbof_pool, netvlad_pool)."""
+"""Helpers shared by the layers with hand-written gradients (dbof_pool, netvlad_pool, dense)."""
 
 import jax
 import jax.numpy as jnp
@@ -31,3 +31,31 @@ def transposed_copy(x: jax.Array, axes: tuple[int, ...], pad_axis: int = 0) -> j
   pad = [(0, 0)] * y.ndim
   pad[pad_axis] = (0, 1)
   return jax.lax.slice_in_dim(jnp.pad(y, pad), 0, y.shape[pad_axis], axis=pad_axis)
+
+
+def is_narrow(dtype) -> bool:
+  """A float narrower than float32 (bfloat16): its products are written in the native forms."""
+  dtype = jnp.dtype(dtype)
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def sum_over_rows(a: jax.Array, b: jax.Array, acc, groups: int = 0) -> jax.Array:
+  """a^T b summed over the rows: a [G.., rows.., I], b [G.., rows.., O] -> [G.., I, O] in `acc`.
+
+  The first `groups` axes are batch axes of the product (kept apart), every other axis but the
+  last is summed. Narrow operands are multiplied from a transposed copy of a (the form XLA:CPU
+  runs natively). The result is replicated where the rows are explicitly sharded.
+  """
+  batch = tuple(range(groups))
+  rows = tuple(range(groups, a.ndim - 1))
+  lhs, lhs_rows = a, rows
+  if is_narrow(a.dtype):
+    lhs = transposed_copy(a, (*batch, a.ndim - 1, *rows), pad_axis=groups)
+    lhs_rows = tuple(r + 1 for r in rows)
+  return jax.lax.dot_general(
+    lhs,
+    b,
+    ((lhs_rows, rows), (batch, batch)),
+    preferred_element_type=acc,
+    out_sharding=replicated_under_explicit_sharding(b),
+  )

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic shards and a launch.py runner."""
 
+import functools
 import os
 import re
 import socket
@@ -46,6 +47,7 @@ def dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
   return [tuple(types[name.strip()] for name in operands.split(",")) for operands in dots]
 
 
+@functools.cache
 def native_bfloat16_products() -> bool:
   """Whether this backend runs a plain bf16 x bf16 -> f32 product without widening its operands
   (XLA:CPU does where the CPU has bf16 instructions)."""

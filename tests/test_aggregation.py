@@ -275,3 +275,31 @@ def test_avgpool_sums_bfloat16_frames_in_float32():
     out = aggregation.AvgPool().apply({}, x16, mask)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "module, kernel",
+  [
+    (aggregation.DBoF(hidden_size=5, dtype=jax.numpy.bfloat16), ("fc", "kernel")),
+    (aggregation.NetVLAD(3, dtype=jax.numpy.bfloat16), ("assign", "kernel")),
+  ],
+)
+def test_bfloat16_aggregators_give_their_kernels_float32_gradients(module, kernel):
+  """On bfloat16 frames (a bfloat16 model's batches) the fused layers cast their float32 kernel
+  inside the hand-written gradient: the kernel's gradient is the float32 accumulation, never
+  rounded to bfloat16 (as a cast before the layer made it) on its way to Adam."""
+  x_BxTxF, mask_BxT = make_inputs()
+  x16 = jax.numpy.asarray(x_BxTxF, jax.numpy.bfloat16)
+  variables = init(module, x16, mask_BxT)
+  cotangent = np.random.default_rng(5).normal(size=(B, 5 if kernel[0] == "fc" else 3 * F))
+
+  def loss(params):
+    out, _ = module.apply(
+      {**variables, "params": params}, x16, mask_BxT, train=True, mutable=["batch_stats"]
+    )
+    return jax.numpy.sum(out * cotangent)
+
+  grad = jax.jit(jax.grad(loss))(variables["params"])[kernel[0]][kernel[1]]
+  assert grad.dtype == jax.numpy.float32
+  as_bf16 = np.asarray(grad.astype(jax.numpy.bfloat16).astype(jax.numpy.float32))
+  assert np.mean(np.asarray(grad) != as_bf16) > 0.5

@@ -1,10 +1,13 @@
 """DBoF's fused pooling and its hand-written gradient against autodiff of the plain formula."""
 
+import json
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import dot_operand_dtypes, native_bfloat16_products
+from conftest import dot_operand_dtypes, native_bfloat16_products, run_python
 
 from mfb_jax import dbof_pool
 
@@ -45,7 +48,7 @@ def make_case(num_frames: int, seed: int = 0):
   return x, mask, kernel, scale, bias, cotangent
 
 
-@pytest.mark.parametrize("num_frames", [8, 9, 10, 7])  # Chunks of 4, 3, 2 and 1 frames.
+@pytest.mark.parametrize("num_frames", [8, 9, 10, 7])  # 0, 3, 2 and 1 padded frames.
 def test_value_moments_and_gradients_match_autodiff(num_frames):
   with jax.enable_x64(True):
     x, mask, kernel, scale, bias, cotangent = map(jnp.asarray, make_case(num_frames))
@@ -88,15 +91,29 @@ def test_tied_frames_give_the_gradient_to_the_first_one():
     np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(lowered), atol=1e-6)
 
 
-def test_bfloat16_matmuls_give_float32_moments_and_float32_gradients():
+def test_bfloat16_frames_give_float32_moments_and_a_float32_kernel_gradient():
+  """The kernel is cast to bf16 inside the custom gradient, so a float32 kernel's gradient is
+  the float32 accumulation itself, never rounded to bf16 (as a cast outside would); a bf16
+  kernel still gets a bf16 gradient."""
   x, mask, kernel, scale, bias, cotangent = make_case(8)
   x16, kernel16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
-  scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
-  pooled, mean, var = dbof_pool.train_pool(x16, jnp.asarray(mask), kernel16, scale, bias, EPS)
+  kernel32 = kernel16.astype(jnp.float32)  # bf16-valued: the cast inside changes nothing.
+  scale, bias, mask = (jnp.asarray(v, jnp.float32) for v in (scale, bias, mask))
+  pooled, mean, var = dbof_pool.train_pool(x16, mask, kernel32, scale, bias, EPS)
   assert pooled.dtype == mean.dtype == var.dtype == jnp.float32
-  want, _, _ = plain_dbof(x16.astype(jnp.float32), mask, kernel16.astype(jnp.float32), scale, bias)
+  want, _, _ = plain_dbof(x16.astype(jnp.float32), mask, kernel32, scale, bias)
   np.testing.assert_allclose(pooled, want, rtol=2e-2, atol=2e-2)
-  loss = lambda k: jnp.sum(dbof_pool.train_pool(x16, jnp.asarray(mask), k, scale, bias, EPS)[0])
+
+  def loss(k, x=x16):
+    return jnp.sum(dbof_pool.train_pool(x, mask, k, scale, bias, EPS)[0] * cotangent)
+
+  got = jax.grad(loss)(kernel32)
+  assert got.dtype == jnp.float32
+  with jax.enable_x64(True):  # The same bf16 values in float64 arithmetic.
+    f64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+    want = jax.grad(loss)(f64(kernel32), f64(x16.astype(jnp.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(want))))
+  assert np.mean(np.asarray(got) != np.asarray(got.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
   assert jax.grad(loss)(kernel16).dtype == jnp.bfloat16
 
 
@@ -123,14 +140,85 @@ def test_bfloat16_frames_are_never_widened():
     pytest.skip("this backend widens even a plain bfloat16 product")
   B, T, F, H = 8, 12, 64, 48
   x16 = jax.random.normal(jax.random.key(0), (B, T, F)).astype(jnp.bfloat16)
-  kernel16 = jax.random.normal(jax.random.key(1), (F, H)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(jax.random.key(1), (F, H))  # float32, as aggregation.DBoF's.
   mask, scale, bias = jnp.ones((B, T)), jnp.ones((H,)), jnp.zeros((H,))
 
   def loss(kernel, x):  # x as an argument: a constant would be folded.
     pooled, mean, var = dbof_pool.train_pool(x, mask, kernel, scale, bias, EPS)
     return jnp.sum(pooled) + jnp.sum(mean) + jnp.sum(var)
 
-  hlo = jax.jit(jax.value_and_grad(loss)).lower(kernel16, x16).compile().as_text()
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(kernel, x16).compile().as_text()
   dtypes = dot_operand_dtypes(hlo)
   assert dtypes.count(("bf16", "bf16")) == 2  # The fc and the Gram matrix, per chunk.
   assert dtypes.count(("f32", "f32")) == len(dtypes) - 2  # G W and (sum_n m_n x_n) W.
+
+
+def _scan_lengths(fn, *args) -> list[int]:
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan":
+        found.append(eqn.params["length"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("num_frames, chunks", [(300, 75), (301, 76), (7, 2)])
+def test_frame_counts_are_padded_to_whole_chunks_of_four(num_frames, chunks):
+  """A frame count that 4 does not divide is padded with masked frames (values above), not
+  scanned a frame at a time: 301 frames are 76 steps of 4, not 301 of 1."""
+  x = jnp.zeros((2, num_frames, 3))
+  mask, kernel, scale, bias = jnp.ones((2, num_frames)), jnp.ones((3, 5)), jnp.ones(5), jnp.zeros(5)
+  pool = lambda x: dbof_pool.train_pool(x, mask, kernel, scale, bias, EPS)
+  assert _scan_lengths(pool, x) == [chunks]
+
+
+SHARDED = """
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mfb_jax import dbof_pool
+B, T, F, H = 8, 12, 16, 24
+rng = np.random.default_rng(0)
+x = rng.normal(size=(B, T, F)).astype(np.float32)
+kernel = rng.normal(size=(F, H)).astype(np.float32)
+mask = np.ones((B, T), np.float32)
+mask[1, 5:] = 0.0
+scale, bias = np.linspace(-1, 1, H).astype(np.float32), np.zeros(H, np.float32)
+def loss(kernel, x, mask):
+  pooled, mean, var = dbof_pool.train_pool(x, mask, kernel, scale, bias, 1e-3)
+  return jnp.sum(pooled * pooled) + jnp.sum(mean) + jnp.sum(var)
+step = jax.jit(jax.value_and_grad(loss))
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+data = NamedSharding(mesh, P("data"))
+args = (kernel, jax.device_put(x, data), jax.device_put(mask, data))
+hlo = step.lower(*args).compile().as_text()
+bodies = [c for c in re.split(r"\\n(?=\\S)", hlo) if not c.startswith("ENTRY")]
+(value, grad), (want_value, want_grad) = step(*args), step(kernel, x, mask)
+print(json.dumps({
+  "devices": jax.device_count(),
+  "all_reduces_in_loops": sum(" all-reduce(" in c for c in bodies),
+  "all_reduces": hlo.count(" all-reduce("),
+  "value_error": float(abs(value - want_value)),
+  "grad_error": float(np.max(np.abs(grad - want_grad))),
+}))
+"""
+
+
+def test_a_sharded_batch_sums_its_gram_matrices_apart_and_reduces_them_once():
+  """On two devices each sums the Gram matrix of its own videos in the scan; an all-reduce
+  inside the scan would be one per chunk of frames (75 of 4 MB a paper-sized step)."""
+  result = run_python(
+    ["-c", SHARDED], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 2
+  assert got["all_reduces"] > 0  # The batch moments are reduced across devices ...
+  assert got["all_reduces_in_loops"] == 0  # ... but not in any computation a loop calls.
+  assert got["value_error"] < 1e-3 and got["grad_error"] < 1e-3

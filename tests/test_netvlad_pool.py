@@ -87,6 +87,28 @@ def test_bfloat16_inputs_give_float32_sums_and_gradients_of_the_input_dtypes():
   np.testing.assert_allclose(g_kernel.astype(jnp.float32), want_kernel, rtol=5e-2, atol=5e-2)
 
 
+def test_a_float32_kernel_with_bfloat16_frames_gets_a_float32_gradient():
+  """The kernel is cast to the frames' dtype inside the custom gradient (as aggregation.NetVLAD
+  passes its float32 parameter), so its gradient is the float32 accumulation, not rounded to
+  bfloat16."""
+  x, mask, kernel, bias, cot_w, _ = make_case()
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  kernel32 = jnp.asarray(kernel, jnp.bfloat16).astype(jnp.float32)  # bf16-valued.
+  mask, bias = jnp.asarray(mask, jnp.float32), jnp.asarray(bias, jnp.float32)
+
+  def loss(k, xx=x16):
+    return jnp.sum(netvlad_pool.soft_assignment_sums(xx, mask, k, bias)[0] * cot_w)
+
+  got = jax.grad(loss)(kernel32)
+  assert got.dtype == jnp.float32
+  with jax.enable_x64(True):  # The same bf16 values in float64 arithmetic.
+    f64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
+    want = jax.grad(loss)(f64(kernel32), f64(x16.astype(jnp.float32)))
+  # Only the bf16 rounding of the products' operands (assignments, g) separates the two.
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * float(np.max(np.abs(want))))
+  assert np.mean(np.asarray(got) != np.asarray(got.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
+
+
 def test_the_kernel_gradient_is_computed_in_the_fast_orientation():
   """The compiled backward multiplies g^T x ([K, N] x [N, F]), not x^T g (3x slower on CPU)."""
   x, mask, kernel, bias, cot_w, _ = (jnp.asarray(a, jnp.float32) for a in make_case())
@@ -107,7 +129,7 @@ def test_bfloat16_frames_are_never_widened():
   B, T, F, K = 16, 30, 128, 8
   x16 = jax.random.normal(jax.random.key(0), (B, T, F)).astype(jnp.bfloat16)
   mask = jnp.ones((B, T), jnp.float32)
-  kernel16 = jax.random.normal(jax.random.key(1), (F, K)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(jax.random.key(1), (F, K))  # float32, as aggregation.NetVLAD's.
   bias, cot = jnp.zeros((K,)), jax.random.normal(jax.random.key(2), (B, K, F))
 
   def loss(kernel, bias, x, cot):  # x and cot as arguments: constants would be folded.
@@ -115,5 +137,5 @@ def test_bfloat16_frames_are_never_widened():
     return jnp.sum(weighted * cot) + jnp.sum(mass)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  hlo = step.lower(kernel16, bias, x16, cot).compile().as_text()
+  hlo = step.lower(kernel, bias, x16, cot).compile().as_text()
   assert dot_operand_dtypes(hlo) == [("bf16", "bf16")] * 4
