@@ -20,9 +20,6 @@ QUANT_SCALE = 4.0 / 255.0
 QUANT_OFFSET = -2.0
 AUTO_ID_KEYS = ("id", "video_id")  # 2018 data uses 'id', the 2017 (v1) data 'video_id'.
 FORMATS = ("frame", "video")
-# Features are delivered in the model's matmul dtype (config.model.dtype): in bfloat16 a batch is
-# half the memory, and the models' per-frame products read it without a conversion pass.
-FEATURE_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +63,10 @@ class RecordSpec:
 
 
 def feature_dtype(config: ml_collections.ConfigDict) -> tf.DType:
-  """The dtype of the batches' features: config.model.dtype's (float32 for any other value)."""
-  return FEATURE_DTYPES.get(config.get("model", {}).get("dtype", "float32"), tf.float32)
+  """The dtype of the batches' features: config.model.dtype (one of config_checks.DTYPES;
+  float32 where the config has no model). In bfloat16 a batch is half the memory, and the
+  models' per-frame products read it without a conversion pass."""
+  return tf.as_dtype(config.get("model", {}).get("dtype", "float32"))
 
 
 def context_features(spec: RecordSpec) -> dict:
