@@ -59,6 +59,26 @@ def native_bfloat16_products() -> bool:
   return dot_operand_dtypes(probe.lower(a16, b16).compile().as_text()) == [("bf16", "bf16")]
 
 
+def float64_grad(loss, *args):
+  """jax.grad(loss) (first argument) at the same values as `args`, in float64 arithmetic."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  with jax.enable_x64(True):
+    wide = [jnp.asarray(np.asarray(jnp.asarray(a, jnp.float32), np.float64)) for a in args]
+    return np.asarray(jax.grad(loss)(*wide))
+
+
+def mostly_not_bfloat16_valued(a) -> bool:
+  """Whether most values of the float32 array `a` are not bfloat16 values (an array rounded to
+  bfloat16 on its way would consist of them only)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  return np.mean(np.asarray(a) != np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
+
+
 def write_synthetic(output_dir, *extra: str) -> None:
   result = run_python(["-m", "mfb_jax.synthetic", f"--output_dir={output_dir}", *extra])
   assert result.returncode == 0, result.stderr[-2000:]

@@ -4,7 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import dot_operand_dtypes, native_bfloat16_products
+from conftest import (
+  dot_operand_dtypes,
+  float64_grad,
+  mostly_not_bfloat16_valued,
+  native_bfloat16_products,
+)
 
 from mfb_jax import netvlad_pool
 
@@ -101,12 +106,10 @@ def test_a_float32_kernel_with_bfloat16_frames_gets_a_float32_gradient():
 
   got = jax.grad(loss)(kernel32)
   assert got.dtype == jnp.float32
-  with jax.enable_x64(True):  # The same bf16 values in float64 arithmetic.
-    f64 = lambda v: jnp.asarray(np.asarray(v, np.float64))
-    want = jax.grad(loss)(f64(kernel32), f64(x16.astype(jnp.float32)))
+  want = float64_grad(loss, kernel32, x16)  # The same bf16 values in float64 arithmetic.
   # Only the bf16 rounding of the products' operands (assignments, g) separates the two.
   np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * float(np.max(np.abs(want))))
-  assert np.mean(np.asarray(got) != np.asarray(got.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
+  assert mostly_not_bfloat16_valued(got)
 
 
 def test_the_kernel_gradient_is_computed_in_the_fast_orientation():
