@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import frames, records
+from mfb_jax import frames, records, tfrecord_files
 from mfb_jax.errors import DataError
 
 # Train files read at once: batches mix videos from this many files (each file holds videos of
@@ -58,9 +58,22 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
   return mine
 
 
-def _tagged_records(path: tf.Tensor) -> tf.data.Dataset:
+def file_table(files: list[str]) -> tf.data.Dataset:
+  """(path, compression type) of each file, in order: GZIP and ZLIB files are read as such."""
+  try:
+    compressions = tfrecord_files.compression_types(files)
+  except tf.errors.OpError as e:
+    raise DataError(f"cannot read tfrecord file: {_tf_message(e)}") from e
+  compressed = sum(c != tfrecord_files.NONE for c in compressions)
+  if compressed:
+    logging.info("%d of %d file(s) are GZIP or ZLIB compressed", compressed, len(files))
+  return tf.data.Dataset.from_tensor_slices((files, compressions))
+
+
+def _tagged_records(path: tf.Tensor, compression: tf.Tensor) -> tf.data.Dataset:
   """(file name, serialized record) pairs: the name goes into error messages."""
-  return tf.data.TFRecordDataset(path).map(lambda record: (path, record))
+  records_ds = tf.data.TFRecordDataset(path, compression_type=compression)
+  return records_ds.map(lambda record: (path, record))
 
 
 def _options() -> tf.data.Options:
@@ -98,9 +111,7 @@ def train_dataset(config, files: list[str], seed: int, local_batch_size: int):
   spec = records.RecordSpec.from_config(config)
   data = config.data
   file_seed, record_seed, frame_seed = _seeds(seed)
-  file_order = tf.data.Dataset.from_tensor_slices(files).shuffle(
-    len(files), seed=file_seed, reshuffle_each_iteration=True
-  )
+  file_order = file_table(files).shuffle(len(files), seed=file_seed, reshuffle_each_iteration=True)
   ds = file_order.repeat().interleave(
     _tagged_records,
     cycle_length=min(len(files), TRAIN_CYCLE_LENGTH),
@@ -111,14 +122,14 @@ def train_dataset(config, files: list[str], seed: int, local_batch_size: int):
     ds = ds.shuffle(data.shuffle_buffer, seed=record_seed)
   sample = spec.format == "frame" and data.random_frames
   ds = _batches(spec, ds, local_batch_size, True, frame_seed if sample else None)
-  first_epoch = lambda: [p.decode() for p in file_order.take(len(files)).as_numpy_iterator()]
+  first_epoch = lambda: [p.decode() for p, _ in file_order.take(len(files)).as_numpy_iterator()]
   return ds.prefetch(data.prefetch_batches).with_options(_options()), first_epoch
 
 
 def eval_dataset(config, files: list[str], local_batch_size: int, max_examples: int = 0):
   """Every record once in file order; the last batch padded with valid = 0 rows."""
   spec = records.RecordSpec.from_config(config)
-  ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_tagged_records)
+  ds = file_table(files).flat_map(_tagged_records)
   if max_examples > 0:
     ds = ds.take(max_examples)
   ds = _batches(spec, ds, local_batch_size, drop_remainder=False)
@@ -181,7 +192,7 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
     ids_B = records.video_ids(spec, context)
     return {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
 
-  ds = tf.data.Dataset.from_tensor_slices(files).flat_map(_tagged_records).batch(ID_BATCH)
+  ds = file_table(files).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
   for batch in _checked_batches(ds, lambda: files, decode_ids=False):
     ends = np.cumsum(batch["counts"])
@@ -234,9 +245,12 @@ def _name_corrupt_file(files: list[str], error: tf.errors.OpError) -> DataError:
   logging.warning("corrupt tfrecord data: reading %d file(s) one by one to name it", len(files))
   for path in files:
     try:
-      tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1)
+      compression = tfrecord_files.compression_type(path)
+      records_ds = tf.data.TFRecordDataset(path, compression_type=compression)
+      records_ds.reduce(np.int64(0), lambda n, _: n + 1)
     except tf.errors.DataLossError as e:
-      return DataError(f"{path}: corrupt or truncated tfrecord file ({_tf_message(e)})")
+      kind = f"{compression}-compressed " if compression else ""
+      return DataError(f"{path}: corrupt or truncated {kind}tfrecord file ({_tf_message(e)})")
   return DataError(f"corrupt or truncated tfrecord data ({_tf_message(error)})")
 
 

@@ -7,9 +7,10 @@ r"""TFDS builder for YouTube-8M tfrecords you already have on disk (manual downl
                      manual_dir='/data/yt8m/frame')})
 
 The manual dir holds the official shards: train*.tfrecord, validate*.tfrecord, test*.tfrecord
-(each split is made from the files present). Configs: 'frame' (2018 frame-level
-SequenceExamples, 3862 classes), 'video' (2018 video-level Examples) and 'video_2017' (v1
-video-level Examples, 4716 classes). Frame features stay uint8 (dequantize with q * 4/255 - 2);
+(each split is made from the files present; GZIP or ZLIB compressed ones, which may also be named
+*.tfrecord.gz, are read too). Configs: 'frame' (2018 frame-level SequenceExamples, 3862
+classes), 'video' (2018 video-level Examples) and 'video_2017' (v1 video-level Examples, 4716
+classes). Frame features stay uint8 (dequantize with q * 4/255 - 2);
 video-level features are the records' floats. Ids are read from 'id' or, failing that, 'video_id'.
 """
 
@@ -20,10 +21,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mfb_jax import tfrecord_files
 from mfb_jax.errors import DataError
 
 RGB_SIZE, AUDIO_SIZE = 1024, 128
 SPLIT_PREFIXES = {"train": "train", "validation": "validate", "test": "test"}
+SUFFIXES = (".tfrecord", ".tfrecord.gz")  # Compressed shards are read too (tfrecord_files).
 
 
 @dataclasses.dataclass
@@ -80,18 +83,20 @@ class Yt8mRecords(tfds.core.GeneratorBasedBuilder):
     manual_dir = dl_manager.manual_dir
     splits = {}
     for split, prefix in SPLIT_PREFIXES.items():
-      files = sorted(manual_dir.glob(f"{prefix}*.tfrecord"))
+      files = sorted(p for suffix in SUFFIXES for p in manual_dir.glob(f"{prefix}*{suffix}"))
       if files:
         splits[split] = self._generate_examples(files)
     if not splits:
-      raise DataError(f"no train*/validate*/test*.tfrecord files in manual dir {manual_dir}")
+      raise DataError(f"no train*/validate*/test*.tfrecord(.gz) files in manual dir {manual_dir}")
     return splits
 
   def _generate_examples(self, files):
     parse = _frame_example if self.builder_config.format == "frame" else _video_example
     num_classes = self.builder_config.num_classes
     for path in files:
-      for index, record in enumerate(tf.data.TFRecordDataset(str(path)).as_numpy_iterator()):
+      compression = tfrecord_files.compression_type(str(path))
+      records_ds = tf.data.TFRecordDataset(str(path), compression_type=compression)
+      for index, record in enumerate(records_ds.as_numpy_iterator()):
         where = f"{path}: record {index}"
         example = parse(record, where)
         bad = [x for x in example["labels"] if not 0 <= x < num_classes]

@@ -1,0 +1,78 @@
+"""How a tfrecord file is compressed (none, GZIP or ZLIB), told from its first bytes.
+
+The official YouTube-8M shards are not compressed; other tools write compressed ones
+(tf.io.TFRecordWriter(path, "GZIP"), Beam's WriteToTFRecord to a '.gz' name, TFDS options). The
+input pipeline reads each file with the compression found here, so every kind just works.
+
+An uncompressed file starts with a record header: the record's length (8 bytes, little-endian)
+and the masked CRC32C of those 8 bytes. That header is checked first, because a length can
+begin with the same two bytes as a GZIP or ZLIB stream does. A file that matches none of the
+three is read as uncompressed, and the reader then reports it as corrupt.
+"""
+
+import concurrent.futures
+import struct
+
+import tensorflow as tf
+
+NONE, GZIP, ZLIB = "", "GZIP", "ZLIB"  # TFRecordDataset's compression_type values.
+_GZIP_MAGIC = b"\x1f\x8b"
+_HEADER_BYTES = 12
+_CRC_MASK_DELTA = 0xA282EAD8
+_THREADS = 16  # Concurrent header reads: many remote (gs://) files are many round trips.
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli polynomial, reflected.
+    table.append(crc)
+  return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of `data`; for the few bytes of a header, so plain Python."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  """The TFRecord format's masked CRC: rotated right by 15 bits, plus a constant."""
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def compression_of_header(head: bytes) -> str:
+  """NONE, GZIP or ZLIB, from the first 12 (or fewer) bytes of a file."""
+  if len(head) >= _HEADER_BYTES:
+    (crc,) = struct.unpack("<I", head[8:12])
+    if crc == masked_crc32c(head[:8]):
+      return NONE
+  if head[:2] == _GZIP_MAGIC:
+    return GZIP
+  # ZLIB (RFC 1950): method 8 (deflate), window at most 32K, and the 16-bit header divides by 31.
+  if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7:
+    if (head[0] << 8 | head[1]) % 31 == 0:
+      return ZLIB
+  return NONE
+
+
+def compression_type(path: str) -> str:
+  """NONE, GZIP or ZLIB for the tfrecord file at `path` (local or any tf.io.gfile path)."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return compression_of_header(f.read(_HEADER_BYTES))
+
+
+def compression_types(paths: list[str]) -> list[str]:
+  """compression_type of each path, in order (the headers are read concurrently)."""
+  if len(paths) <= 1:
+    return [compression_type(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(paths))) as pool:
+    return list(pool.map(compression_type, paths))
