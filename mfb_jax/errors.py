@@ -17,5 +17,9 @@ class CheckpointError(UserError):
   """A workdir checkpoint that cannot be used with this config."""
 
 
+class WorkdirError(UserError):
+  """A workdir that cannot be used: not writable, or held by another training run."""
+
+
 class TrainingError(UserError):
   """Training cannot go on (e.g. a NaN loss); no broken state was saved."""

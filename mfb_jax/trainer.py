@@ -94,7 +94,15 @@ def _progress_line(step: int, total: int, loss: float, steps_per_sec: float, bat
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-  """Trains from scratch or from the latest checkpoint in workdir; returns the last eval result."""
+  """Trains from scratch or from the latest checkpoint in workdir; returns the last eval result.
+
+  A workdir another training run holds is refused before anything in it is touched.
+  """
+  with workdir_files.TrainingLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   train_cfg = config.train
   local_batch = config_checks.check_batch_split(
     train_cfg.batch_size, "train.batch_size", jax.process_count(), jax.device_count()

@@ -1,12 +1,63 @@
-"""Small files in the workdir that users and scripts read: config.json and hparams."""
+"""Small files in the workdir: config.json and hparams (users and scripts read them), and the
+lock that keeps a second training run out of a workdir in use."""
 
+import fcntl
 import json
 import os
+import socket
+import time
 
 import jax
 import ml_collections
 
+from mfb_jax.errors import WorkdirError
+
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".train.lock"
+
+
+class TrainingLock:
+  """Held on WORKDIR/.train.lock by a training run's process 0 while it runs.
+
+  A second training run on the same workdir would save its checkpoints over the first one's
+  without a word; with the lock it stops at once with a one-line error naming the holder. The
+  lock is an flock: the kernel drops it when its process ends, however it ends (kill -9
+  included), so a killed run never leaves a stale lock. Eval and predict take no lock (they
+  may read a workdir while it trains). Needs a local or NFS-like workdir, as config.json does.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def __enter__(self) -> "TrainingLock":
+    if jax.process_index() != 0:
+      return self
+    workdir = os.path.dirname(self.path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirError(f"cannot use workdir {workdir}: {e.strerror}") from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+      os.close(fd)
+      raise WorkdirError(
+        f"workdir {workdir} is in use by another training run ({holder}); wait for it to "
+        "finish, stop it, or use another --workdir"
+      ) from e
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Drops the lock; the file stays (deleting it would race a newcomer).
+      self._fd = None
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -12,14 +12,15 @@ from importlib import metadata
 import pytest
 from conftest import PYTHON, REPO, last_line, launch
 
-from mfb_jax import runtime
+from mfb_jax import runtime, workdir_files
 
 
 def _tree_digest(path) -> str:
+  """Of every file under path but the training lock (which names its latest holder)."""
   digest = hashlib.sha256()
   for root, dirs, files in sorted(os.walk(path)):
     dirs.sort()
-    for name in sorted(files):
+    for name in sorted(set(files) - {workdir_files.LOCK_FILE}):
       full = os.path.join(root, name)
       digest.update(full.encode())
       with open(full, "rb") as f:
@@ -133,6 +134,18 @@ def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps[-1] >= seen
   assert "signal" in err.lower()
+
+
+def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
+  first = _start(tmp_path, tiny_args)
+  _wait_for_checkpoint(tmp_path, first)
+  second = launch(tmp_path, *tiny_args, "--config.train.num_steps=100000")
+  first.send_signal(signal.SIGTERM)
+  _, err = first.communicate(timeout=120)
+  _assert_one_line_error(second, "is in use by another training run", f"pid {first.pid} ")
+  assert first.returncode == 0, err[-2000:]  # The first run was not disturbed.
+  # Eval may read a workdir while it trains; after the first run the workdir is free again.
+  assert launch(tmp_path, *tiny_args, "--mode=eval").returncode == 0
 
 
 def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
