@@ -24,11 +24,17 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   return {_path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints: absolute if local (orbax needs that), a URL (gs://...) left as is."""
+  directory = os.path.join(workdir, "checkpoints")
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   """Keeps the last N checkpoints of a workdir and restores the latest one."""
 
   def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
     )

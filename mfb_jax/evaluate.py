@@ -14,10 +14,11 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import config_checks, input_pipeline, metrics, vocabulary
+from mfb_jax import config_checks, input_pipeline, metrics, vocabulary, workdir_files
 from mfb_jax import train as train_lib
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -100,12 +101,8 @@ def write_results(workdir: str, step: int, result: dict) -> dict:
   record = {"step": int(step), "num_examples": int(result["num_examples"])}
   record.update({k: float(result[k]) for k in ("gap", "map", "hit_at_1", "perr")})
   if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    workdir_files.write_text(os.path.join(workdir, RESULTS_FILE), json.dumps(record, indent=2))
+    workdir_files.append_text(os.path.join(workdir, HISTORY_FILE), json.dumps(record) + "\n")
   return record
 
 
@@ -118,8 +115,9 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
   """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path."""
   part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
   progress = Progress("predicting")
-  with open(part, "w", newline="") as f:
-    writer = csv.writer(f)
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(part, "w") as f:
+    writer = csv.writer(f, lineterminator="\n")
     for batch in _local_batches(config, pattern):
       scores, classes = predict_fn(state, input_pipeline.to_global(batch, mesh))
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
@@ -135,14 +133,16 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
 
 
 def _merge_parts(path: str, num_parts: int) -> None:
-  with open(path + ".tmp", "w", newline="") as out:
+  """PATH from the processes' PATH.part-* files under one header (then removed)."""
+  parts = [f"{path}.part-{i:05d}" for i in range(num_parts)]
+  with tf.io.gfile.GFile(path + ".tmp", "w") as out:
     out.write("VideoId,LabelConfidencePairs\n")
-    for i in range(num_parts):
-      part = f"{path}.part-{i:05d}"
-      with open(part, newline="") as f:
+    for part in parts:
+      with tf.io.gfile.GFile(part) as f:
         out.write(f.read())
-      os.remove(part)
-  os.replace(path + ".tmp", path)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  for part in parts:
+    tf.io.gfile.remove(part)
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):

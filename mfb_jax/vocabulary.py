@@ -7,6 +7,8 @@ Reads both published layouts: the 2018 `vocabulary.csv` (columns Index, ..., Nam
 import csv
 import os
 
+import tensorflow as tf
+
 from mfb_jax.errors import ConfigError
 
 ID_COLUMNS = ("Index", "label_id")
@@ -37,8 +39,9 @@ def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str)
   """Writes VideoId,Labels rows ('name (score); ...'); returns the number of videos."""
   names = load(vocabulary_csv)
   count = 0
-  with open(predictions_csv, newline="") as f, open(output_csv + ".tmp", "w", newline="") as out:
-    reader, writer = csv.reader(f), csv.writer(out)
+  # tf.io.gfile: the workdir may be a URL (gs://...), where these two files are.
+  with tf.io.gfile.GFile(predictions_csv) as f, tf.io.gfile.GFile(output_csv + ".tmp", "w") as out:
+    reader, writer = csv.reader(f), csv.writer(out, lineterminator="\n")
     next(reader)  # Header.
     writer.writerow(["VideoId", "Labels"])
     for video_id, pairs in reader:
@@ -49,5 +52,5 @@ def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str)
       ]
       writer.writerow([video_id, "; ".join(labels)])
       count += 1
-  os.replace(output_csv + ".tmp", output_csv)
+  tf.io.gfile.rename(output_csv + ".tmp", output_csv, overwrite=True)
   return count

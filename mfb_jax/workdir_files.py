@@ -1,5 +1,6 @@
-"""Small files in the workdir: config.json and hparams (users and scripts read them), and the
-lock that keeps a second training run out of a workdir in use."""
+"""Small files in the workdir: config.json and hparams (users and scripts read them), the
+writers that eval and predict use for theirs, and the lock that keeps a second training run out
+of a workdir in use. A workdir may be local or any tf.io.gfile URL (gs://bucket/run)."""
 
 import fcntl
 import json
@@ -9,6 +10,8 @@ import time
 
 import jax
 import ml_collections
+import tensorflow as tf
+from absl import logging
 
 from mfb_jax.errors import WorkdirError
 
@@ -31,9 +34,12 @@ class TrainingLock:
     self._fd = None
 
   def __enter__(self) -> "TrainingLock":
+    workdir = os.path.dirname(self.path)
     if jax.process_index() != 0:
       return self
-    workdir = os.path.dirname(self.path)
+    if is_url(workdir):
+      logging.info("workdir %s is not on a local file system: no training lock", workdir)
+      return self
     try:
       os.makedirs(workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -60,15 +66,34 @@ class TrainingLock:
       self._fd = None
 
 
+def is_url(path: str) -> bool:
+  """A path with a scheme (gs://, s3://, ...): read and written through tf.io.gfile only."""
+  return "://" in path
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a small file whole: to PATH.tmp, then renamed (atomic on local file systems)."""
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def append_text(path: str, text: str) -> None:
+  """Appends to a small file (object stores cannot append: there it is read and rewritten)."""
+  if not is_url(path):
+    with open(path, "a") as f:
+      f.write(text)
+    return
+  old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
+  write_text(path, old + text)
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes the resolved config as WORKDIR/config.json (process 0, atomically)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -46,3 +46,50 @@ def test_unusable_workdir_is_one_line(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(WorkdirError, match="cannot use workdir .*file/sub: Not a directory"):
     workdir_files.TrainingLock(str(tmp_path / "file" / "sub")).__enter__()
+
+
+# TensorFlow's in-memory file system stands in for an object store (gs://...): a URL workdir is
+# read and written through tf.io.gfile, never the local disk.
+def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
+  import json
+
+  import ml_collections
+  import tensorflow as tf
+
+  from mfb_jax import checkpoint, evaluate, vocabulary
+
+  monkeypatch.chdir(tmp_path)
+  workdir = "ram://run-a"
+  workdir_files.write_config(workdir, ml_collections.ConfigDict({"seed": 3}))
+  assert json.loads(tf.io.gfile.GFile(f"{workdir}/config.json").read()) == {"seed": 3}
+  metrics = dict(num_examples=5, gap=0.5, map=0.25, hit_at_1=1.0, perr=0.0)
+  for step in (10, 20):
+    evaluate.write_results(workdir, step, metrics)
+  assert json.loads(tf.io.gfile.GFile(f"{workdir}/eval_results.json").read())["step"] == 20
+  history = tf.io.gfile.GFile(f"{workdir}/eval_history.jsonl").read().splitlines()
+  assert [json.loads(line)["step"] for line in history] == [10, 20]
+
+  path = f"{workdir}/predictions.csv"
+  for i, row in enumerate(["v1,3 0.900000 1 0.100000\n", "v2,2 0.500000\n"]):
+    with tf.io.gfile.GFile(f"{path}.part-{i:05d}", "w") as f:
+      f.write(row)
+  evaluate._merge_parts(path, 2)
+  assert tf.io.gfile.GFile(path).read() == (
+    "VideoId,LabelConfidencePairs\nv1,3 0.900000 1 0.100000\nv2,2 0.500000\n"
+  )
+  assert sorted(tf.io.gfile.listdir(workdir)) == [
+    "config.json",
+    "eval_history.jsonl",
+    "eval_results.json",
+    "predictions.csv",
+  ]
+  (tmp_path / "vocab.csv").write_text("label_id,label_name\n3,Game\n")
+  named = f"{workdir}/named.csv"
+  assert vocabulary.name_predictions(path, str(tmp_path / "vocab.csv"), named) == 2
+  assert tf.io.gfile.GFile(named).read().splitlines()[1] == "v1,Game (0.900); label 1 (0.100)"
+
+  with workdir_files.TrainingLock(workdir):  # No flock on an object store: nothing written.
+    assert not tf.io.gfile.exists(f"{workdir}/{workdir_files.LOCK_FILE}")
+  assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+  assert checkpoint.checkpoint_dir("run") == str(tmp_path / "run" / "checkpoints")
+  assert list(tmp_path.iterdir()) == [tmp_path / "vocab.csv"]  # Nothing went to the local disk.
