@@ -147,7 +147,7 @@ def make_train_iterator(
   """Infinite shuffled batches of this process's files; the same seed gives the same batches."""
   files = list_files(pattern, process_index, process_count)
   dataset, file_order = train_dataset(config, files, seed, local_batch_size)
-  return _checked_batches(dataset, file_order)
+  return _checked_batches(dataset, file_order, _one_file(config, local_batch_size))
 
 
 def make_eval_iterator(
@@ -161,7 +161,12 @@ def make_eval_iterator(
   """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
   files = list_files(pattern, process_index, process_count)
   dataset = eval_dataset(config, files, local_batch_size, max_examples)
-  return _checked_batches(dataset, lambda: files)
+  return _checked_batches(dataset, lambda: files, _one_file(config, local_batch_size))
+
+
+def _one_file(config, local_batch_size: int) -> Callable[[str], tf.data.Dataset]:
+  """The eval dataset of one file: to find which file a parse error without a name came from."""
+  return lambda path: eval_dataset(config, [path], local_batch_size)
 
 
 def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_frames: int) -> dict:
@@ -219,7 +224,10 @@ def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
 
 
 def _checked_batches(
-  dataset: tf.data.Dataset, file_order: Callable[[], list[str]], decode_ids: bool = True
+  dataset: tf.data.Dataset,
+  file_order: Callable[[], list[str]],
+  one_file: Callable[[str], tf.data.Dataset] | None = None,
+  decode_ids: bool = True,
 ) -> Iterator[dict]:
   """Numpy batches; TensorFlow errors and bad records become one-line DataErrors."""
   iterator = dataset.as_numpy_iterator()
@@ -232,13 +240,29 @@ def _checked_batches(
       # Under interleave TensorFlow does not say which file; find it by reading them one by one.
       raise _name_corrupt_file(file_order(), e) from e
     except tf.errors.OpError as e:
-      raise DataError(f"bad record: {_tf_message(e)}") from e
+      text = _tf_message(e)
+      path = ""
+      if "Name: " not in text and one_file is not None:  # Video-level errors name no file.
+        path = _first_failing(file_order(), one_file)
+      typed = records.describe_type_error(text, path)
+      raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
     problem = batch.pop("problem", b"")
     if problem:
       raise DataError(problem.decode("utf-8", "replace"))
     if decode_ids:
       batch["id"] = np.array([i.decode("utf-8", "replace") for i in batch["id"]], dtype=object)
     yield batch
+
+
+def _first_failing(files: list[str], one_file: Callable[[str], tf.data.Dataset]) -> str:
+  """The first of `files` whose own dataset fails to parse, or ''."""
+  for path in files:
+    try:
+      for _ in one_file(path):
+        pass
+    except tf.errors.OpError:
+      return path
+  return ""
 
 
 def _name_corrupt_file(files: list[str], error: tf.errors.OpError) -> DataError:

@@ -8,6 +8,7 @@ all is well); a batch carries its first one, which input_pipeline raises as a Da
 """
 
 import dataclasses
+import re
 
 import ml_collections
 import tensorflow as tf
@@ -18,6 +19,18 @@ from mfb_jax.errors import ConfigError
 # dequantization without its 4/512 bias).
 QUANT_SCALE = 4.0 / 255.0
 QUANT_OFFSET = -2.0
+# TensorFlow's parse error for a feature of another value type, in its three wordings.
+_TYPE_ERROR = re.compile(
+  r"(?:Name: (?P<file>[^,]*), )?(?:Key|Feature list|Context feature|Feature): (?P<key>[^,\s]+?)"
+  r"(?:, Index: \d+)?\. Data types don't match\. "
+  r"(?:Data type: (?P<got0>\w+) but expected type|Expected type): (?P<want>\w+)"
+  r"(?:, Actual type: (?P<got>\w+))?"
+)
+_VALUE_TYPES = {
+  "string": "bytes (frame-level rgb/audio: one uint8 string per frame, data.format='frame')",
+  "float": "floats (video-level mean_rgb/mean_audio, data.format='video')",
+  "int64": "int64 values (labels)",
+}
 AUTO_ID_KEYS = ("id", "video_id")  # 2018 data uses 'id', the 2017 (v1) data 'video_id'.
 FORMATS = ("frame", "video")
 
@@ -104,6 +117,19 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
     ["label ", tf.strings.as_string(bad_value()), f" is outside [0, {c}) (data.num_classes={c})"]
   )
   return tf.cast(counts_C > 0, tf.float32), (~tf.reduce_all(in_range_L), why)
+
+
+def describe_type_error(text: str, path: str = "") -> str | None:
+  """One line for TensorFlow's "Data types don't match" parse error (None for other errors);
+  `path` names the file where TensorFlow's text does not."""
+  match = _TYPE_ERROR.search(text)
+  if match is None:
+    return None
+  got = match["got"] or match["got0"]
+  got = f"holds {'bytes' if got == 'string' else got} values" if got else "has another value type"
+  want = _VALUE_TYPES.get(match["want"], match["want"])
+  where = match["file"] or path or "a record"
+  return f"{where}: feature '{match['key']}' {got}; expected {want}"
 
 
 def describe_problem(name, video_id, checks) -> tf.Tensor:

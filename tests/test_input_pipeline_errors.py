@@ -145,7 +145,42 @@ def test_parser_errors_name_the_file(tmp_path):
   example.features.feature["labels"].float_list.value.append(1.5)  # Should be int64.
   path = write(tmp_path / "floats.tfrecord", [example.SerializeToString()])
   message = eval_error(small_config(), path)
-  assert message.startswith("bad record: ") and str(path) in message and "labels" in message
+  assert message.startswith(f"{path}: feature 'labels' ") and "expected int64 values" in message
+
+
+def _float_frames() -> bytes:
+  """A SequenceExample whose frames are float lists (dequantized), not uint8 byte strings."""
+  example = tf.train.SequenceExample()
+  example.context.feature["id"].bytes_list.value.append(b"f")
+  for key, size in (("rgb", D), ("audio", A)):
+    example.feature_lists.feature_list[key].feature.add().float_list.value.extend([0.5] * size)
+  return example.SerializeToString()
+
+
+def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
+  frames = write(tmp_path / "floats-0.tfrecord", [_float_frames()])
+  for message in (eval_error(small_config(), frames), train_error(small_config(), frames)):
+    assert message.startswith(f"{frames}: feature '")  # rgb or audio, whichever is parsed first.
+    assert message.endswith(
+      "expected bytes (frame-level rgb/audio: one uint8 string per frame, data.format='frame')"
+    )
+  # Video-level parse errors name no file in TensorFlow's text: the file is found by reading
+  # the files one by one, so the bad one is named even behind a good one.
+  bad = tf.train.Example()
+  bad.features.feature["mean_rgb"].bytes_list.value.append(b"\0" * D)
+  bad.features.feature["mean_audio"].float_list.value.extend([0.0] * A)
+  good = video_record("ok", np.zeros(D), np.zeros(A), [1])
+  write(tmp_path / "v-0.tfrecord", [good])
+  path = write(tmp_path / "v-1.tfrecord", [good, bad.SerializeToString()])
+  pattern = str(tmp_path / "v-*.tfrecord")
+  for message in (
+    eval_error(small_config("video"), pattern),
+    train_error(small_config("video"), pattern),
+  ):
+    assert message == (
+      f"{path}: feature 'mean_rgb' holds bytes values; expected floats (video-level "
+      "mean_rgb/mean_audio, data.format='video')"
+    )
 
 
 def test_read_ids_and_labels_checks_label_range(tmp_path):
