@@ -102,7 +102,7 @@ def write_results(workdir: str, step: int, result: dict) -> dict:
   record.update({k: float(result[k]) for k in ("gap", "map", "hit_at_1", "perr")})
   if jax.process_index() == 0:
     workdir_files.write_text(os.path.join(workdir, RESULTS_FILE), json.dumps(record, indent=2))
-    workdir_files.append_text(os.path.join(workdir, HISTORY_FILE), json.dumps(record) + "\n")
+    workdir_files.append_line(os.path.join(workdir, HISTORY_FILE), json.dumps(record))
   return record
 
 

@@ -79,14 +79,17 @@ def write_text(path: str, text: str) -> None:
   tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
-def append_text(path: str, text: str) -> None:
-  """Appends to a small file (object stores cannot append: there it is read and rewritten)."""
+def append_line(path: str, line: str) -> None:
+  """Appends `line` and a newline to a small file, after a newline if the file's last line was
+  cut short (a kill mid-write), so that line alone is lost. Object stores cannot append: there
+  the file is read and rewritten."""
   if not is_url(path):
-    with open(path, "a") as f:
-      f.write(text)
+    with open(path, "ab+") as f:
+      cut = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+      f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
     return
   old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
-  write_text(path, old + text)
+  write_text(path, old + ("\n" if old and not old.endswith("\n") else "") + line + "\n")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

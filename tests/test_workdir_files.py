@@ -68,6 +68,17 @@ def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
   assert json.loads(tf.io.gfile.GFile(f"{workdir}/eval_results.json").read())["step"] == 20
   history = tf.io.gfile.GFile(f"{workdir}/eval_history.jsonl").read().splitlines()
   assert [json.loads(line)["step"] for line in history] == [10, 20]
+  # A last line cut short by a kill: the next evaluation's line starts on a line of its own.
+  for directory in (workdir, str(tmp_path / "local")):
+    history_file = f"{directory}/cut.jsonl"
+    tf.io.gfile.makedirs(directory)
+    with tf.io.gfile.GFile(history_file, "w") as f:
+      f.write('{"step": 10}\n{"step": 2')
+    workdir_files.append_line(history_file, '{"step": 30}')
+    lines = tf.io.gfile.GFile(history_file).read().split("\n")
+    assert lines == ['{"step": 10}', '{"step": 2', '{"step": 30}', ""]
+  tf.io.gfile.rmtree(str(tmp_path / "local"))
+  tf.io.gfile.remove(f"{workdir}/cut.jsonl")
 
   path = f"{workdir}/predictions.csv"
   for i, row in enumerate(["v1,3 0.900000 1 0.100000\n", "v2,2 0.500000\n"]):
