@@ -12,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mfb_jax import workdir_files
 from mfb_jax.errors import CheckpointError
 
 
@@ -27,7 +28,7 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 def checkpoint_dir(workdir: str) -> str:
   """WORKDIR/checkpoints: absolute if local (orbax needs that), a URL (gs://...) left as is."""
   directory = os.path.join(workdir, "checkpoints")
-  return directory if "://" in directory else os.path.abspath(directory)
+  return directory if workdir_files.is_url(directory) else os.path.abspath(directory)
 
 
 class Checkpointer:

@@ -242,8 +242,9 @@ def _checked_batches(
     except tf.errors.OpError as e:
       text = _tf_message(e)
       path = ""
-      if "Name: " not in text and one_file is not None:  # Video-level errors name no file.
-        path = _first_failing(file_order(), one_file)
+      unnamed = isinstance(e, tf.errors.InvalidArgumentError) and "Name: " not in text
+      if unnamed and one_file is not None:  # Video-level parse errors name no file.
+        path = _first_failing(file_order(), one_file, text)
       typed = records.describe_type_error(text, path)
       raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
     problem = batch.pop("problem", b"")
@@ -254,14 +255,16 @@ def _checked_batches(
     yield batch
 
 
-def _first_failing(files: list[str], one_file: Callable[[str], tf.data.Dataset]) -> str:
-  """The first of `files` whose own dataset fails to parse, or ''."""
+def _first_failing(files: list[str], one_file: Callable, text: str) -> str:
+  """The first of `files` whose own dataset fails with the error `text`, or ''."""
+  logging.warning("bad record: reading %d file(s) one by one to name its file", len(files))
   for path in files:
     try:
       for _ in one_file(path):
         pass
-    except tf.errors.OpError:
-      return path
+    except tf.errors.OpError as e:
+      if _tf_message(e) == text:
+        return path
   return ""
 
 
@@ -272,6 +275,8 @@ def _name_corrupt_file(files: list[str], error: tf.errors.OpError) -> DataError:
       compression = tfrecord_files.compression_type(path)
       records_ds = tf.data.TFRecordDataset(path, compression_type=compression)
       records_ds.reduce(np.int64(0), lambda n, _: n + 1)
+    except tf.errors.NotFoundError as e:  # Gone since it was listed.
+      return DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})")
     except tf.errors.DataLossError as e:
       kind = f"{compression}-compressed " if compression else ""
       return DataError(f"{path}: corrupt or truncated {kind}tfrecord file ({_tf_message(e)})")

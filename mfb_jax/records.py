@@ -26,10 +26,12 @@ _TYPE_ERROR = re.compile(
   r"(?:Data type: (?P<got0>\w+) but expected type|Expected type): (?P<want>\w+)"
   r"(?:, Actual type: (?P<got>\w+))?"
 )
-_VALUE_TYPES = {
-  "string": "bytes (frame-level rgb/audio: one uint8 string per frame, data.format='frame')",
-  "float": "floats (video-level mean_rgb/mean_audio, data.format='video')",
-  "int64": "int64 values (labels)",
+_VALUE_TYPES = {"string": "bytes", "float": "floats", "int64": "int64 values"}
+_FORMAT_HINTS = {  # For the official feature names: what the format stores there.
+  ("string", "rgb"): " (frame-level: one uint8 string per frame, data.format='frame')",
+  ("string", "audio"): " (frame-level: one uint8 string per frame, data.format='frame')",
+  ("float", "mean_rgb"): " (video-level, data.format='video')",
+  ("float", "mean_audio"): " (video-level, data.format='video')",
 }
 AUTO_ID_KEYS = ("id", "video_id")  # 2018 data uses 'id', the 2017 (v1) data 'video_id'.
 FORMATS = ("frame", "video")
@@ -127,9 +129,9 @@ def describe_type_error(text: str, path: str = "") -> str | None:
     return None
   got = match["got"] or match["got0"]
   got = f"holds {'bytes' if got == 'string' else got} values" if got else "has another value type"
-  want = _VALUE_TYPES.get(match["want"], match["want"])
-  where = match["file"] or path or "a record"
-  return f"{where}: feature '{match['key']}' {got}; expected {want}"
+  key, want = match["key"], match["want"]
+  expected = _VALUE_TYPES.get(want, want) + _FORMAT_HINTS.get((want, key), "")
+  return f"{match['file'] or path or 'a record'}: feature '{key}' {got}; expected {expected}"
 
 
 def describe_problem(name, video_id, checks) -> tf.Tensor:

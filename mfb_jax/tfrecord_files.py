@@ -6,18 +6,21 @@ input pipeline reads each file with the compression found here, so every kind ju
 
 An uncompressed file starts with a record header: the record's length (8 bytes, little-endian)
 and the masked CRC32C of those 8 bytes. That header is checked first, because a length can
-begin with the same two bytes as a GZIP or ZLIB stream does. A file that matches none of the
-three is read as uncompressed, and the reader then reports it as corrupt.
+begin with the same bytes as a GZIP or ZLIB stream does; a stream counts only if its first
+bytes decode. A file that matches none of the three is read as uncompressed, and the reader
+then reports it as corrupt.
 """
 
 import concurrent.futures
 import struct
+import zlib
 
 import tensorflow as tf
 
 NONE, GZIP, ZLIB = "", "GZIP", "ZLIB"  # TFRecordDataset's compression_type values.
-_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_MAGIC = b"\x1f\x8b\x08"  # ID1, ID2, CM = deflate.
 _HEADER_BYTES = 12
+_HEAD_BYTES = 256  # Read from each file: the record header, or enough of a stream to decode.
 _CRC_MASK_DELTA = 0xA282EAD8
 _THREADS = 16  # Concurrent header reads: many remote (gs://) files are many round trips.
 
@@ -49,17 +52,27 @@ def masked_crc32c(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
 
 
+def _inflates(head: bytes, wbits: int) -> bool:
+  """The bytes start a stream that zlib decodes (with wbits: 31 GZIP, 15 ZLIB)."""
+  try:
+    zlib.decompressobj(wbits).decompress(head)
+  except zlib.error:
+    return False
+  return True
+
+
 def compression_of_header(head: bytes) -> str:
-  """NONE, GZIP or ZLIB, from the first 12 (or fewer) bytes of a file."""
+  """NONE, GZIP or ZLIB, from the first bytes of a file (_HEAD_BYTES of them, or all of a
+  shorter file). A compressed stream is recognised only if its start decodes."""
   if len(head) >= _HEADER_BYTES:
     (crc,) = struct.unpack("<I", head[8:12])
     if crc == masked_crc32c(head[:8]):
       return NONE
-  if head[:2] == _GZIP_MAGIC:
+  if head[:3] == _GZIP_MAGIC and _inflates(head, 16 + zlib.MAX_WBITS):
     return GZIP
   # ZLIB (RFC 1950): method 8 (deflate), window at most 32K, and the 16-bit header divides by 31.
   if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7:
-    if (head[0] << 8 | head[1]) % 31 == 0:
+    if (head[0] << 8 | head[1]) % 31 == 0 and _inflates(head, zlib.MAX_WBITS):
       return ZLIB
   return NONE
 
@@ -67,7 +80,7 @@ def compression_of_header(head: bytes) -> str:
 def compression_type(path: str) -> str:
   """NONE, GZIP or ZLIB for the tfrecord file at `path` (local or any tf.io.gfile path)."""
   with tf.io.gfile.GFile(path, "rb") as f:
-    return compression_of_header(f.read(_HEADER_BYTES))
+    return compression_of_header(f.read(_HEAD_BYTES))
 
 
 def compression_types(paths: list[str]) -> list[str]:

@@ -5,7 +5,6 @@ Reads both published layouts: the 2018 `vocabulary.csv` (columns Index, ..., Nam
 """
 
 import csv
-import os
 
 import tensorflow as tf
 
@@ -17,9 +16,9 @@ NAME_COLUMNS = ("Name", "label_name")
 
 def load(path: str) -> dict[int, str]:
   """{label id: name}; ConfigError naming the file if it is missing or has neither layout."""
-  if not os.path.isfile(path):
+  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise ConfigError(f"config.predict.vocabulary: no such file {path}")
-  with open(path, newline="", encoding="utf-8") as f:
+  with tf.io.gfile.GFile(path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     id_col = next((c for c in ID_COLUMNS if c in header), None)

@@ -10,8 +10,10 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow as tf
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mfb_jax.errors import WorkdirError
 
@@ -23,42 +25,57 @@ class TrainingLock:
   """Held on WORKDIR/.train.lock by a training run's process 0 while it runs.
 
   A second training run on the same workdir would save its checkpoints over the first one's
-  without a word; with the lock it stops at once with a one-line error naming the holder. The
-  lock is an flock: the kernel drops it when its process ends, however it ends (kill -9
-  included), so a killed run never leaves a stale lock. Eval and predict take no lock (they
-  may read a workdir while it trains). Needs a local or NFS-like workdir, as config.json does.
+  without a word; with the lock all its processes stop at once, process 0 with a one-line error
+  naming the holder. The lock is an flock: the kernel drops it when its process ends, however
+  it ends (kill -9 included), so a killed run never leaves a stale lock. Eval and predict take
+  no lock (they may read a workdir while it trains). A URL workdir (gs://...), or a file system
+  without flock, gets no lock (a warning says so).
   """
 
   def __init__(self, workdir: str):
+    self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
 
   def __enter__(self) -> "TrainingLock":
-    workdir = os.path.dirname(self.path)
-    if jax.process_index() != 0:
-      return self
-    if is_url(workdir):
-      logging.info("workdir %s is not on a local file system: no training lock", workdir)
-      return self
+    busy = self._take() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:  # Every process stops, not only the one that saw the holder.
+      refused = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
+      if busy is None and int(refused):
+        busy = f"workdir {self.workdir} refused by process 0 (its error says why)"
+    if busy is not None:
+      raise WorkdirError(busy)
+    return self
+
+  def _take(self) -> str | None:
+    """Takes the lock (or finds none is possible); else the error line (the workdir is held by
+    another run, or cannot be made)."""
+    if is_url(self.workdir):
+      logging.warning("workdir %s is a URL: no training lock", self.workdir)
+      return None
     try:
-      os.makedirs(workdir, exist_ok=True)
+      os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise WorkdirError(f"cannot use workdir {workdir}: {e.strerror}") from e
+      return f"cannot use workdir {self.workdir}: {e.strerror}"
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    except BlockingIOError:  # EWOULDBLOCK: another process holds it.
       holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
       os.close(fd)
-      raise WorkdirError(
-        f"workdir {workdir} is in use by another training run ({holder}); wait for it to "
-        "finish, stop it, or use another --workdir"
-      ) from e
+      return (
+        f"workdir {self.workdir} is in use by another training run ({holder}); wait for it "
+        "to finish, stop it, or use another --workdir"
+      )
+    except OSError as e:  # ENOLCK and the like: a file system without flock.
+      os.close(fd)
+      logging.warning("no training lock on %s (%s): start one run per workdir", self.path, e)
+      return None
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
     self._fd = fd
-    return self
+    return None
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:

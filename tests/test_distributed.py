@@ -5,7 +5,9 @@ import os
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO, free_port, launch, run_python
+from conftest import PYTHON, REPO, free_port, last_line, launch, run_python
+
+from mfb_jax import workdir_files
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -43,9 +45,9 @@ def test_eight_devices_give_the_same_loss_as_one(tiny_data):
   assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
 
 
-def _two_processes(workdir, args: list[str], timeout: float = 400) -> list[str]:
+def _start_two(workdir, args: list[str]) -> list[subprocess.Popen]:
   port = free_port()
-  procs = [
+  return [
     subprocess.Popen(
       [
         PYTHON,
@@ -64,6 +66,10 @@ def _two_processes(workdir, args: list[str], timeout: float = 400) -> list[str]:
     )
     for i in range(2)
   ]
+
+
+def _two_processes(workdir, args: list[str], timeout: float = 400) -> list[str]:
+  procs = _start_two(workdir, args)
   outputs = []
   for proc in procs:
     out, err = proc.communicate(timeout=timeout)
@@ -89,6 +95,18 @@ def test_two_processes_train_and_evaluate_like_one(tiny_args, tmp_path):
   for key in ("gap", "map", "hit_at_1", "perr"):
     assert two[key] == pytest.approx(one[key], abs=1e-6), key
   assert two["num_examples"] == one["num_examples"]
+
+
+@pytest.mark.slow
+def test_both_processes_of_a_run_on_a_busy_workdir_stop(tiny_args, tmp_path):
+  with workdir_files.TrainingLock(str(tmp_path)):  # This test process is the other run.
+    procs = _start_two(tmp_path, tiny_args)
+    results = [(p.communicate(timeout=300)[1], p.wait()) for p in procs]
+  expected = ["is in use by another training run", "refused by process 0"]
+  for (err, code), words in zip(results, expected, strict=True):
+    assert code == 2, err[-2000:]
+    assert words in last_line(err) and "Traceback" not in err
+  assert os.listdir(tmp_path) == [workdir_files.LOCK_FILE]
 
 
 @pytest.mark.slow

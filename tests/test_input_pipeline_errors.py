@@ -162,7 +162,7 @@ def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
   for message in (eval_error(small_config(), frames), train_error(small_config(), frames)):
     assert message.startswith(f"{frames}: feature '")  # rgb or audio, whichever is parsed first.
     assert message.endswith(
-      "expected bytes (frame-level rgb/audio: one uint8 string per frame, data.format='frame')"
+      "expected bytes (frame-level: one uint8 string per frame, data.format='frame')"
     )
   # Video-level parse errors name no file in TensorFlow's text: the file is found by reading
   # the files one by one, so the bad one is named even behind a good one.
@@ -178,8 +178,8 @@ def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
     train_error(small_config("video"), pattern),
   ):
     assert message == (
-      f"{path}: feature 'mean_rgb' holds bytes values; expected floats (video-level "
-      "mean_rgb/mean_audio, data.format='video')"
+      f"{path}: feature 'mean_rgb' holds bytes values; expected floats (video-level, "
+      "data.format='video')"
     )
 
 

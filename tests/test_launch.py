@@ -139,7 +139,7 @@ def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
 def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
   first = _start(tmp_path, tiny_args)
   _wait_for_checkpoint(tmp_path, first)
-  second = launch(tmp_path, *tiny_args, "--config.train.num_steps=100000")
+  second = launch(tmp_path, *tiny_args)  # Unlocked, it would soon finish with exit code 0.
   first.send_signal(signal.SIGTERM)
   _, err = first.communicate(timeout=120)
   _assert_one_line_error(second, "is in use by another training run", f"pid {first.pid} ")

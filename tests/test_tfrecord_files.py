@@ -37,7 +37,7 @@ def videos(first: int, count: int) -> list[bytes]:
   return out
 
 
-def test_crc32c_and_masked_crc_match_known_values():
+def test_crc32c_matches_known_values():
   # The CRC-32C check values of RFC 3720, section B.4.
   assert tfrecord_files.crc32c(b"123456789") == 0xE3069283
   assert tfrecord_files.crc32c(bytes(32)) == 0x8A9136AA
@@ -57,11 +57,17 @@ def test_compression_is_told_from_the_file(tmp_path, compression):
   assert tfrecord_files.compression_type(path) == compression
 
 
-def test_a_length_that_looks_like_gzip_is_still_uncompressed(tmp_path):
-  # 0x8b1f bytes: the length field starts 1f 8b, GZIP's magic. The header CRC says otherwise.
-  path = write(tmp_path / "part.tfrecord", [b"\0" * 0x8B1F])
-  assert open(path, "rb").read(2) == b"\x1f\x8b"
+@pytest.mark.parametrize("length, magic", [(0x8B1F, b"\x1f\x8b"), (0x0178, b"\x78\x01")])
+def test_a_length_that_looks_compressed_is_still_uncompressed(tmp_path, length, magic):
+  # The length field starts like a GZIP or ZLIB stream; the header's CRC says otherwise, and
+  # with a damaged CRC the stream does not decode: the file is reported as corrupt, not as
+  # a corrupt compressed file.
+  path = write(tmp_path / "part.tfrecord", [b"\0" * length])
+  assert open(path, "rb").read(2) == magic
   assert tfrecord_files.compression_type(path) == ""
+  data = bytearray(open(path, "rb").read())
+  data[8] ^= 1
+  assert tfrecord_files.compression_of_header(bytes(data[:256])) == ""
   assert tfrecord_files.compression_of_header(b"\x1f\x8b\x08\0") == "GZIP"
   assert tfrecord_files.compression_of_header(b"\x78\x9c") == "ZLIB"
   assert tfrecord_files.compression_of_header(b"\x78\x9d") == ""  # Not a multiple of 31.

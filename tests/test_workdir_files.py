@@ -1,12 +1,17 @@
 """The workdir lock: one training run per workdir, never a stale lock after a kill."""
 
+import errno
+import fcntl
+import json
+import os
 import subprocess
 import sys
-import time
 
+import ml_collections
 import pytest
+import tensorflow as tf
 
-from mfb_jax import workdir_files
+from mfb_jax import checkpoint, evaluate, vocabulary, workdir_files
 from mfb_jax.errors import WorkdirError
 
 HOLD = """
@@ -37,9 +42,18 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
   finally:
     holder.kill()
     holder.wait()
-  deadline = time.time() + 10
-  with workdir_files.TrainingLock(str(tmp_path)):  # kill -9 left no stale lock behind.
-    assert time.time() < deadline
+  with workdir_files.TrainingLock(str(tmp_path)) as lock:  # kill -9 left no stale lock behind.
+    assert open(lock.path).read().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch):
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with workdir_files.TrainingLock(str(tmp_path)):  # A warning, not "in use by another run".
+    with workdir_files.TrainingLock(str(tmp_path)):
+      pass
 
 
 def test_unusable_workdir_is_one_line(tmp_path):
@@ -51,13 +65,6 @@ def test_unusable_workdir_is_one_line(tmp_path):
 # TensorFlow's in-memory file system stands in for an object store (gs://...): a URL workdir is
 # read and written through tf.io.gfile, never the local disk.
 def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
-  import json
-
-  import ml_collections
-  import tensorflow as tf
-
-  from mfb_jax import checkpoint, evaluate, vocabulary
-
   monkeypatch.chdir(tmp_path)
   workdir = "ram://run-a"
   workdir_files.write_config(workdir, ml_collections.ConfigDict({"seed": 3}))
@@ -98,9 +105,13 @@ def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
   named = f"{workdir}/named.csv"
   assert vocabulary.name_predictions(path, str(tmp_path / "vocab.csv"), named) == 2
   assert tf.io.gfile.GFile(named).read().splitlines()[1] == "v1,Game (0.900); label 1 (0.100)"
+  assert list(tmp_path.iterdir()) == [tmp_path / "vocab.csv"]  # Nothing went to the local disk.
 
-  with workdir_files.TrainingLock(workdir):  # No flock on an object store: nothing written.
-    assert not tf.io.gfile.exists(f"{workdir}/{workdir_files.LOCK_FILE}")
+
+def test_url_workdir_takes_no_lock_and_keeps_its_checkpoint_url(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with workdir_files.TrainingLock("ram://run-b"):  # No flock on an object store.
+    assert not tf.io.gfile.exists(f"ram://run-b/{workdir_files.LOCK_FILE}")
   assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
   assert checkpoint.checkpoint_dir("run") == str(tmp_path / "run" / "checkpoints")
-  assert list(tmp_path.iterdir()) == [tmp_path / "vocab.csv"]  # Nothing went to the local disk.
+  assert list(tmp_path.iterdir()) == []
