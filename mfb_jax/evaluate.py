@@ -115,7 +115,6 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
   """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path."""
   part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
   progress = Progress("predicting")
-  tf.io.gfile.makedirs(workdir)
   with tf.io.gfile.GFile(part, "w") as f:
     writer = csv.writer(f, lineterminator="\n")
     for batch in _local_batches(config, pattern):

@@ -102,7 +102,8 @@ def append_line(path: str, line: str) -> None:
   the file is read and rewritten."""
   if not is_url(path):
     with open(path, "ab+") as f:
-      cut = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+      size = f.seek(0, os.SEEK_END)
+      cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
       f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
     return
   old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
