@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	@bash scripts/install_tcmalloc.sh || true
+	@bash scripts/install_jax_gpu.sh $(PY) || true
 	@touch $@
 
 setup: $(VENV)/.installed
