@@ -43,6 +43,7 @@ def run(config, workdir: str, mode: str) -> None:
   from mfb_jax import config_checks
 
   config_checks.validate(config, mode)
+  runtime.set_matmul_precision(config)
   if mode == "train":
     from mfb_jax import trainer
 

@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Matmul dtype: 'float32' or 'bfloat16' (parameters, optimizer state, BatchNorm statistics and
   # loss stay float32). bfloat16 also delivers the frames in bfloat16 (half the batch's memory).
   model.dtype = "float32"
+  # How float32 products are computed: 'float32' (full float32 everywhere, as PyTorch does by
+  # default), 'tensorfloat32' (TF32 tensor cores on NVIDIA GPUs since Ampere: faster, inputs
+  # rounded to 10 mantissa bits) or 'default' (the platform's: TF32 on those GPUs, bfloat16 passes
+  # on TPUs). The same on CPUs; a bfloat16 model (model.dtype) keeps the platform's default.
+  model.matmul_precision = "float32"
   model.avgpool = ml_collections.ConfigDict()
   # Paper: 2000 hidden units. fused_gradient: DBoF's BatchNorm -> ReLU -> max runs fused with an
   # exact hand-written gradient (mfb_jax/dbof_pool.py, 1.45x on a CPU); False: plain autodiff.

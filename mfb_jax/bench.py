@@ -161,6 +161,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     # The process set-up the figure was measured with (launch.py applies both: mfb_jax/runtime.py).
     "allocator": "tcmalloc" if runtime.tcmalloc_loaded() else "system",
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "matmul_precision": jax.config.jax_default_matmul_precision or "default",
   }
   if config.bench.end_to_end:
     end_to_end_s = time_end_to_end(config)

@@ -6,6 +6,7 @@ from mfb_jax.errors import ConfigError
 
 FORMATS = ("frame", "video")
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "default")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 MODES = ("train", "eval", "predict", "bench")
 
@@ -49,6 +50,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _choice(config, "model.fusion", sorted(model_lib.FUSIONS))
   _choice(config, "model.classifier", sorted(model_lib.CLASSIFIERS))
   _choice(config, "model.dtype", DTYPES)
+  _choice(config, "model.matmul_precision", MATMUL_PRECISIONS)
   _positive(config, "optim.learning_rate", 0, strict=True)
   _choice(config, "optim.schedule", SCHEDULES)
   _positive(config, "optim.warmup_steps", 0)

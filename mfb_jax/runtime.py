@@ -82,6 +82,21 @@ def set_xla_cpu_flags() -> None:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
+def set_matmul_precision(config) -> str | None:
+  """Sets JAX's default precision of float32 products from config.model.matmul_precision.
+
+  JAX's own default computes float32 products in TF32 on NVIDIA GPUs since Ampere and in bfloat16
+  passes on TPUs; 'float32' asks for full float32. A bfloat16 model keeps the platform's default
+  (its products are bfloat16 by choice). Returns the value set (None: the platform's default).
+  """
+  import jax
+
+  value = config.model.matmul_precision
+  precision = None if value == "default" or config.model.dtype == "bfloat16" else value
+  jax.config.update("jax_default_matmul_precision", precision)
+  return precision
+
+
 def hide_gpus_from_tensorflow() -> None:
   """tf.data runs on the CPU only; keep TensorFlow from grabbing accelerator memory."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,11 +105,23 @@ def hide_gpus_from_tensorflow() -> None:
   tf.config.set_visible_devices([], "GPU")
 
 
+def cloud_tpu_vm() -> bool:
+  """Whether this looks like a Cloud TPU VM: libtpu installed and TPU chips present (/dev/accel*
+  on v2-v4, /dev/vfio on v5 and later). There jax.distributed.initialize() finds the other hosts
+  itself, through the VM's metadata server."""
+  import glob
+  from importlib import util
+
+  if util.find_spec("libtpu") is None:
+    return False
+  return bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
+
+
 def cluster_detected() -> bool:
   """Whether the environment describes a multi-process job (SLURM, MPI, Cloud TPU)."""
   if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
     return True
-  return any(os.environ.get(k) for k in CLUSTER_ENV if k != "SLURM_NTASKS")
+  return any(os.environ.get(k) for k in CLUSTER_ENV if k != "SLURM_NTASKS") or cloud_tpu_vm()
 
 
 def init_distributed(

@@ -141,6 +141,7 @@ def main(argv: list[str]) -> None:
 
   try:
     config_checks.validate(FLAGS.config, "bench")
+    runtime.set_matmul_precision(FLAGS.config)  # As launch.py does.
     rows, wall_ms = profile_step(FLAGS.config, FLAGS.steps)
   except (UserError, OSError) as e:  # OSError: the config file failed to load.
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -65,6 +65,8 @@ def test_train_then_eval_and_predict(tiny_args, tmp_path):
 def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, *tiny_args, "--config.train.batch_size=-4")
   _assert_one_line_error(result, "train.batch_size")
+  result = launch(tmp_path, *tiny_args, "--config.model.matmul_precision=tf32")
+  _assert_one_line_error(result, "model.matmul_precision", "tensorfloat32", "default")
   result = launch(tmp_path, *tiny_args, "--config.model.fusion=bilinear_magic")
   _assert_one_line_error(result, "model.fusion", "mfb", "concat")
   result = launch(tmp_path, *tiny_args, "--config.train.batchsize=4")  # Misspelled: locked config.
@@ -183,3 +185,4 @@ def test_bench_prints_one_json_line_with_the_contract_keys(tmp_path):
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
   wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
   assert record["allocator"] == ("tcmalloc" if wanted else "system")
+  assert record["matmul_precision"] == "float32"  # Full float32 products, also on GPUs.

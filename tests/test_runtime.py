@@ -1,6 +1,7 @@
 """Process set-up: XLA flags and the tcmalloc re-exec."""
 
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -91,3 +92,63 @@ def test_a_program_re_executes_itself_with_tcmalloc_unless_opted_out(tmp_path, o
   preload, argv = result.stdout.strip().split("|")
   assert ("tcmalloc" in preload) != opt_out
   assert argv == "['--flag=1']"  # The arguments survive the re-exec.
+
+
+@pytest.mark.parametrize(
+  "precision, dtype, expected",
+  [
+    ("float32", "float32", {"HIGHEST"}),
+    ("tensorfloat32", "float32", {"HIGH"}),
+    ("default", "float32", {"DEFAULT"}),
+    ("float32", "bfloat16", {"DEFAULT"}),  # bfloat16 models keep the platform's default.
+  ],
+)
+def test_matmul_precision_reaches_every_product_of_the_train_step(precision, dtype, expected):
+  import jax
+
+  from configs import tiny
+  from mfb_jax import bench
+
+  config = tiny.get_config()
+  config.model.matmul_precision, config.model.dtype = precision, dtype
+  try:
+    runtime.set_matmul_precision(config)
+    _, state, step_fn = bench.fresh_train_step(config)
+    text = step_fn.lower(state, bench.random_batch(config, config.train.batch_size)).as_text()
+  finally:
+    jax.config.update("jax_default_matmul_precision", None)
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert len(dots) >= 20  # NetVLAD, MFB and the MoE, forward and backward.
+  found = [set(re.findall(r"precision = \[(\w+), (\w+)\]", line)) for line in dots]
+  found = [{p for pair in f for p in pair} for f in found]
+  assert all(f == expected for f in found), {frozenset(f) for f in found}
+
+
+def test_clusters_are_detected_from_their_environment(monkeypatch):
+  for key in runtime.CLUSTER_ENV:
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setattr(runtime, "cloud_tpu_vm", lambda: False)
+  assert not runtime.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # A one-task SLURM job is no cluster.
+  assert not runtime.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert runtime.cluster_detected()
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  assert runtime.cluster_detected()
+  monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+  monkeypatch.setattr(runtime, "cloud_tpu_vm", lambda: True)
+  assert runtime.cluster_detected()
+
+
+@pytest.mark.parametrize(
+  "has_libtpu, devices, expected",
+  [(False, ["/dev/accel0"], False), (True, [], False), (True, ["/dev/accel0"], True)],
+)
+def test_a_cloud_tpu_vm_needs_libtpu_and_tpu_devices(monkeypatch, has_libtpu, devices, expected):
+  import glob
+  from importlib import util
+
+  monkeypatch.setattr(util, "find_spec", lambda name: object() if has_libtpu else None)
+  monkeypatch.setattr(glob, "glob", lambda pattern: list(devices))
+  assert runtime.cloud_tpu_vm() is expected
