@@ -4,7 +4,7 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
     [--config.data.train_pattern=GLOB --config.data.eval_pattern=GLOB --config.x.y=v]
   python launch.py --config=... --workdir=DIR --mode=eval       # latest checkpoint, eval split
   python launch.py --config=... --workdir=DIR --mode=predict    # Kaggle CSV of top-20 labels
-  python launch.py --config=... --workdir=DIR --mode=bench      # train-step throughput, no data
+  python launch.py --config=... --mode=bench                # train-step speed (no data, no workdir)
   # several processes (one per host):
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
@@ -19,6 +19,9 @@ from mfb_jax import runtime
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter.
+  # TensorFlow's oneDNN kernels serve only its math ops, which tf.data's parsing never uses; left
+  # on, they announce themselves on stderr before any log level applies.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
 
@@ -29,13 +32,15 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/X.py[:ARG]).", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints, logs and results (optional for --mode=bench)."
+)
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "bench"], "What to run.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -111,6 +116,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from mfb_jax.errors import UserError
+
+  if not FLAGS.workdir and FLAGS.mode != "bench":
+    _fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
 
   if not FLAGS.debug:
     runtime.quiet_library_logs()

@@ -10,7 +10,7 @@ import time
 from importlib import metadata
 
 import pytest
-from conftest import PYTHON, REPO, last_line, launch
+from conftest import PYTHON, REPO, last_line, launch, run_python
 
 from mfb_jax import runtime, workdir_files
 
@@ -74,6 +74,13 @@ def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_missing_workdir_gives_one_line():
+  for mode in ("train", "eval", "predict"):
+    result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", f"--mode={mode}"])
+    assert result.returncode == 2
+    _assert_one_line_error(result, "--workdir=DIR is required", f"--mode={mode}")
+
+
 def test_missing_files_give_one_line(tmp_path):
   result = launch(
     tmp_path,
@@ -82,6 +89,8 @@ def test_missing_files_give_one_line(tmp_path):
     "--config.data.eval_pattern=/nonexistent/x*",
   )
   _assert_one_line_error(result, "/nonexistent/train*")
+  # Nothing else on stderr: TensorFlow's and XLA's start-up notices are silenced too.
+  assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
 
 
 def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, tmp_path):
@@ -171,8 +180,9 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
   assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_bench_prints_one_json_line_with_the_contract_keys(tmp_path):
-  result = launch(tmp_path, f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=bench")
+def test_bench_prints_one_json_line_with_the_contract_keys():
+  # The bench mode writes nothing, so it needs no --workdir (the other modes do).
+  result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=bench"])
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
   assert record["model"] == "netvlad+mfb+moe" and record["batch_size"] == 8
