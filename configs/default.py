@@ -116,7 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Evaluation and prediction.
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.batch_size = 128  # Global eval batch; the last one is padded and masked.
-  evaluation.max_examples = 0  # 0: the whole eval split; N: the first N videos (quick checks).
+  # 0: the whole eval split; N: about N videos (quick checks): each of P processes scores the
+  # first ceil(N/P) videos of its own files.
+  evaluation.max_examples = 0
   evaluation.top_k = 20  # GAP@20 as in the YouTube-8M challenge.
   config.predict = predict = ml_collections.ConfigDict()
   predict.top_k = 20

@@ -80,7 +80,9 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str) -> dict:
   """Metrics of `state` over every video matched by `pattern` (GAP as a fraction)."""
   accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
   progress = Progress("evaluating")
-  for batch in _local_batches(config, pattern, config.eval.max_examples):
+  # eval.max_examples counts videos over all processes: each scores its share of them.
+  per_process = -(-config.eval.max_examples // jax.process_count())
+  for batch in _local_batches(config, pattern, per_process):
     summary = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, mesh)))
     valid = summary.pop("valid")
     accumulator.add(summary, valid)

@@ -11,7 +11,7 @@ from configs import default
 from mfb_jax import checkpoint as checkpoint_lib
 from mfb_jax import flops, input_pipeline, trainer
 from mfb_jax import train as train_lib
-from mfb_jax.errors import TrainingError
+from mfb_jax.errors import DataError, TrainingError
 
 
 def _params_at(config, workdir, step):
@@ -133,3 +133,21 @@ def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
   buffer.add(2, {"loss": np.float32(3.0), "grad_norm": np.float32(5.0)})
   assert buffer.flush() == {"loss": 2.0, "grad_norm": 5.0}
   assert buffer.flush() == {}
+
+
+def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeypatch):
+  from mfb_jax import evaluate
+
+  asked = []
+
+  def local_batches(config, pattern, max_examples=0):
+    asked.append(max_examples)
+    return iter(())
+
+  monkeypatch.setattr(evaluate, "_local_batches", local_batches)
+  for processes, max_examples, per_process in [(1, 5, 5), (2, 5, 3), (4, 8, 2), (2, 0, 0)]:
+    monkeypatch.setattr(evaluate.jax, "process_count", lambda n=processes: n)
+    tiny_config.eval.max_examples = max_examples
+    with pytest.raises(DataError, match="split is empty"):  # The stand-in reads no videos.
+      evaluate.evaluate_split(tiny_config, None, None, None, "unused")
+    assert asked.pop() == per_process
