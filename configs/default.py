@@ -73,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.nextvlad = ml_collections.ConfigDict(dict(num_clusters=32, expansion=2, groups=8))
   # MFB factor k and output o: not given in the paper; MFB's authors used k=5, o=1000. We use
   # k=4, o=1024 (the same projection width k*o=4096 as 4x1024, and a power-of-two output).
-  # output_scale multiplies the L2-normalized output (1.0: the paper); see README, "MFB scale".
+  # output_scale multiplies the L2-normalized output (1.0: the paper); see README, "Measured: the
+  # avgpool row on the real 2017 sample".
   model.mfb = ml_collections.ConfigDict(
     dict(factor=4, output_dim=1024, dropout=0.1, output_scale=1.0)
   )
@@ -97,7 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Optimizer: Adam 2e-4, constant, no clipping (the paper's recipe).
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
-  optim.schedule = "constant"  # constant | cosine | warmup_cosine.
+  # constant | cosine | warmup_cosine. The cosine schedules decay over train.num_steps, so a run
+  # resumed with another train.num_steps continues on the new schedule.
+  optim.schedule = "constant"
   optim.warmup_steps = 0  # Used by warmup_cosine.
   optim.grad_clip_norm = 0.0  # Global-norm clipping; 0 disables.
   optim.b1 = 0.9

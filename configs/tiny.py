@@ -7,7 +7,7 @@ r"""A tiny model for tests and smoke runs: small widths, few frames, a few steps
     --config.data.eval_pattern='/tmp/tiny_data/eval-*'
 
 ARG optionally picks the cell, as in configs/paper.py: configs/tiny.py:netvlad,mfb.
-Expected: it runs in seconds; the GAP means nothing.
+Expected: about a minute on 2 cores, mostly compilation; the GAP means nothing.
 """
 
 import ml_collections
