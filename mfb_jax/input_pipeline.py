@@ -58,6 +58,25 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
   return mine
 
 
+def require_records(files: list[str], pattern: str) -> None:
+  """Raises DataError unless some file holds a record. Training repeats its files forever, so
+  files without a single record would otherwise leave it waiting for a first batch for ever.
+  Usually only the first record of the first file is read."""
+  for path in files:
+    try:
+      compression = tfrecord_files.compression_type(path)
+      for _ in tf.data.TFRecordDataset(path, compression_type=compression).take(1):
+        return
+    except tf.errors.DataLossError as e:
+      raise _name_corrupt_file([path], e) from e
+    except tf.errors.OpError as e:
+      raise DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})") from e
+  raise DataError(
+    f"no records in the {len(files)} file(s) matching {pattern!r} (e.g. {files[0]}): "
+    "training needs at least one video"
+  )
+
+
 def file_table(files: list[str]) -> tf.data.Dataset:
   """(path, compression type) of each file, in order: GZIP and ZLIB files are read as such."""
   try:
@@ -146,6 +165,7 @@ def make_train_iterator(
 ) -> Iterator[dict]:
   """Infinite shuffled batches of this process's files; the same seed gives the same batches."""
   files = list_files(pattern, process_index, process_count)
+  require_records(files, pattern)
   dataset, file_order = train_dataset(config, files, seed, local_batch_size)
   return _checked_batches(dataset, file_order, _one_file(config, local_batch_size))
 

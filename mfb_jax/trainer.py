@@ -115,6 +115,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_files = input_pipeline.list_files(
     config.data.train_pattern, jax.process_index(), jax.process_count()
   )
+  input_pipeline.require_records(train_files, config.data.train_pattern)
   if config.data.eval_pattern:
     input_pipeline.list_files(config.data.eval_pattern, jax.process_index(), jax.process_count())
   workdir_files.write_config(workdir, config)

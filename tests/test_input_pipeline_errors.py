@@ -70,6 +70,20 @@ def test_file_patterns(tmp_path):
   assert input_pipeline.list_files(good, 0, 2) == [str(tmp_path / "part-0.tfrecord")]
 
 
+def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
+  import gzip
+
+  (tmp_path / "part-0.tfrecord").write_bytes(b"\0" * 5)  # Shorter than one record header.
+  with gzip.open(tmp_path / "part-1.tfrecord", "wb"):  # An empty GZIP stream.
+    pass
+  pattern = str(tmp_path / "part-*.tfrecord")
+  assert "no records in the 2 file(s)" in train_error(small_config(), pattern)
+  # One file with a record among empty ones is enough (its batches repeat it).
+  write(tmp_path / "part-2.tfrecord", [frame_record("only", *video(5), [1])])
+  batch = next(input_pipeline.make_train_iterator(small_config(), pattern, 0, 2))
+  assert list(batch["id"]) == ["only", "only"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_damaged_file_is_named(tmp_path, damage):
   write_shards(tmp_path, [3, 3, 3])
