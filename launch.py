@@ -49,6 +49,10 @@ def run(config, workdir: str, mode: str) -> None:
 
   config_checks.validate(config, mode)
   runtime.set_matmul_precision(config)
+  if workdir:
+    from mfb_jax import workdir_files
+
+    workdir_files.check_workdir(workdir, inference=mode in ("eval", "predict"))
   if mode == "train":
     from mfb_jax import trainer
 
@@ -108,13 +112,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     if isinstance(e, AttributeError | KeyError):
       cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
       field, _, hint = cleaned.replace("\\n", " ").partition(" ")
-      message = f"unknown config field {field!r} {hint} (configs/default.py lists the fields)"
+      hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
+      message = f"unknown config field {field!r}{hint} (configs/default.py lists the fields)"
     _fail(message)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
   from mfb_jax.errors import UserError
 
   if not FLAGS.workdir and FLAGS.mode != "bench":

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from mfb_jax import config_checks, input_pipeline, metrics, vocabulary, workdir_files
 from mfb_jax import train as train_lib
+from mfb_jax.errors import DataError
 
 PREDICTIONS_FILE = "predictions.csv"
 NAMED_PREDICTIONS_FILE = "predictions_named.csv"  # With predict.vocabulary: label names.
@@ -117,6 +118,7 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
   """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path."""
   part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
   progress = Progress("predicting")
+  written = 0
   with tf.io.gfile.GFile(part, "w") as f:
     writer = csv.writer(f, lineterminator="\n")
     for batch in _local_batches(config, pattern):
@@ -124,7 +126,14 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
       for i in np.flatnonzero(batch["valid"] > 0):
         writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
+        written += 1
       progress.update(int((batch["valid"] > 0).sum()))
+  if jax.process_count() > 1:
+    written = int(np.sum(multihost_utils.process_allgather(np.array([written]))))
+  if written == 0:  # Every process agrees: no CSV of a header alone.
+    if tf.io.gfile.exists(part):
+      tf.io.gfile.remove(part)
+    raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
   multihost_utils.sync_global_devices("predictions written")
   path = os.path.join(workdir, PREDICTIONS_FILE)
   if jax.process_index() == 0:

@@ -83,6 +83,34 @@ class TrainingLock:
       self._fd = None
 
 
+def check_workdir(workdir: str, inference: bool) -> None:
+  """Raises WorkdirError, before any work, for a workdir that cannot serve the run: a file, a URL
+  of a scheme no file system serves, and for eval and predict (inference=True) one that does not
+  exist (it holds their checkpoint) or, if local, takes no new file (their results)."""
+  try:
+    exists = tf.io.gfile.exists(workdir)
+    is_dir = exists and tf.io.gfile.isdir(workdir)
+  except tf.errors.OpError as e:
+    raise WorkdirError(f"cannot use workdir {workdir}: {' '.join(e.message.split())}") from e
+  if exists and not is_dir:
+    raise WorkdirError(f"workdir {workdir} is a file, not a directory")
+  if not inference:
+    return
+  if not exists:
+    raise WorkdirError(f"workdir {workdir} does not exist: train into it first (--mode=train)")
+  if is_url(workdir):
+    return
+  probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+  try:
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+      f"cannot write to workdir {workdir} ({e.strerror}): eval and predict write results there"
+    ) from e
+
+
 def is_url(path: str) -> bool:
   """A path with a scheme (gs://, s3://, ...): read and written through tf.io.gfile only."""
   return "://" in path

@@ -60,6 +60,15 @@ def test_train_then_eval_and_predict(tiny_args, tmp_path):
     scores = [float(s) for s in tokens[1::2]]
     assert scores == sorted(scores, reverse=True)
     assert all(0 <= int(label) < 64 for label in tokens[0::2])
+  # Files without a record: one line, and the previous predictions are kept, with nothing beside.
+  (tmp_path / "empty.tfrecord").write_bytes(b"\0" * 5)
+  before = (tmp_path / "predictions.csv").read_bytes()
+  no_records = f"--config.data.predict_pattern={tmp_path / 'empty.tfrecord'}"
+  result = launch(tmp_path, "--mode=predict", *tiny_args, no_records)
+  assert result.returncode == 2
+  _assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
+  assert (tmp_path / "predictions.csv").read_bytes() == before
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("predictions.csv.")]
 
 
 def test_bad_config_values_give_one_line(tiny_args, tmp_path):
@@ -79,6 +88,25 @@ def test_a_missing_workdir_gives_one_line():
     result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", f"--mode={mode}"])
     assert result.returncode == 2
     _assert_one_line_error(result, "--workdir=DIR is required", f"--mode={mode}")
+
+
+def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
+  missing = tmp_path / "never-trained"
+  for mode in ("eval", "predict"):
+    result = launch(missing, f"--mode={mode}", *tiny_args)
+    assert result.returncode == 2
+    _assert_one_line_error(result, f"workdir {missing} does not exist", "--mode=train")
+  assert not missing.exists()  # Looking for a checkpoint creates nothing.
+  (tmp_path / "a-file").write_text("x")
+  for mode in ("train", "eval"):
+    result = launch(tmp_path / "a-file", f"--mode={mode}", *tiny_args)
+    assert result.returncode == 2
+    _assert_one_line_error(result, "a-file is a file, not a directory")
+  result = launch(tmp_path, *tiny_args, "stray")
+  assert result.returncode == 2
+  _assert_one_line_error(result, "unexpected arguments: stray")
+  result = launch(tmp_path, *tiny_args, "--config.model.aggregation=dbof")
+  _assert_one_line_error(result, "unknown config field 'aggregation': Did you mean aggregator")
 
 
 def test_missing_files_give_one_line(tmp_path):

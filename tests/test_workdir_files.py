@@ -115,3 +115,22 @@ def test_url_workdir_takes_no_lock_and_keeps_its_checkpoint_url(tmp_path, monkey
   assert checkpoint.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
   assert checkpoint.checkpoint_dir("run") == str(tmp_path / "run" / "checkpoints")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_inference_needs_an_existing_workdir_that_takes_new_files(tmp_path, monkeypatch):
+  workdir_files.check_workdir(str(tmp_path / "new"), inference=False)  # Training creates it.
+  with pytest.raises(WorkdirError, match="does not exist: train into it first"):
+    workdir_files.check_workdir(str(tmp_path / "new"), inference=True)
+  workdir_files.check_workdir(str(tmp_path), inference=True)
+  assert os.listdir(tmp_path) == []  # The write probe is gone again.
+  real_open = open
+
+  def read_only(path, *args, **kwargs):
+    if ".write-probe-" in str(path):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", read_only)
+  with pytest.raises(WorkdirError, match="cannot write to workdir .*Read-only file system"):
+    workdir_files.check_workdir(str(tmp_path), inference=True)
+  workdir_files.check_workdir(str(tmp_path), inference=False)  # Training finds out on its own.
