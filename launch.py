@@ -96,6 +96,14 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _exit_after_error(code: int) -> None:
+  """Exits with the error line as the last thing on stderr: library threads that die noisily at
+  interpreter shutdown (orbax's event loop after a failed checkpoint read) print into /dev/null."""
+  sys.stderr.flush()
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  sys.exit(code)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config-file and override errors as one line instead of a traceback."""
   config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
@@ -137,7 +145,7 @@ def main(argv) -> None:
     message = " ".join(str(e).split()) or type(e).__name__
     logging.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit_after_error(2)
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:
       raise
@@ -147,7 +155,7 @@ def main(argv) -> None:
       file=sys.stderr,
       flush=True,
     )
-    sys.exit(1)
+    _exit_after_error(1)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   return {_path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
 
 
+def _brief(error: Exception) -> str:
+  """An orbax/tensorstore error's first line without the store spec it quotes."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" [tensorstore_spec=")[0]
+  return text if len(text) <= 400 else text[:400] + "..."
+
+
 def checkpoint_dir(workdir: str) -> str:
   """WORKDIR/checkpoints: absolute if local (orbax needs that), a URL (gs://...) left as is."""
   directory = os.path.join(workdir, "checkpoints")
@@ -57,9 +64,12 @@ class Checkpointer:
     try:
       stored = _shapes(self._manager.item_metadata(step))
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means an unusable workdir.
+      raise CheckpointError(f"cannot read checkpoint {self.directory}/{step}: {_brief(e)}") from e
+    if not stored:  # orbax reads a checkpoint without its _METADATA file as an empty tree.
       raise CheckpointError(
-        f"cannot read checkpoint {self.directory}/{step}: {str(e).splitlines()[0]}"
-      ) from e
+        f"cannot read checkpoint {self.directory}/{step}: its metadata is missing (damaged, or "
+        "not written by this project); move that step aside to resume from an earlier one"
+      )
     wanted = _shapes(abstract_state)
     where = f"checkpoint {self.directory}/{step} does not match the config"
     for name in sorted(set(stored) | set(wanted)):

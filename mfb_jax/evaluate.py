@@ -163,8 +163,10 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   model, tx = train_lib.build(config)
   abstract = train_lib.abstract_state(config, model, tx, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir)
-  state = checkpointer.restore(abstract)
-  checkpointer.close()
+  try:
+    state = checkpointer.restore(abstract)
+  finally:  # Also after a failed restore: no orbax thread left to print tracebacks at exit.
+    checkpointer.close()
   return mesh, model, abstract, state
 
 

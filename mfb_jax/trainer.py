@@ -7,6 +7,7 @@ with identical parameters. After a SIGTERM save at another step, the rest of tha
 with a seed derived from the resume step instead (a fresh shuffle, no exact replay).
 """
 
+import contextlib
 import signal
 import time
 
@@ -98,19 +99,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
 
   A workdir another training run holds is refused before anything in it is touched.
   """
-  with workdir_files.TrainingLock(workdir):
-    return _train_and_evaluate(config, workdir)
+  # cleanup closes the checkpointer however the run ends: a save still being written when an
+  # error stops the run is finished, not left as a temporary directory, and no orbax thread is
+  # left to print tracebacks at exit.
+  with workdir_files.TrainingLock(workdir), contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, cleanup)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> dict | None:
   train_cfg = config.train
   local_batch = config_checks.check_batch_split(
     train_cfg.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
   )
+  if config.data.eval_pattern:  # Now, not at the first evaluation.
+    config_checks.check_batch_split(
+      config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
+    )
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   state_shapes = train_lib.abstract_state(config, model, tx, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  cleanup.callback(checkpointer.close)
   checkpointer.check_compatible(state_shapes)  # Before anything in the workdir is touched.
   train_files = input_pipeline.list_files(
     config.data.train_pattern, jax.process_index(), jax.process_count()
@@ -203,7 +212,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logging.info("Already trained to step %d; evaluating", start_step)
         result = run_eval(start_step)
 
-  checkpointer.close()
   writer.flush()
   writer.close()
   return result

@@ -80,6 +80,10 @@ def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   _assert_one_line_error(result, "model.fusion", "mfb", "concat")
   result = launch(tmp_path, *tiny_args, "--config.train.batchsize=4")  # Misspelled: locked config.
   assert result.returncode != 0 and "Traceback" not in result.stderr
+  # An eval batch that does not split over the devices fails before training, not after it.
+  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = launch(tmp_path, *tiny_args, "--config.eval.batch_size=4", env=eight)
+  _assert_one_line_error(result, "eval.batch_size")
   assert not (tmp_path / "checkpoints").exists()
 
 
@@ -130,6 +134,11 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, tmp_path):
   result = launch(tmp_path, *tiny_args, "--config.model.aggregator=dbof")
   _assert_one_line_error(result, "does not match the config")
   assert _tree_digest(tmp_path) == before
+  # A checkpoint without its metadata is called damaged, not another model's.
+  os.remove(tmp_path / "checkpoints" / "3" / "default" / "_METADATA")
+  result = launch(tmp_path, "--mode=eval", *tiny_args)
+  assert result.returncode == 2
+  _assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
 
 
 def _start(workdir, tiny_args, *extra):
