@@ -115,8 +115,31 @@ def _format_row(video_id: str, classes_K: np.ndarray, scores_K: np.ndarray) -> l
 
 
 def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -> str:
-  """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path."""
+  """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path.
+
+  Each process writes its videos to a part file, merged by process 0. A failed or empty pass
+  leaves no part file, and an earlier predictions.csv as it was."""
   part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
+  try:
+    written = _write_part(config, state, predict_fn, mesh, pattern, part)
+    if jax.process_count() > 1:
+      written = int(np.sum(multihost_utils.process_allgather(np.array([written]))))
+    if written == 0:  # Every process agrees: no CSV of a header alone.
+      raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
+  except BaseException:
+    if tf.io.gfile.exists(part):
+      tf.io.gfile.remove(part)
+    raise
+  multihost_utils.sync_global_devices("predictions written")
+  path = os.path.join(workdir, PREDICTIONS_FILE)
+  if jax.process_index() == 0:
+    _merge_parts(path, jax.process_count())
+  multihost_utils.sync_global_devices("predictions merged")
+  return path
+
+
+def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int:
+  """This process's rows of the predictions CSV, written to `part`; returns how many."""
   progress = Progress("predicting")
   written = 0
   with tf.io.gfile.GFile(part, "w") as f:
@@ -125,21 +148,15 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
       scores, classes = predict_fn(state, input_pipeline.to_global(batch, mesh))
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
       for i in np.flatnonzero(batch["valid"] > 0):
+        if not batch["id"][i]:
+          raise DataError(
+            f"a video in {pattern!r} has no id (data.id_feature={config.data.id_feature!r}; "
+            "'auto' reads 'id', else 'video_id')"
+          )
         writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
         written += 1
       progress.update(int((batch["valid"] > 0).sum()))
-  if jax.process_count() > 1:
-    written = int(np.sum(multihost_utils.process_allgather(np.array([written]))))
-  if written == 0:  # Every process agrees: no CSV of a header alone.
-    if tf.io.gfile.exists(part):
-      tf.io.gfile.remove(part)
-    raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
-  multihost_utils.sync_global_devices("predictions written")
-  path = os.path.join(workdir, PREDICTIONS_FILE)
-  if jax.process_index() == 0:
-    _merge_parts(path, jax.process_count())
-  multihost_utils.sync_global_devices("predictions merged")
-  return path
+  return written
 
 
 def _merge_parts(path: str, num_parts: int) -> None:

@@ -50,7 +50,10 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
       f"{len(files)} file(s); use at least as many files as processes"
     )
   for path in mine:
-    stat = tf.io.gfile.stat(path)
+    try:
+      stat = tf.io.gfile.stat(path)
+    except tf.errors.OpError as e:  # A dangling symlink, or a file gone since the listing.
+      raise DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})") from e
     if stat.is_directory:
       raise DataError(f"{path} is a directory, not a tfrecord file (pattern {pattern!r})")
     if stat.length == 0:

@@ -194,16 +194,20 @@ def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32) -> 
 
 
 def _mean_feature(key: str, values_L: tf.Tensor, size: int, field: str):
-  """(values [1, size], (bad, why_fn)) of a video-level float feature."""
+  """(values [1, size], (bad, why_fn)) of a video-level float feature. NaN or infinite values
+  are bad too: they would surface steps later as a NaN loss, blamed on the learning rate."""
   found = tf.size(values_L)
+  finite = tf.reduce_all(tf.math.is_finite(values_L))
 
   def why():
     if_missing = f"no feature '{key}' (is this video-level data? see data.format)"
     wrong = [f"feature '{key}' has ", tf.strings.as_string(found), f" values, expected {size}"]
-    return tf.where(found == 0, if_missing, tf.strings.join([*wrong, f" (data.{field})"]))
+    wrong = tf.strings.join([*wrong, f" (data.{field})"])
+    not_finite = f"feature '{key}' holds NaN or infinite values"
+    return tf.where(found == 0, if_missing, tf.where(found != size, wrong, not_finite))
 
   values_D = tf.pad(values_L[:size], [[0, size - tf.minimum(found, size)]])
-  return tf.reshape(values_D, [1, size]), (found != size, why)
+  return tf.reshape(values_D, [1, size]), ((found != size) | ~finite, why)
 
 
 def parse_video_record(spec: RecordSpec, name, serialized) -> dict:

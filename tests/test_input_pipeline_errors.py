@@ -68,6 +68,10 @@ def test_file_patterns(tmp_path):
   with pytest.raises(DataError, match="part-9.tfrecord is empty \\(0 bytes\\)"):
     input_pipeline.list_files(good)
   assert input_pipeline.list_files(good, 0, 2) == [str(tmp_path / "part-0.tfrecord")]
+  (tmp_path / "part-9.tfrecord").unlink()
+  (tmp_path / "part-9.tfrecord").symlink_to(tmp_path / "gone.tfrecord")
+  with pytest.raises(DataError, match="part-9.tfrecord: cannot read tfrecord file"):
+    input_pipeline.list_files(good)
 
 
 def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
@@ -148,6 +152,11 @@ def test_video_level_feature_sizes(tmp_path):
   assert message == f"{path}: video 'bad': feature 'mean_rgb' has {D - 1} values, expected {D} " + (
     "(data.rgb_size)"
   )
+  for value in (np.nan, np.inf):
+    poisoned = video_record("bad", np.zeros(D), [0.0] * (A - 1) + [value], [1], id_key="video_id")
+    path = write(tmp_path / "n.tfrecord", [good, poisoned])
+    message = eval_error(small_config("video"), path)
+    assert message == f"{path}: video 'bad': feature 'mean_audio' holds NaN or infinite values"
   frame_level = write(tmp_path / "f.tfrecord", [frame_record("bad", *video(2), [1])])
   message = eval_error(small_config("video"), frame_level)
   assert message.startswith(f"{frame_level}: video 'bad': no feature 'mean_rgb' (is this video")

@@ -69,6 +69,10 @@ def test_train_then_eval_and_predict(tiny_args, tmp_path):
   _assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
   assert (tmp_path / "predictions.csv").read_bytes() == before
   assert not [p for p in os.listdir(tmp_path) if p.startswith("predictions.csv.")]
+  result = launch(tmp_path, "--mode=predict", *tiny_args, "--config.data.id_feature=vid")
+  _assert_one_line_error(result, "has no id (data.id_feature='vid'")
+  assert (tmp_path / "predictions.csv").read_bytes() == before
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("predictions.csv.")]
 
 
 def test_bad_config_values_give_one_line(tiny_args, tmp_path):
