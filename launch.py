@@ -13,6 +13,7 @@ line on stderr and exit code 2 (add --debug for the traceback).
 """
 
 import os
+import re
 import sys
 
 from mfb_jax import runtime
@@ -107,8 +108,13 @@ def _exit_after_error(code: int) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config-file and override errors as one line instead of a traceback."""
   config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-  if config_args and not os.path.isfile(config_args[-1].split(":", 1)[0]):
-    _fail(f"config file not found: {config_args[-1].split(':', 1)[0]}")
+  config_file = config_args[-1].split(":", 1)[0] if config_args else ""
+  if config_file and not os.path.isfile(config_file):
+    _fail(f"config file not found: {config_file}")
+  if config_file and not config_file.endswith(".py"):
+    _fail(
+      f"--config={config_file}: a config is a Python file with get_config(), e.g. configs/tiny.py"
+    )
   try:
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
@@ -116,7 +122,8 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     message = str(e)
     if "Traceback" in message:  # The config file raised: keep its exception's line.
-      message = f"{message.split(':', 1)[0]}: {message.strip().splitlines()[-1]}"
+      last = re.sub(r"^[\w.]*ConfigError: ", "", message.strip().splitlines()[-1])
+      message = f"{message.split(':', 1)[0]}: {last}"
     if isinstance(e, AttributeError | KeyError):
       cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
       field, _, hint = cleaned.replace("\\n", " ").partition(" ")

@@ -13,6 +13,7 @@ Expected: about a minute on 2 cores, mostly compilation; the GAP means nothing.
 import ml_collections
 
 from configs import default
+from mfb_jax.errors import ConfigError
 
 ARGS = ("dbof,mfb", "avgpool,concat", "netvlad,fc_concat")
 
@@ -20,7 +21,12 @@ ARGS = ("dbof,mfb", "avgpool,concat", "netvlad,fc_concat")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny config; `arg` = 'AGG,FUSION' (default netvlad,mfb)."""
   config = default.get_config()
-  aggregator, fusion = (arg or "netvlad,mfb").split(",")
+  parts = [p.strip().lower() for p in (arg or "netvlad,mfb").split(",")]
+  if len(parts) != 2 or not all(parts):
+    raise ConfigError(
+      f"configs/tiny.py needs AGG,FUSION (e.g. configs/tiny.py:dbof,mfb); got {arg!r}"
+    )
+  aggregator, fusion = parts
   config.model.aggregator, config.model.fusion = aggregator, fusion
   config.data.num_classes = 64
   config.data.max_frames = 16

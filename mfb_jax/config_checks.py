@@ -60,6 +60,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   for field in ("train.keep_checkpoints", "train.log_every", "eval.batch_size"):
     _positive(config, field)
   _positive(config, "train.num_steps", 0)
+  _schedule_fits(config)
+  seed = config.get("seed", 0)
+  if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    raise ConfigError(f"config.seed={seed!r} is invalid; it must be an integer >= 0")
   _positive(config, "eval.max_examples", 0)
   for field in ("eval.top_k", "predict.top_k"):
     _positive(config, field)
@@ -70,6 +74,22 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, "bench.steps")
     _positive(config, "bench.warmup_steps", 0)
   _check_patterns(config, mode)
+
+
+def _schedule_fits(config) -> None:
+  """The cosine schedules decay over the steps after the warm-up: there must be some."""
+  optim, steps = config.optim, config.train.num_steps
+  warmup = optim.warmup_steps if optim.schedule == "warmup_cosine" else 0
+  if optim.schedule == "constant" or steps > warmup:
+    return
+  if warmup:
+    raise ConfigError(
+      f"config.optim.warmup_steps={warmup} must be below train.num_steps={steps}: "
+      "optim.schedule='warmup_cosine' decays over the steps after the warm-up"
+    )
+  raise ConfigError(
+    f"config.optim.schedule='cosine' decays over train.num_steps, which is {steps}; it must be > 0"
+  )
 
 
 def _check_patterns(config, mode: str) -> None:

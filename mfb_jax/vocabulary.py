@@ -18,6 +18,13 @@ def load(path: str) -> dict[int, str]:
   """{label id: name}; ConfigError naming the file if it is missing or has neither layout."""
   if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise ConfigError(f"config.predict.vocabulary: no such file {path}")
+  try:
+    return _read(path)
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+
+
+def _read(path: str) -> dict[int, str]:
   with tf.io.gfile.GFile(path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
@@ -30,6 +37,8 @@ def load(path: str) -> dict[int, str]:
       )
     try:
       return {int(row[id_col]): row[name_col] for row in reader}
+    except UnicodeDecodeError:  # load() names it.
+      raise
     except (TypeError, ValueError) as e:
       raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
 

@@ -111,3 +111,53 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
   config_checks.validate(config, "train")  # Only the bench mode reads these fields.
   with pytest.raises(ConfigError, match=rf"config\.bench\.{field}={value} is invalid"):
     config_checks.validate(config, "bench")
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"seed": -1}, r"config\.seed=-1 is invalid"),
+    (
+      {"optim.schedule": "warmup_cosine", "optim.warmup_steps": 100, "train.num_steps": 100},
+      r"optim\.warmup_steps=100 must be below train\.num_steps=100",
+    ),
+    ({"optim.schedule": "cosine", "train.num_steps": 0}, r"train\.num_steps, which is 0"),
+  ],
+)
+def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message):
+  """These used to fail after the workdir was written, or inside optax without a field name."""
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  config_checks.validate(config, "train")
+  for field, value in overrides.items():
+    *parents, leaf = field.split(".")
+    node = functools.reduce(lambda c, k: c[k], parents, config)
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    config_checks.validate(config, "train")
+  config.optim.update(schedule="warmup_cosine", warmup_steps=10)
+  config.update(seed=0)
+  config.train.num_steps = 11  # One step after the warm-up is enough.
+  config_checks.validate(config, "train")
+
+
+def test_tiny_argument_must_be_two_names():
+  from configs import tiny
+  from mfb_jax.errors import ConfigError
+
+  assert tiny.get_config(" DBoF, MFB ").model.aggregator == "dbof"
+  with pytest.raises(ConfigError, match="configs/tiny.py needs AGG,FUSION.*got 'avgpool'"):
+    tiny.get_config("avgpool")
+
+
+def test_a_vocabulary_that_is_not_utf8_is_named(tmp_path):
+  from mfb_jax import vocabulary
+  from mfb_jax.errors import ConfigError
+
+  path = tmp_path / "vocab.csv"
+  path.write_bytes("Index,Name\n0,Caf\xe9\n".encode("latin-1"))
+  with pytest.raises(ConfigError, match=r"vocab\.csv: not a UTF-8 text file"):
+    vocabulary.load(str(path))

@@ -113,6 +113,8 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, *tiny_args, "stray")
   assert result.returncode == 2
   _assert_one_line_error(result, "unexpected arguments: stray")
+  result = launch(tmp_path, f"--config={REPO / 'README.md'}")
+  _assert_one_line_error(result, "README.md: a config is a Python file")
   result = launch(tmp_path, *tiny_args, "--config.model.aggregation=dbof")
   _assert_one_line_error(result, "unknown config field 'aggregation': Did you mean aggregator")
 
