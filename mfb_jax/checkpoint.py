@@ -6,6 +6,7 @@ anything is restored, the checkpoint's array shapes are compared with the config
 workdir trained with another model fails with one line instead of a shape error deep in orbax.
 """
 
+import contextlib
 import os
 
 import jax
@@ -41,10 +42,16 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Keeps the last N checkpoints of a workdir and restores the latest one."""
 
-  def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True, writer: bool = False):
+    """writer: the training run (it holds the workdir's lock), which also removes the temporary
+    directories of saves cut short (a kill, a full disk); eval and predict, which may read a
+    workdir while it trains, leave them alone."""
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=writer,
     )
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
@@ -98,12 +105,29 @@ class Checkpointer:
     """Saves `state` as `step` unless that step is already saved; returns whether it saved."""
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+    with self._save_errors():  # Also the previous, asynchronous save's.
+      self._manager.save(step, args=ocp.args.StandardSave(state))
     return True
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A failed save (a full disk, a lost bucket) as one line; the saves before it are intact."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax raises ValueError, OSError, RuntimeError...
+      raise CheckpointError(
+        f"saving a checkpoint in {self.directory} failed ({_brief(e)}); the checkpoints saved "
+        "before it are intact"
+      ) from e

@@ -149,7 +149,8 @@ QUIET_LIBRARIES = ("/orbax/", "/clu/", "/jax/_src/", "/etils/")
 
 
 def quiet_library_logs() -> None:
-  """Drops INFO records of QUIET_LIBRARIES from absl's handler."""
+  """Drops INFO records of QUIET_LIBRARIES from absl's handler, and the tracebacks attached to
+  their warnings and errors (orbax logs one per failed write; the run's error line follows)."""
   import logging as py_logging
 
   from absl import logging
@@ -157,6 +158,9 @@ def quiet_library_logs() -> None:
   class _DropLibraryInfo(py_logging.Filter):
     def filter(self, record: py_logging.LogRecord) -> bool:
       path = record.pathname.replace("\\", "/")
-      return record.levelno >= py_logging.WARNING or not any(s in path for s in QUIET_LIBRARIES)
+      if not any(s in path for s in QUIET_LIBRARIES):
+        return True
+      record.exc_info = record.exc_text = None
+      return record.levelno >= py_logging.WARNING
 
   logging.get_absl_handler().addFilter(_DropLibraryInfo())

@@ -118,7 +118,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   state_shapes = train_lib.abstract_state(config, model, tx, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints, writer=True)
   cleanup.callback(checkpointer.close)
   checkpointer.check_compatible(state_shapes)  # Before anything in the workdir is touched.
   train_files = input_pipeline.list_files(

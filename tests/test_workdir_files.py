@@ -134,3 +134,40 @@ def test_inference_needs_an_existing_workdir_that_takes_new_files(tmp_path, monk
   with pytest.raises(WorkdirError, match="cannot write to workdir .*Read-only file system"):
     workdir_files.check_workdir(str(tmp_path), inference=True)
   workdir_files.check_workdir(str(tmp_path), inference=False)  # Training finds out on its own.
+
+
+def test_only_the_training_checkpointer_removes_cut_short_saves(tmp_path):
+  import jax.numpy as jnp
+
+  state = {"w": jnp.arange(4.0)}
+  saver = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
+  saver.save(state, 1)
+  saver.close()
+  cut_short = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"  # A kill or a full disk.
+  cut_short.mkdir()
+  checkpoint.Checkpointer(str(tmp_path)).close()  # Eval or predict, maybe while training runs.
+  assert cut_short.exists()
+  resumed = checkpoint.Checkpointer(str(tmp_path), writer=True)
+  resumed.save(state, 3)  # orbax finishes removing them before its next save.
+  resumed.close()
+  assert not cut_short.exists() and resumed.all_steps() == [1, 3]
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+  import jax.numpy as jnp
+
+  saver = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
+  saver.save({"w": jnp.zeros(2)}, 1)
+
+  def disk_full(*args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: Failed writing [tensorstore_spec='{...}']")
+
+  monkeypatch.setattr(saver._manager, "save", disk_full)
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    saver.save({"w": jnp.ones(2)}, 2)
+  message = str(info.value)
+  assert "saving a checkpoint in" in message and "RESOURCE_EXHAUSTED" in message
+  assert "tensorstore_spec" not in message and "checkpoints saved before it are intact" in message
+  monkeypatch.undo()
+  assert saver.all_steps() == [1]
+  saver.close()
