@@ -99,9 +99,17 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _exit_after_error(code: int) -> None:
   """Exits with the error line as the last thing on stderr: library threads that die noisily at
-  interpreter shutdown (orbax's event loop after a failed checkpoint read) print into /dev/null."""
+  interpreter shutdown (orbax's event loop after a failed checkpoint read) print into /dev/null.
+
+  A process of a multi-process run exits at once, skipping jax.distributed's shutdown barrier:
+  after an error on this process alone (a bad record in its files) the others wait in a
+  collective and would never reach the barrier; with this process gone their collective fails.
+  """
+  sys.stdout.flush()
   sys.stderr.flush()
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+    os._exit(code)
   sys.exit(code)
 
 
@@ -157,6 +165,8 @@ def main(argv) -> None:
     if FLAGS.debug:
       raise
     first = (str(e).strip().splitlines() or [""])[0]
+    if "Connection closed by peer" in first or "Connection reset by peer" in first:
+      first = f"another process of this run stopped (its error says why): {first}"
     print(
       f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
       file=sys.stderr,

@@ -23,3 +23,27 @@ class WorkdirError(UserError):
 
 class TrainingError(UserError):
   """Training cannot go on (e.g. a NaN loss); no broken state was saved."""
+
+
+def agreed(check):
+  """check()'s result where it succeeds on every process; else a UserError on every process: its
+  own where it failed, one naming the first failing process elsewhere. Start-up checks that read
+  process-local things (this process's files, its view of the workdir) go through here, so that
+  no process waits in a collective for a process that has already stopped."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  error, result = None, None
+  try:
+    result = check()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.any():
+      first = int(np.flatnonzero(failed)[0])
+      raise UserError(f"process {first} stopped the run at start-up (its error says why)")
+  if error is not None:
+    raise error
+  return result

@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import config_checks, input_pipeline, metrics, vocabulary, workdir_files
+from mfb_jax import config_checks, errors, input_pipeline, metrics, vocabulary, workdir_files
 from mfb_jax import train as train_lib
 from mfb_jax.errors import DataError
 
@@ -45,13 +45,15 @@ def _local_batches(config, pattern: str, max_examples: int = 0) -> Iterator[dict
   local_batch = config_checks.check_batch_split(
     config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
   )
-  batches = input_pipeline.make_eval_iterator(
-    config,
-    pattern,
-    local_batch,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    max_examples=max_examples,
+  batches = errors.agreed(  # Its files are listed and checked now: if one process fails, all stop.
+    lambda: input_pipeline.make_eval_iterator(
+      config,
+      pattern,
+      local_batch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      max_examples=max_examples,
+    )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
   return lockstep(batches, empty)

@@ -19,7 +19,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from mfb_jax import checkpoint as checkpoint_lib
-from mfb_jax import config_checks, evaluate, input_pipeline, workdir_files
+from mfb_jax import config_checks, errors, evaluate, input_pipeline, workdir_files
 from mfb_jax import train as train_lib
 from mfb_jax.errors import TrainingError
 
@@ -106,6 +106,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     return _train_and_evaluate(config, workdir, cleanup)
 
 
+def _check_inputs(config, checkpointer, state_shapes) -> list[str]:
+  """This process's train files, after checking them, its eval files and the checkpoint."""
+  checkpointer.check_compatible(state_shapes)
+  index, count = jax.process_index(), jax.process_count()
+  train_files = input_pipeline.list_files(config.data.train_pattern, index, count)
+  input_pipeline.require_records(train_files, config.data.train_pattern)
+  if config.data.eval_pattern:
+    input_pipeline.list_files(config.data.eval_pattern, index, count)
+  return train_files
+
+
 def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> dict | None:
   train_cfg = config.train
   local_batch = config_checks.check_batch_split(
@@ -120,13 +131,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   state_shapes = train_lib.abstract_state(config, model, tx, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints, writer=True)
   cleanup.callback(checkpointer.close)
-  checkpointer.check_compatible(state_shapes)  # Before anything in the workdir is touched.
-  train_files = input_pipeline.list_files(
-    config.data.train_pattern, jax.process_index(), jax.process_count()
-  )
-  input_pipeline.require_records(train_files, config.data.train_pattern)
-  if config.data.eval_pattern:
-    input_pipeline.list_files(config.data.eval_pattern, jax.process_index(), jax.process_count())
+  # Before anything in the workdir is touched; if any process fails them, all stop.
+  train_files = errors.agreed(lambda: _check_inputs(config, checkpointer, state_shapes))
   workdir_files.write_config(workdir, config)
 
   if checkpointer.latest_step() is not None:

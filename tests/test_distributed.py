@@ -1,7 +1,9 @@
 """8 fake CPU devices and 2 processes on 127.0.0.1 agree with a single device."""
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -124,3 +126,29 @@ def test_eval_of_one_checkpoint_agrees_on_1_8_and_2x1_devices(tiny_args, tmp_pat
     assert results[name]["num_examples"] == results["one"]["num_examples"] == 40
     for key in ("gap", "map", "hit_at_1", "perr"):
       assert results[name][key] == pytest.approx(results["one"][key], abs=1e-6), (name, key)
+
+
+@pytest.mark.slow
+def test_bad_files_on_one_process_stop_both_processes(tiny_args, tiny_data, tmp_path):
+  """Process 1's train file is bad, process 0's fine: both used to wait for ever (process 0 in a
+  collective, process 1 in jax.distributed's shutdown barrier)."""
+  data = tmp_path / "data"
+  data.mkdir()
+  good = sorted(glob.glob(tiny_data["train"]))
+  shutil.copy(good[0], data / "train-0.tfrecord")
+  args = [*tiny_args, f"--config.data.train_pattern={data}/train-*", "--config.train.num_steps=40"]
+  for damage, error_1, error_0 in [
+    ("no records", "no records in the 1 file(s)", "process 1 stopped the run at start-up"),
+    ("corrupt", "train-1.tfrecord: corrupt or truncated", "another process of this run stopped"),
+  ]:
+    if damage == "no records":
+      (data / "train-1.tfrecord").write_bytes(b"\0" * 5)
+    else:  # Found mid-run, after some steps.
+      content = bytearray(open(good[1], "rb").read())
+      cut = int(len(content) * 0.8)
+      content[cut : cut + 50] = bytes(b ^ 0xFF for b in content[cut : cut + 50])
+      (data / "train-1.tfrecord").write_bytes(bytes(content))
+    procs = _start_two(tmp_path / damage.replace(" ", "_"), args)
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=240)]]
+    assert results[1][0] == 2 and error_1 in last_line(results[1][1]), results[1][1][-2000:]
+    assert results[0][0] != 0 and error_0 in last_line(results[0][1]), results[0][1][-2000:]
