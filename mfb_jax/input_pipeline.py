@@ -7,7 +7,6 @@ A batch is one process's share, a dict of numpy arrays: 'rgb' [B, T, D] and 'aud
 Video-level records give T = 1. Bad data raises DataError with one line naming the file.
 """
 
-import re
 from collections.abc import Callable, Iterator
 
 import jax
@@ -18,14 +17,13 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import frames, records, tfrecord_files
+from mfb_jax import frames, records, tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 # Train files read at once: batches mix videos from this many files (each file holds videos of
 # all classes in random order, so this plus the record shuffle buffer is enough mixing).
 TRAIN_CYCLE_LENGTH = 16
 ID_BATCH = 256  # Records per parse call in read_ids_and_labels.
-_MAX_MESSAGE = 300  # TensorFlow's parse errors can quote a whole record.
 
 
 def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> list[str]:
@@ -38,7 +36,7 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
     try:
       matched = tf.io.gfile.glob(glob)
     except tf.errors.OpError as e:
-      raise DataError(f"cannot list files matching {glob!r}: {_tf_message(e)}") from e
+      raise DataError(f"cannot list files matching {glob!r}: {tf_errors.message(e)}") from e
     if not matched:
       raise DataError(f"no file matches {glob!r}")
     files.update(matched)
@@ -49,11 +47,7 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
       f"process {process_index} of {process_count} gets no files: {pattern!r} matches "
       f"{len(files)} file(s); use at least as many files as processes"
     )
-  for path in mine:
-    try:
-      stat = tf.io.gfile.stat(path)
-    except tf.errors.OpError as e:  # A dangling symlink, or a file gone since the listing.
-      raise DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})") from e
+  for path, stat in zip(mine, tfrecord_files.map_paths(_stat, mine), strict=True):
     if stat.is_directory:
       raise DataError(f"{path} is a directory, not a tfrecord file (pattern {pattern!r})")
     if stat.length == 0:
@@ -61,35 +55,66 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
   return mine
 
 
+def _stat(path: str):
+  try:
+    return tf.io.gfile.stat(path)
+  except tf.errors.OpError as e:  # A dangling symlink, or a file gone since the listing.
+    raise tf_errors.unreadable(path, e) from e
+
+
 def require_records(files: list[str], pattern: str) -> None:
   """Raises DataError unless some file holds a record. Training repeats its files forever, so
   files without a single record would otherwise leave it waiting for a first batch for ever.
   Usually only the first record of the first file is read."""
   for path in files:
+    compression = ""
     try:
       compression = tfrecord_files.compression_type(path)
       for _ in tf.data.TFRecordDataset(path, compression_type=compression).take(1):
         return
     except tf.errors.DataLossError as e:
-      raise _name_corrupt_file([path], e) from e
+      raise tf_errors.corrupt(path, compression, e) from e
     except tf.errors.OpError as e:
-      raise DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})") from e
+      raise tf_errors.unreadable(path, e) from e
   raise DataError(
     f"no records in the {len(files)} file(s) matching {pattern!r} (e.g. {files[0]}): "
     "training needs at least one video"
   )
 
 
-def file_table(files: list[str]) -> tf.data.Dataset:
-  """(path, compression type) of each file, in order: GZIP and ZLIB files are read as such."""
+def compressions(files: list[str]) -> list[str]:
+  """The compression type of each file, in order: GZIP and ZLIB files are read as such."""
   try:
-    compressions = tfrecord_files.compression_types(files)
+    found = tfrecord_files.compression_types(files)
   except tf.errors.OpError as e:
-    raise DataError(f"cannot read tfrecord file: {_tf_message(e)}") from e
-  compressed = sum(c != tfrecord_files.NONE for c in compressions)
+    raise DataError(f"cannot read tfrecord file: {tf_errors.message(e)}") from e
+  compressed = sum(c != tfrecord_files.NONE for c in found)
   if compressed:
     logging.info("%d of %d file(s) are GZIP or ZLIB compressed", compressed, len(files))
-  return tf.data.Dataset.from_tensor_slices((files, compressions))
+  return found
+
+
+def file_table(files: list[str], types: list[str] | None = None) -> tf.data.Dataset:
+  """(path, compression type) of each file, in order."""
+  types = compressions(files) if types is None else types
+  return tf.data.Dataset.from_tensor_slices((files, types))
+
+
+class TrainFiles:
+  """This process's train files, listed, checked and their headers read once per run: each
+  checkpoint segment's iterator (`batches`) starts without touching the files again, which on
+  thousands of remote (gs://) files saves minutes."""
+
+  def __init__(self, pattern: str, process_index: int = 0, process_count: int = 1):
+    self.pattern = pattern
+    self.paths = list_files(pattern, process_index, process_count)
+    require_records(self.paths, pattern)
+    self.compressions = compressions(self.paths)
+
+  def batches(self, config, seed: int, local_batch_size: int) -> Iterator[dict]:
+    """Infinite shuffled batches; the same seed gives the same batches."""
+    dataset, file_order = train_dataset(config, self, seed, local_batch_size)
+    return tf_errors.checked_batches(dataset, file_order, _one_file(config, local_batch_size))
 
 
 def _tagged_records(path: tf.Tensor, compression: tf.Tensor) -> tf.data.Dataset:
@@ -128,12 +153,14 @@ def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed
   return ds.map(finish, **parallel)
 
 
-def train_dataset(config, files: list[str], seed: int, local_batch_size: int):
+def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: int):
   """(infinite tf.data.Dataset of batch dicts with 'problem', files in first-epoch order)."""
   spec = records.RecordSpec.from_config(config)
   data = config.data
   file_seed, record_seed, frame_seed = _seeds(seed)
-  file_order = file_table(files).shuffle(len(files), seed=file_seed, reshuffle_each_iteration=True)
+  files = train_files.paths
+  file_order = file_table(files, train_files.compressions)
+  file_order = file_order.shuffle(len(files), seed=file_seed, reshuffle_each_iteration=True)
   ds = file_order.repeat().interleave(
     _tagged_records,
     cycle_length=min(len(files), TRAIN_CYCLE_LENGTH),
@@ -167,10 +194,7 @@ def make_train_iterator(
   process_count: int = 1,
 ) -> Iterator[dict]:
   """Infinite shuffled batches of this process's files; the same seed gives the same batches."""
-  files = list_files(pattern, process_index, process_count)
-  require_records(files, pattern)
-  dataset, file_order = train_dataset(config, files, seed, local_batch_size)
-  return _checked_batches(dataset, file_order, _one_file(config, local_batch_size))
+  return TrainFiles(pattern, process_index, process_count).batches(config, seed, local_batch_size)
 
 
 def make_eval_iterator(
@@ -184,7 +208,7 @@ def make_eval_iterator(
   """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
   files = list_files(pattern, process_index, process_count)
   dataset = eval_dataset(config, files, local_batch_size, max_examples)
-  return _checked_batches(dataset, lambda: files, _one_file(config, local_batch_size))
+  return tf_errors.checked_batches(dataset, lambda: files, _one_file(config, local_batch_size))
 
 
 def _one_file(config, local_batch_size: int) -> Callable[[str], tf.data.Dataset]:
@@ -222,7 +246,7 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
 
   ds = file_table(files).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
-  for batch in _checked_batches(ds, lambda: files, decode_ids=False):
+  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False):
     ends = np.cumsum(batch["counts"])
     for name, video_id, labels in zip(
       batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True
@@ -244,72 +268,3 @@ def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   return {
     k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k != "id"
   }
-
-
-def _checked_batches(
-  dataset: tf.data.Dataset,
-  file_order: Callable[[], list[str]],
-  one_file: Callable[[str], tf.data.Dataset] | None = None,
-  decode_ids: bool = True,
-) -> Iterator[dict]:
-  """Numpy batches; TensorFlow errors and bad records become one-line DataErrors."""
-  iterator = dataset.as_numpy_iterator()
-  while True:
-    try:
-      batch = next(iterator)
-    except StopIteration:
-      return
-    except tf.errors.DataLossError as e:
-      # Under interleave TensorFlow does not say which file; find it by reading them one by one.
-      raise _name_corrupt_file(file_order(), e) from e
-    except tf.errors.OpError as e:
-      text = _tf_message(e)
-      path = ""
-      unnamed = isinstance(e, tf.errors.InvalidArgumentError) and "Name: " not in text
-      if unnamed and one_file is not None:  # Video-level parse errors name no file.
-        path = _first_failing(file_order(), one_file, text)
-      typed = records.describe_type_error(text, path)
-      raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
-    problem = batch.pop("problem", b"")
-    if problem:
-      raise DataError(problem.decode("utf-8", "replace"))
-    if decode_ids:
-      batch["id"] = np.array([i.decode("utf-8", "replace") for i in batch["id"]], dtype=object)
-    yield batch
-
-
-def _first_failing(files: list[str], one_file: Callable, text: str) -> str:
-  """The first of `files` whose own dataset fails with the error `text`, or ''."""
-  logging.warning("bad record: reading %d file(s) one by one to name its file", len(files))
-  for path in files:
-    try:
-      for _ in one_file(path):
-        pass
-    except tf.errors.OpError as e:
-      if _tf_message(e) == text:
-        return path
-  return ""
-
-
-def _name_corrupt_file(files: list[str], error: tf.errors.OpError) -> DataError:
-  logging.warning("corrupt tfrecord data: reading %d file(s) one by one to name it", len(files))
-  for path in files:
-    try:
-      compression = tfrecord_files.compression_type(path)
-      records_ds = tf.data.TFRecordDataset(path, compression_type=compression)
-      records_ds.reduce(np.int64(0), lambda n, _: n + 1)
-    except tf.errors.NotFoundError as e:  # Gone since it was listed.
-      return DataError(f"{path}: cannot read tfrecord file ({_tf_message(e)})")
-    except tf.errors.DataLossError as e:
-      kind = f"{compression}-compressed " if compression else ""
-      return DataError(f"{path}: corrupt or truncated {kind}tfrecord file ({_tf_message(e)})")
-  return DataError(f"corrupt or truncated tfrecord data ({_tf_message(error)})")
-
-
-def _tf_message(error: tf.errors.OpError) -> str:
-  """TensorFlow's error text without its function-node and op annotations, on one line."""
-  text = re.sub(r"\{\{[^}]*\}\}", "", error.message)
-  text = re.sub(r"Error in user-defined function passed to .*? with iterator: [\w:]+: ", "", text)
-  text = re.split(r"\[\[|\[Op:", text)[0]
-  text = " ".join(text.split())
-  return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."

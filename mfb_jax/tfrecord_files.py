@@ -14,6 +14,8 @@ then reports it as corrupt.
 import concurrent.futures
 import struct
 import zlib
+from collections.abc import Callable
+from typing import TypeVar
 
 import tensorflow as tf
 
@@ -23,6 +25,7 @@ _HEADER_BYTES = 12
 _HEAD_BYTES = 256  # Read from each file: the record header, or enough of a stream to decode.
 _CRC_MASK_DELTA = 0xA282EAD8
 _THREADS = 16  # Concurrent header reads: many remote (gs://) files are many round trips.
+T = TypeVar("T")
 
 
 def _crc32c_table() -> list[int]:
@@ -85,7 +88,13 @@ def compression_type(path: str) -> str:
 
 def compression_types(paths: list[str]) -> list[str]:
   """compression_type of each path, in order (the headers are read concurrently)."""
+  return map_paths(compression_type, paths)
+
+
+def map_paths(fn: Callable[[str], T], paths: list[str]) -> list[T]:
+  """fn of each path, in order, called concurrently: on remote (gs://) files each call is a round
+  trip. The first path (in order) whose call raises has its exception raised here."""
   if len(paths) <= 1:
-    return [compression_type(p) for p in paths]
+    return [fn(p) for p in paths]
   with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(paths))) as pool:
-    return list(pool.map(compression_type, paths))
+    return list(pool.map(fn, paths))

@@ -106,12 +106,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     return _train_and_evaluate(config, workdir, cleanup)
 
 
-def _check_inputs(config, checkpointer, state_shapes) -> list[str]:
+def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files and the checkpoint."""
   checkpointer.check_compatible(state_shapes)
   index, count = jax.process_index(), jax.process_count()
-  train_files = input_pipeline.list_files(config.data.train_pattern, index, count)
-  input_pipeline.require_records(train_files, config.data.train_pattern)
+  train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   if config.data.eval_pattern:
     input_pipeline.list_files(config.data.eval_pattern, index, count)
   return train_files
@@ -149,7 +148,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     train_cfg.num_steps,
     jax.device_count(),
     jax.process_count(),
-    len(train_files),
+    len(train_files.paths),
   )
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -174,14 +173,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     for step in range(start_step, train_cfg.num_steps):
       if batches is None or step % train_cfg.checkpoint_every == 0:
         batches = None  # Release the previous segment's tf.data threads first.
-        batches = input_pipeline.make_train_iterator(
-          config,
-          config.data.train_pattern,
-          segment_seed(config, step),
-          local_batch,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
-        )
+        batches = train_files.batches(config, segment_seed(config, step), local_batch)
       global_batch = input_pipeline.to_global(next(batches), mesh)
       done = step + 1
       is_last = done == train_cfg.num_steps

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from mfb_jax import input_pipeline
+from mfb_jax import input_pipeline, tfrecord_files
 from mfb_jax.bench_input import frame_record, video_record
 from mfb_jax.errors import DataError
 
@@ -254,6 +254,25 @@ def test_train_iterator_is_deterministic_and_labels_match(tmp_path):
 
   first = ids(seed=7)
   assert ids(seed=7) == first and ids(seed=8) != first
+
+
+def test_train_files_are_checked_once_for_all_segments(tmp_path, monkeypatch):
+  write_videos(tmp_path, [3, 3, 3])
+  pattern = str(tmp_path / "part-*.tfrecord")
+  calls = []
+
+  def counted(module, name):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda path: calls.append(name) or real(path))
+
+  counted(tf.io.gfile, "stat")
+  counted(tfrecord_files, "compression_type")
+  train_files = input_pipeline.TrainFiles(pattern)
+  assert calls.count("stat") == 3 and calls.count("compression_type") >= 3
+  listing = list(calls)
+  segments = [train_files.batches(small_config(), seed, 3) for seed in (1, 2, 3)]
+  assert [len(next(b)["id"]) for b in segments] == [3, 3, 3]
+  assert calls == listing  # The segments list, stat and read the headers of no file again.
 
 
 def test_to_global_and_empty_batch():
