@@ -45,4 +45,4 @@ bench: setup
 	$(PY) launch.py --mode=bench --config=configs/paper.py:netvlad,mfb --workdir=/tmp/mfb_jax_bench
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .cache

@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TINY = [f"--config={REPO / 'configs' / 'tiny.py'}"]
 
+# JAX's persistent compilation cache, shared by the test processes, the xdist workers (which
+# inherit this environment) and every launch.py they start: the suite compiles the same tiny
+# programs dozens of times, and a cached compile halves a tiny training run. Its keys cover the
+# program, the devices, the XLA flags and the jax version. The size limit turns on its file lock
+# (filelock, in requirements-dev.txt), so concurrent processes never read a half-written entry.
+# MFB_JAX_TEST_JAX_CACHE=0 turns it off.
+if os.environ.get("MFB_JAX_TEST_JAX_CACHE", "1") != "0":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax-tests"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
+
 
 def run_python(args: list[str], env: dict | None = None, timeout: float = 300, **kw):
   """Runs `python ARGS` from the repo root; returns the CompletedProcess (text output)."""
