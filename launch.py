@@ -45,15 +45,8 @@ flags.mark_flags_as_required(["config"])
 
 
 def run(config, workdir: str, mode: str) -> None:
-  """Runs one mode and prints where its results are."""
-  from mfb_jax import config_checks
-
-  config_checks.validate(config, mode)
+  """Runs one mode and prints where its results are (config and workdir already checked)."""
   runtime.set_matmul_precision(config)
-  if workdir:
-    from mfb_jax import workdir_files
-
-    workdir_files.check_workdir(workdir, inference=mode in ("eval", "predict"))
   if mode == "train":
     from mfb_jax import trainer
 
@@ -151,6 +144,13 @@ def main(argv) -> None:
   if not FLAGS.debug:
     runtime.quiet_library_logs()
   try:
+    from mfb_jax import config_checks, workdir_files
+
+    # First, before TensorFlow's and the distributed runtime's start-up (seconds): a bad value
+    # or workdir is reported at once, and on every process of a multi-process run alike.
+    config_checks.validate(FLAGS.config, FLAGS.mode)
+    if FLAGS.workdir:
+      workdir_files.check_workdir(FLAGS.workdir, inference=FLAGS.mode in ("eval", "predict"))
     runtime.hide_gpus_from_tensorflow()
     runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)

@@ -11,7 +11,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -87,11 +86,16 @@ def check_workdir(workdir: str, inference: bool) -> None:
   """Raises WorkdirError, before any work, for a workdir that cannot serve the run: a file, a URL
   of a scheme no file system serves, and for eval and predict (inference=True) one that does not
   exist (it holds their checkpoint) or, if local, takes no new file (their results)."""
-  try:
-    exists = tf.io.gfile.exists(workdir)
-    is_dir = exists and tf.io.gfile.isdir(workdir)
-  except tf.errors.OpError as e:
-    raise WorkdirError(f"cannot use workdir {workdir}: {' '.join(e.message.split())}") from e
+  if is_url(workdir):
+    import tensorflow as tf  # Deferred: launch.py checks local workdirs before TF's start-up.
+
+    try:
+      exists = tf.io.gfile.exists(workdir)
+      is_dir = exists and tf.io.gfile.isdir(workdir)
+    except tf.errors.OpError as e:
+      raise WorkdirError(f"cannot use workdir {workdir}: {' '.join(e.message.split())}") from e
+  else:
+    exists, is_dir = os.path.exists(workdir), os.path.isdir(workdir)
   if exists and not is_dir:
     raise WorkdirError(f"workdir {workdir} is a file, not a directory")
   if not inference:
@@ -118,6 +122,8 @@ def is_url(path: str) -> bool:
 
 def write_text(path: str, text: str) -> None:
   """Writes a small file whole: to PATH.tmp, then renamed (atomic on local file systems)."""
+  import tensorflow as tf  # Deferred, as in check_workdir.
+
   tf.io.gfile.makedirs(os.path.dirname(path))
   with tf.io.gfile.GFile(path + ".tmp", "w") as f:
     f.write(text)
@@ -128,6 +134,8 @@ def append_line(path: str, line: str) -> None:
   """Appends `line` and a newline to a small file, after a newline if the file's last line was
   cut short (a kill mid-write), so that line alone is lost. Object stores cannot append: there
   the file is read and rewritten."""
+  import tensorflow as tf  # Deferred, as in check_workdir.
+
   if not is_url(path):
     with open(path, "ab+") as f:
       size = f.seek(0, os.SEEK_END)
