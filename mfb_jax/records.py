@@ -163,7 +163,7 @@ def pad_rows(x_B: tf.Tensor, pad: tf.Tensor) -> tf.Tensor:
   return tf.pad(x_B, [[0, pad]] + [[0, 0]] * (x_B.shape.rank - 1), constant_values=fill)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def dequantize(q_BxTxD: tf.Tensor, num_frames_B: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
   """q * 4/255 - 2 (computed in float32, stored as `dtype`) on real frames and 0 on padding, in
   one fused pass (XLA)."""
