@@ -230,7 +230,8 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   record = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
   assert record["model"] == "netvlad+mfb+moe" and record["batch_size"] == 8
   assert record["devices"] == 1 and record["examples_per_sec"] > 0
-  assert record["examples_per_sec"] == pytest.approx(8000 / record["step_ms"], rel=0.01)
+  # Both come from the median step; step_ms is rounded to the microsecond (this step can be 0.3 ms).
+  assert 8000 / record["examples_per_sec"] == pytest.approx(record["step_ms"], abs=6e-4, rel=1e-4)
   assert record["train_flops_per_example"] > 0 and record["flop_floor_examples_per_sec"] > 0
   assert 0 < record["end_to_end_examples_per_sec"]
   # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
