@@ -3,6 +3,7 @@
 import functools
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -97,18 +98,23 @@ def write_synthetic(output_dir, *extra: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
-  """Frame-level synthetic shards for the tiny config (64 classes, short videos)."""
-  root = tmp_path_factory.mktemp("tiny_data")
-  write_synthetic(
-    root,
-    "--num_train=96",
-    "--num_eval=40",
-    "--num_shards=4",
-    "--num_classes=64",
-    "--min_frames=8",
-    "--max_frames=24",
-    "--seed=1",
-  )
+  """Frame-level synthetic shards for the tiny config (64 classes, short videos), written once per
+  test session: the xdist workers share one copy (the first to get the lock writes it)."""
+  import filelock
+
+  from mfb_jax import synthetic
+
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # The session's directory above each worker's own.
+  root = shared / "tiny_data"
+  with filelock.FileLock(str(shared / "tiny_data.lock")):
+    if not (root / "DONE").exists():
+      shutil.rmtree(root, ignore_errors=True)
+      synthetic.write_dataset(
+        str(root), num_train=96, num_eval=40, num_shards=4, num_classes=64, frames=(8, 24), seed=1
+      )
+      (root / "DONE").write_text("")
   return {"train": str(root / "train-*"), "eval": str(root / "eval-*")}
 
 
