@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic shards and a launch.py runner."""
+"""Shared fixtures: tiny synthetic shards, a trained tiny workdir and a launch.py runner."""
 
 import functools
 import os
@@ -96,25 +96,32 @@ def write_synthetic(output_dir, *extra: str) -> None:
   assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> dict[str, str]:
-  """Frame-level synthetic shards for the tiny config (64 classes, short videos), written once per
-  test session: the xdist workers share one copy (the first to get the lock writes it)."""
+def once_per_session(tmp_path_factory, name: str, make) -> Path:
+  """The directory NAME in the session's temp directory, made by make(path) once per test
+  session: the xdist workers share it (the first to take its file lock makes it)."""
   import filelock
-
-  from mfb_jax import synthetic
 
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     shared = shared.parent  # The session's directory above each worker's own.
-  root = shared / "tiny_data"
-  with filelock.FileLock(str(shared / "tiny_data.lock")):
-    if not (root / "DONE").exists():
+  root, done = shared / name, shared / f"{name}.done"
+  with filelock.FileLock(str(shared / f"{name}.lock")):
+    if not done.exists():
       shutil.rmtree(root, ignore_errors=True)
-      synthetic.write_dataset(
-        str(root), num_train=96, num_eval=40, num_shards=4, num_classes=64, frames=(8, 24), seed=1
-      )
-      (root / "DONE").write_text("")
+      make(root)
+      done.write_text("")
+  return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+  """Frame-level synthetic shards for the tiny config (64 classes, short videos)."""
+  from mfb_jax import synthetic
+
+  write = lambda root: synthetic.write_dataset(
+    str(root), num_train=96, num_eval=40, num_shards=4, num_classes=64, frames=(8, 24), seed=1
+  )
+  root = once_per_session(tmp_path_factory, "tiny_data", write)
   return {"train": str(root / "train-*"), "eval": str(root / "eval-*")}
 
 
@@ -136,3 +143,26 @@ def tiny_config(tiny_data):
   config.data.train_pattern = tiny_data["train"]
   config.data.eval_pattern = tiny_data["eval"]
   return config
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, tiny_args) -> dict:
+  """A workdir trained by `launch.py` on the tiny shards (6 steps: checkpoints 3 and 6, an eval at
+  step 6) and that run's stdout. Tests change only copies of it (`trained_workdir`)."""
+
+  def train(root):
+    result = launch(root, *tiny_args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (root.parent / "tiny_trained.stdout").write_text(result.stdout)
+
+  root = once_per_session(tmp_path_factory, "tiny_trained", train)
+  stdout = (root.parent / "tiny_trained.stdout").read_text()
+  return {"workdir": root, "stdout": stdout}
+
+
+@pytest.fixture
+def trained_workdir(tiny_trained, tmp_path) -> Path:
+  """This test's own copy of the tiny_trained workdir."""
+  work = tmp_path / "work"
+  shutil.copytree(tiny_trained["workdir"], work)
+  return work

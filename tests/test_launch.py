@@ -36,20 +36,19 @@ def _assert_one_line_error(result, *fragments: str) -> None:
     assert fragment in line, line
 
 
-def test_train_then_eval_and_predict(tiny_args, tmp_path):
-  result = launch(tmp_path, *tiny_args)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "GAP@20" in result.stdout
-  with open(tmp_path / "eval_results.json") as f:
+def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
+  assert "GAP@20" in tiny_trained["stdout"]  # The training run's summary line.
+  work = trained_workdir
+  with open(work / "eval_results.json") as f:
     trained = json.load(f)
-  os.remove(tmp_path / "eval_results.json")
-  result = launch(tmp_path, "--mode=eval", *tiny_args)
+  os.remove(work / "eval_results.json")
+  result = launch(work, "--mode=eval", *tiny_args)
   assert result.returncode == 0, result.stderr[-2000:]
-  with open(tmp_path / "eval_results.json") as f:
+  with open(work / "eval_results.json") as f:
     assert json.load(f) == trained
-  result = launch(tmp_path, "--mode=predict", *tiny_args)
+  result = launch(work, "--mode=predict", *tiny_args)
   assert result.returncode == 0, result.stderr[-2000:]
-  with open(tmp_path / "predictions.csv", newline="") as f:
+  with open(work / "predictions.csv", newline="") as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["VideoId", "LabelConfidencePairs"]
   assert len(rows) - 1 == trained["num_examples"] == 40
@@ -61,18 +60,18 @@ def test_train_then_eval_and_predict(tiny_args, tmp_path):
     assert scores == sorted(scores, reverse=True)
     assert all(0 <= int(label) < 64 for label in tokens[0::2])
   # Files without a record: one line, and the previous predictions are kept, with nothing beside.
-  (tmp_path / "empty.tfrecord").write_bytes(b"\0" * 5)
-  before = (tmp_path / "predictions.csv").read_bytes()
-  no_records = f"--config.data.predict_pattern={tmp_path / 'empty.tfrecord'}"
-  result = launch(tmp_path, "--mode=predict", *tiny_args, no_records)
+  (work / "empty.tfrecord").write_bytes(b"\0" * 5)
+  before = (work / "predictions.csv").read_bytes()
+  no_records = f"--config.data.predict_pattern={work / 'empty.tfrecord'}"
+  result = launch(work, "--mode=predict", *tiny_args, no_records)
   assert result.returncode == 2
   _assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
-  assert (tmp_path / "predictions.csv").read_bytes() == before
-  assert not [p for p in os.listdir(tmp_path) if p.startswith("predictions.csv.")]
-  result = launch(tmp_path, "--mode=predict", *tiny_args, "--config.data.id_feature=vid")
+  assert (work / "predictions.csv").read_bytes() == before
+  assert not [p for p in os.listdir(work) if p.startswith("predictions.csv.")]
+  result = launch(work, "--mode=predict", *tiny_args, "--config.data.id_feature=vid")
   _assert_one_line_error(result, "has no id (data.id_feature='vid'")
-  assert (tmp_path / "predictions.csv").read_bytes() == before
-  assert not [p for p in os.listdir(tmp_path) if p.startswith("predictions.csv.")]
+  assert (work / "predictions.csv").read_bytes() == before
+  assert not [p for p in os.listdir(work) if p.startswith("predictions.csv.")]
 
 
 def test_bad_config_values_give_one_line(tiny_args, tmp_path):
@@ -131,18 +130,15 @@ def test_missing_files_give_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
 
 
-def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, tmp_path):
-  result = launch(
-    tmp_path, *tiny_args, "--config.train.num_steps=3", "--config.train.eval_every=100"
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  before = _tree_digest(tmp_path)
-  result = launch(tmp_path, *tiny_args, "--config.model.aggregator=dbof")
+def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, trained_workdir):
+  work = trained_workdir
+  before = _tree_digest(work)
+  result = launch(work, *tiny_args, "--config.model.aggregator=dbof")
   _assert_one_line_error(result, "does not match the config")
-  assert _tree_digest(tmp_path) == before
+  assert _tree_digest(work) == before
   # A checkpoint without its metadata is called damaged, not another model's.
-  os.remove(tmp_path / "checkpoints" / "3" / "default" / "_METADATA")
-  result = launch(tmp_path, "--mode=eval", *tiny_args)
+  os.remove(work / "checkpoints" / "6" / "default" / "_METADATA")
+  result = launch(work, "--mode=eval", *tiny_args)
   assert result.returncode == 2
   _assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
 
