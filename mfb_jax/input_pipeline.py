@@ -122,6 +122,7 @@ class TrainFiles:
     return tf_errors.checked_batches(dataset, file_order, _one_file(config, local_batch_size))
 
 
+@_as_written
 def _tagged_records(path: tf.Tensor, compression: tf.Tensor) -> tf.data.Dataset:
   """(file name, serialized record) pairs: the name goes into error messages."""
   records_ds = tf.data.TFRecordDataset(path, compression_type=compression)
@@ -168,7 +169,7 @@ def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: 
   file_order = file_table(files, train_files.compressions)
   file_order = file_order.shuffle(len(files), seed=file_seed, reshuffle_each_iteration=True)
   ds = file_order.repeat().interleave(
-    _as_written(_tagged_records),
+    _tagged_records,
     cycle_length=min(len(files), TRAIN_CYCLE_LENGTH),
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
@@ -184,7 +185,7 @@ def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: 
 def eval_dataset(config, files: list[str], local_batch_size: int, max_examples: int = 0):
   """Every record once in file order; the last batch padded with valid = 0 rows."""
   spec = records.RecordSpec.from_config(config)
-  ds = file_table(files).flat_map(_as_written(_tagged_records))
+  ds = file_table(files).flat_map(_tagged_records)
   if max_examples > 0:
     ds = ds.take(max_examples)
   ds = _batches(spec, ds, local_batch_size, drop_remainder=False)
@@ -241,6 +242,7 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
   spec = records.RecordSpec.from_config(config)
   files = list_files(pattern)
 
+  @_as_written
   def parse(names_B, serialized_B):
     context = records.parse_context(spec, serialized_B, names_B)
     labels = context[spec.labels_key]
@@ -250,12 +252,8 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
     ids_B = records.video_ids(spec, context)
     return {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
 
-  ds = file_table(files).flat_map(_as_written(_tagged_records)).batch(ID_BATCH)
-  ds = (
-    ds.map(_as_written(parse), tf.data.AUTOTUNE, deterministic=True)
-    .prefetch(2)
-    .with_options(_options())
-  )
+  ds = file_table(files).flat_map(_tagged_records).batch(ID_BATCH)
+  ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
   for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False):
     ends = np.cumsum(batch["counts"])
     for name, video_id, labels in zip(
