@@ -135,6 +135,28 @@ def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
   assert buffer.flush() == {}
 
 
+class _Loss:
+  """A step's loss that records when the trainer waits for it."""
+
+  def __init__(self, step, waited):
+    self.step, self.waited = step, waited
+
+  def block_until_ready(self):
+    self.waited.append(self.step)
+    return self
+
+
+def test_metric_buffer_keeps_at_most_steps_ahead_steps_queued(monkeypatch):
+  # Unbounded, JAX queues up to 32 CPU steps with their batches (10 GB for NetVLAD+MFB).
+  for ahead in (1, 3):
+    monkeypatch.setattr(trainer, "STEPS_AHEAD", ahead)
+    buffer, waited = trainer.MetricBuffer(), []
+    for step in range(1, 8):
+      buffer.add(step, {"loss": _Loss(step, waited)})
+      # Adding step s waits for step s - ahead: only `ahead` steps may still be queued.
+      assert waited == list(range(1, step - ahead + 1))
+
+
 def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeypatch):
   from mfb_jax import evaluate
 
