@@ -9,16 +9,19 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 Kept short on purpose: the logic lives in mfb_jax/ where it is tested. Bad input ends with one
-line on stderr and exit code 2 (add --debug for the traceback).
+line on stderr and exit code 2 (add --debug for the traceback). SIGTERM or Ctrl-C during
+training saves a checkpoint and exits 0; at any other time it stops at once with exit 128 + the
+signal's number (mfb_jax/signals.py).
 """
 
 import os
 import re
 import sys
 
-from mfb_jax import runtime
+from mfb_jax import runtime, signals
 
 if __name__ == "__main__":
+  signals.install()  # First: a Ctrl-C even during the imports below ends with one line.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter.
   # TensorFlow's oneDNN kernels serve only its math ops, which tf.data's parsing never uses; left
   # on, they announce themselves on stderr before any log level applies.

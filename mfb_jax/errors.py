@@ -25,6 +25,15 @@ class TrainingError(UserError):
   """Training cannot go on (e.g. a NaN loss); no broken state was saved."""
 
 
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT outside the training loop (mfb_jax/signals.py); a BaseException, like
+  KeyboardInterrupt, so that no `except Exception` on the way up swallows it."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
 def agreed(check):
   """check()'s result where it succeeds on every process; else a UserError on every process: its
   own where it failed, one naming the first failing process elsewhere. Start-up checks that read

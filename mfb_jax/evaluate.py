@@ -164,12 +164,11 @@ def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int
 def _merge_parts(path: str, num_parts: int) -> None:
   """PATH from the processes' PATH.part-* files under one header (then removed)."""
   parts = [f"{path}.part-{i:05d}" for i in range(num_parts)]
-  with tf.io.gfile.GFile(path + ".tmp", "w") as out:
+  with workdir_files.atomic_file(path) as out:
     out.write("VideoId,LabelConfidencePairs\n")
     for part in parts:
       with tf.io.gfile.GFile(part) as f:
         out.write(f.read())
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
   for part in parts:
     tf.io.gfile.remove(part)
 

@@ -8,7 +8,6 @@ with a seed derived from the resume step instead (a fresh shuffle, no exact repl
 """
 
 import contextlib
-import signal
 import time
 
 import jax
@@ -19,36 +18,16 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from mfb_jax import checkpoint as checkpoint_lib
-from mfb_jax import config_checks, errors, evaluate, input_pipeline, workdir_files
+from mfb_jax import config_checks, errors, evaluate, input_pipeline, signals, workdir_files
 from mfb_jax import train as train_lib
 from mfb_jax.errors import TrainingError
 
 
-class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps (all processes agree on it)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint and stopping", signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def agreed(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+def _stop_agreed() -> bool:
+  """Whether a signal asked any process to stop (all processes stop at the same step)."""
+  if jax.process_count() == 1:
+    return signals.requested()
+  return bool(np.any(multihost_utils.process_allgather(np.array([signals.requested()]))))
 
 
 def segment_seed(config: ml_collections.ConfigDict, step: int) -> int:
@@ -183,7 +162,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     logging.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
     return evaluate.write_results(workdir, step, res)
 
-  with StopRequest() as stop:
+  # SIGTERM/Ctrl-C from here on: save after the running step and stop (mfb_jax/signals.py).
+  with signals.deferred():
     for step in range(start_step, train_cfg.num_steps):
       if batches is None or step % train_cfg.checkpoint_every == 0:
         batches = None  # Release the previous segment's tf.data threads first.
@@ -196,7 +176,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         state, global_batch, done % train_cfg.log_every == 0 or is_last
       )
       buffer.add(done, step_metrics)
-      stopping = stop.agreed()
+      stopping = _stop_agreed()
 
       if done % train_cfg.log_every == 0 or is_last or stopping:
         means = buffer.flush()
@@ -217,12 +197,14 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       if done % train_cfg.eval_every == 0 or is_last:
         result = run_eval(done)
       if stopping:
+        checkpointer.wait()  # A further signal is ignored until the save is complete.
         logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
         break
     else:
       if start_step >= train_cfg.num_steps:
         logging.info("Already trained to step %d; evaluating", start_step)
         result = run_eval(start_step)
+    checkpointer.wait()
 
   writer.flush()
   writer.close()

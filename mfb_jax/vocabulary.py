@@ -8,6 +8,7 @@ import csv
 
 import tensorflow as tf
 
+from mfb_jax import workdir_files
 from mfb_jax.errors import ConfigError
 
 ID_COLUMNS = ("Index", "label_id")
@@ -48,7 +49,7 @@ def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str)
   names = load(vocabulary_csv)
   count = 0
   # tf.io.gfile: the workdir may be a URL (gs://...), where these two files are.
-  with tf.io.gfile.GFile(predictions_csv) as f, tf.io.gfile.GFile(output_csv + ".tmp", "w") as out:
+  with tf.io.gfile.GFile(predictions_csv) as f, workdir_files.atomic_file(output_csv) as out:
     reader, writer = csv.reader(f), csv.writer(out, lineterminator="\n")
     next(reader)  # Header.
     writer.writerow(["VideoId", "Labels"])
@@ -60,5 +61,4 @@ def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str)
       ]
       writer.writerow([video_id, "; ".join(labels)])
       count += 1
-  tf.io.gfile.rename(output_csv + ".tmp", output_csv, overwrite=True)
   return count

@@ -2,6 +2,7 @@
 writers that eval and predict use for theirs, and the lock that keeps a second training run out
 of a workdir in use. A workdir may be local or any tf.io.gfile URL (gs://bucket/run)."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -120,14 +121,28 @@ def is_url(path: str) -> bool:
   return "://" in path
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes a small file whole: to PATH.tmp, then renamed (atomic on local file systems)."""
+@contextlib.contextmanager
+def atomic_file(path: str):
+  """A file opened for writing that appears at PATH whole or not at all: written to PATH.tmp,
+  then renamed (atomic on local file systems). On any failure (a full disk, a signal) PATH is as
+  it was and no PATH.tmp is left."""
   import tensorflow as tf  # Deferred, as in check_workdir.
 
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+  tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+  try:
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+      yield f
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  except BaseException:
+    with contextlib.suppress(Exception):
+      tf.io.gfile.remove(path + ".tmp")
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a small file whole (atomic_file)."""
+  with atomic_file(path) as f:
     f.write(text)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def append_line(path: str, line: str) -> None:

@@ -1,0 +1,135 @@
+"""SIGTERM and Ctrl-C (SIGINT) from the first line of launch.py to its exit.
+
+Two phases:
+- stop now (the default): the signal raises `Interrupted`, which unwinds the run (closing files,
+  the checkpointer, the workdir lock) and ends it with one line on stderr and exit code
+  128 + signal number (130 for Ctrl-C, 143 for SIGTERM). Nothing that this could break is being
+  written then: start-up, compilation, evaluation and prediction write their files whole or not at
+  all. A signal while the first one unwinds exits at once.
+- stop at the next step (`deferred()`, the training loop through its last checkpoint save): the
+  signal only sets a flag; the loop saves a checkpoint after the step it is running and stops,
+  exit 0. Further signals are logged and otherwise ignored until that save has finished, so a
+  second Ctrl-C cannot cut it short (kill -9 still can; the checkpoints before it stay intact).
+
+A signal whose exception Python would print and drop (one that arrives inside a garbage-collection
+callback or a __del__) is raised again 10 ms later, and `deferred()` raises any signal still
+pending.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+
+from mfb_jax.errors import Interrupted
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _State:
+  received: int | None = None  # The first signal not yet acted on.
+  deferring = False
+  unwinding = False  # An Interrupted has been raised.
+
+
+_state = _State()
+
+
+def _name(signum: int) -> str:
+  return signal.Signals(signum).name
+
+
+def _raise_later(signum, frame) -> None:
+  del signum
+  if _state.received is not None and not _state.deferring:
+    _handle(_state.received, frame)
+
+
+def _handle(signum, frame) -> None:
+  del frame
+  first = _state.received is None
+  if first:
+    _state.received = signum
+  if not _state.deferring:
+    if _state.unwinding:  # The first signal's clean-up is taking long: stop now.
+      report(Interrupted(signum))
+    _state.unwinding = True
+    raise Interrupted(signum)
+  from absl import logging
+
+  if first:
+    logging.warning("Received %s: saving a checkpoint after this step and stopping", _name(signum))
+  else:
+    logging.warning(
+      "Received %s again: still stopping, waiting for the checkpoint save to finish (kill -9 "
+      "abandons it; the checkpoints saved before it stay intact)",
+      _name(signum),
+    )
+
+
+def _unraisablehook(unraisable) -> None:
+  """An Interrupted raised where Python drops exceptions (a garbage-collection callback, which
+  jax registers, a __del__, a weakref callback) is raised again 10 ms later, in ordinary code."""
+  if not isinstance(unraisable.exc_value, Interrupted):
+    _previous_unraisablehook(unraisable)
+    return
+  _state.unwinding = False
+  signal.signal(signal.SIGALRM, _raise_later)
+  signal.setitimer(signal.ITIMER_REAL, 0.01)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _excepthook(kind, value, tb) -> None:
+  if isinstance(value, Interrupted):
+    report(value)
+  _previous_excepthook(kind, value, tb)
+
+
+_previous_excepthook = sys.excepthook
+
+
+def install() -> None:
+  """Handles SIGTERM/SIGINT as above for the rest of the process (launch.py calls it first)."""
+  for sig in SIGNALS:
+    signal.signal(sig, _handle)
+  sys.excepthook = _excepthook
+  sys.unraisablehook = _unraisablehook
+
+
+def report(error: Interrupted) -> None:
+  """Ends the process after an Interrupted: one line on stderr, exit 128 + signal number."""
+  message = (
+    f"stopped by {_name(error.signum)}; no file was left half-written (rerun the same command "
+    "to start again)"
+  )
+  with contextlib.suppress(Exception):
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(128 + error.signum)
+
+
+def requested() -> bool:
+  """Whether a signal asked this process to stop."""
+  return _state.received is not None
+
+
+@contextlib.contextmanager
+def deferred():
+  """Within: SIGTERM/SIGINT only set requested(). Installs the handlers for its duration where
+  install() was not called (train_and_evaluate used as a library), restoring them after."""
+  if _state.received is not None:
+    _state.unwinding = True
+    raise Interrupted(_state.received)
+  previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+  for sig in SIGNALS:
+    signal.signal(sig, _handle)
+  _state.deferring = True
+  try:
+    yield
+  finally:
+    _state.deferring = False
+    _state.received = None  # Acted on: the run saved and stopped.
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

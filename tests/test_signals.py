@@ -1,0 +1,134 @@
+"""SIGTERM and Ctrl-C: deferred to a checkpoint save in the training loop, one line elsewhere."""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import PYTHON, REPO, last_line, run_python
+
+from mfb_jax import signals, workdir_files
+
+# A program that installs the handlers, then gets a signal while it writes a file with
+# atomic_file (a write cut short must leave neither the file nor its .tmp).
+WRITE_WHEN_SIGNALLED = """
+import os, signal, sys, time
+from mfb_jax import signals, workdir_files
+signals.install()
+path, signum = sys.argv[1], int(sys.argv[2])
+with workdir_files.atomic_file(path) as f:
+  f.write("half of it")
+  os.kill(os.getpid(), signum)
+  time.sleep(30)
+  f.write("the other half")
+print("not reached")
+"""
+
+# A signal that arrives where Python prints and drops exceptions: in a garbage-collection callback
+# (jax registers one) or in a __del__. Raised from there, the run would go on.
+SIGNALLED_WHERE_EXCEPTIONS_ARE_DROPPED = """
+import gc, os, signal, sys, time
+from mfb_jax import signals
+signals.install()
+def signalled():
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.05)  # The handler runs here.
+def callback(phase, info):
+  if phase == "start":
+    gc.callbacks.remove(callback)
+    signalled()
+class Dropped:
+  def __del__(self):
+    signalled()
+if sys.argv[1] == "gc":
+  gc.callbacks.append(callback)
+  gc.collect()
+else:
+  Dropped()
+time.sleep(30)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_outside_training_is_one_line_and_leaves_no_half_file(tmp_path, signum):
+  path = tmp_path / "results.json"
+  start = time.time()
+  quiet = {"TF_ENABLE_ONEDNN_OPTS": "0"}  # TensorFlow's notice on import, as launch.py sets it.
+  args = ["-c", WRITE_WHEN_SIGNALLED, str(path), str(int(signum))]
+  result = run_python(args, env=quiet, timeout=60)
+  assert result.returncode == 128 + signum, result.stderr[-2000:]
+  assert time.time() - start < 25  # It stopped at once, not after the sleep.
+  assert "not reached" not in result.stdout and "Traceback" not in result.stderr
+  name = signal.Signals(signum).name
+  assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
+  assert last_line(result.stderr).startswith(f"error: stopped by {name}; no file was left")
+  assert os.listdir(tmp_path) == []  # Neither results.json nor results.json.tmp.
+
+
+@pytest.mark.parametrize("where", ["gc", "__del__"])
+def test_a_signal_where_python_drops_exceptions_still_stops_the_process(where):
+  result = run_python(["-c", SIGNALLED_WHERE_EXCEPTIONS_ARE_DROPPED, where], timeout=60)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+  assert "not reached" not in result.stdout
+  assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+
+
+def test_deferred_signals_only_request_a_stop_and_are_restored_after():
+  before = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
+  with signals.deferred():
+    assert not signals.requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # The handler runs; it must not raise.
+    assert signals.requested()
+    os.kill(os.getpid(), signal.SIGINT)  # A second signal while stopping: still no exception.
+    time.sleep(0.05)
+    assert signals.requested()
+  assert not signals.requested()  # Acted on when the loop ended.
+  assert {sig: signal.getsignal(sig) for sig in signals.SIGNALS} == before
+
+
+def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
+  path = str(tmp_path / "eval_results.json")
+  workdir_files.write_text(path, "old")
+  with pytest.raises(RuntimeError, match="disk full"):
+    with workdir_files.atomic_file(path) as f:
+      f.write("new, half")
+      raise RuntimeError("disk full")
+  assert open(path).read() == "old"
+  assert sorted(os.listdir(tmp_path)) == ["eval_results.json"]
+  workdir_files.write_text(path, "new")
+  assert open(path).read() == "new" and sorted(os.listdir(tmp_path)) == ["eval_results.json"]
+
+
+def test_a_signal_during_evaluation_stops_eval_mode_at_once(tiny_args, trained_workdir, tmp_path):
+  # A slow eval: 100 copies of the tiny eval split, one video per step.
+  work, shards = trained_workdir, tmp_path / "shards"
+  shards.mkdir()
+  eval_glob = tiny_args[-1].split("=", 1)[1]
+  for copy in range(100):
+    for path in glob.glob(eval_glob):
+      os.link(path, shards / f"{copy}-{os.path.basename(path)}")
+  results = (work / "eval_results.json").read_bytes()
+  args = [*tiny_args[:-1], f"--config.data.eval_pattern={shards}/*", "--config.eval.batch_size=1"]
+  process = subprocess.Popen(
+    [PYTHON, "launch.py", f"--workdir={work}", "--mode=eval", *args],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lines, deadline = [], time.time() + 120
+  while not any("Restoring checkpoint" in line for line in lines) and time.time() < deadline:
+    lines.append(process.stderr.readline())
+  time.sleep(1.0)  # Restored, compiling or evaluating: every phase must stop the same way.
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 130, "".join(lines) + err[-2000:]
+  assert "Traceback" not in err
+  assert last_line(err).startswith("error: stopped by SIGINT")
+  assert (work / "eval_results.json").read_bytes() == results
+  assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
