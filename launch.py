@@ -9,9 +9,9 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 Kept short on purpose: the logic lives in mfb_jax/ where it is tested. Bad input ends with one
-line on stderr and exit code 2 (add --debug for the traceback). SIGTERM or Ctrl-C during
-training saves a checkpoint and exits 0; at any other time it stops at once with exit 128 + the
-signal's number (mfb_jax/signals.py).
+line on stderr and exit code 2 (add --debug for the traceback). SIGTERM or Ctrl-C once training
+has run its first step saves a checkpoint and exits 0; at any other time it stops at once with
+exit 128 + the signal's number (mfb_jax/signals.py).
 """
 
 import os

@@ -5,11 +5,12 @@ masked, and processes that run out of data early feed all-padding batches until 
 done, so all of them run the same number of (collective) steps.
 """
 
+import contextlib
 import csv
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -28,20 +29,34 @@ RESULTS_FILE = "eval_results.json"
 HISTORY_FILE = "eval_history.jsonl"  # One line per evaluation, for GAP-vs-step curves.
 
 
-def lockstep(batches: Iterator[dict], empty: dict) -> Iterator[dict]:
-  """Yields local batches until every process is exhausted, padding the finished ones."""
+class StoppedError(Exception):
+  """An evaluation given up at a stop request (a signal during training), on every process."""
+
+
+def lockstep(
+  batches: Iterator[dict], empty: dict, stop: Callable[[], bool] = lambda: False
+) -> Iterator[dict]:
+  """Yields local batches until every process is exhausted, padding the finished ones.
+
+  Raises StoppedError, on every process at the same batch, once stop() is true on any of them.
+  """
   iterator = iter(batches)
   while True:
     batch = next(iterator, None)
-    has_data = batch is not None
+    has_data, stopping = batch is not None, stop()
     if jax.process_count() > 1:
-      has_data = bool(np.any(multihost_utils.process_allgather(np.array([has_data]))))
+      either = multihost_utils.process_allgather(np.array([has_data, stopping]))
+      has_data, stopping = (bool(x) for x in np.any(either.reshape(-1, 2), axis=0))
+    if stopping:
+      raise StoppedError()
     if not has_data:
       return
     yield batch if batch is not None else empty
 
 
-def _local_batches(config, pattern: str, max_examples: int = 0) -> Iterator[dict]:
+def _local_batches(
+  config, pattern: str, max_examples: int = 0, stop=lambda: False
+) -> Iterator[dict]:
   local_batch = config_checks.check_batch_split(
     config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
   )
@@ -56,7 +71,7 @@ def _local_batches(config, pattern: str, max_examples: int = 0) -> Iterator[dict
     )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
-  return lockstep(batches, empty)
+  return lockstep(batches, empty, stop)
 
 
 class Progress:
@@ -79,13 +94,17 @@ class Progress:
     return time.time() - self.start
 
 
-def evaluate_split(config, state, eval_fn, mesh, pattern: str) -> dict:
-  """Metrics of `state` over every video matched by `pattern` (GAP as a fraction)."""
+def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: False) -> dict:
+  """Metrics of `state` over every video matched by `pattern` (GAP as a fraction).
+
+  `stop()` is asked before every batch: once it is true on any process, every process raises
+  StoppedError (the training loop's evaluations give up at a signal instead of finishing the split).
+  """
   accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
   progress = Progress("evaluating")
   # eval.max_examples counts videos over all processes: each scores its share of them.
   per_process = -(-config.eval.max_examples // jax.process_count())
-  for batch in _local_batches(config, pattern, per_process):
+  for batch in _local_batches(config, pattern, per_process, stop):
     summary = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, mesh)))
     valid = summary.pop("valid")
     accumulator.add(summary, valid)
@@ -109,6 +128,18 @@ def write_results(workdir: str, step: int, result: dict) -> dict:
     workdir_files.write_text(os.path.join(workdir, RESULTS_FILE), json.dumps(record, indent=2))
     workdir_files.append_line(os.path.join(workdir, HISTORY_FILE), json.dumps(record))
   return record
+
+
+def evaluated_steps(workdir: str) -> set[int]:
+  """The steps eval_history.jsonl has a result for (a line cut short by a kill is skipped)."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not tf.io.gfile.exists(path):
+    return set()
+  steps = set()
+  for line in tf.io.gfile.GFile(path).read().splitlines():
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+      steps.add(int(json.loads(line)["step"]))
+  return steps
 
 
 def _format_row(video_id: str, classes_K: np.ndarray, scores_K: np.ndarray) -> list[str]:

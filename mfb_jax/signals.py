@@ -6,10 +6,11 @@ Two phases:
   128 + signal number (130 for Ctrl-C, 143 for SIGTERM). Nothing that this could break is being
   written then: start-up, compilation, evaluation and prediction write their files whole or not at
   all. A signal while the first one unwinds exits at once.
-- stop at the next step (`deferred()`, the training loop through its last checkpoint save): the
-  signal only sets a flag; the loop saves a checkpoint after the step it is running and stops,
-  exit 0. Further signals are logged and otherwise ignored until that save has finished, so a
-  second Ctrl-C cannot cut it short (kill -9 still can; the checkpoints before it stay intact).
+- stop at the next step (`deferred()`, the training loop from the end of its first step through
+  its last checkpoint save): the signal only sets a flag; the loop gives up an evaluation it is
+  running, saves a checkpoint after the step it is running and stops, exit 0. Further signals
+  are logged and otherwise ignored until that save has finished, so a second Ctrl-C cannot cut
+  it short (kill -9 still can; the checkpoints before it stay intact).
 
 A signal whose exception Python would print and drop (one that arrives inside a garbage-collection
 callback or a __del__) is raised again 10 ms later, and `deferred()` raises any signal still

@@ -5,6 +5,9 @@ train.checkpoint_every with a shuffle seed derived from (config.seed, that step)
 a periodic checkpoint therefore sees exactly the batches a straight run would have seen, and ends
 with identical parameters. After a SIGTERM save at another step, the rest of that segment is drawn
 with a seed derived from the resume step instead (a fresh shuffle, no exact replay).
+
+Evaluation rule: a run resumed at an evaluation step (a multiple of train.eval_every) that has no
+line in eval_history.jsonl evaluates it first; its evaluation was given up at a signal or killed.
 """
 
 import contextlib
@@ -99,6 +102,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     return _train_and_evaluate(config, workdir, cleanup)
 
 
+def _evaluation_missed(config, workdir: str, step: int) -> bool:
+  """Whether `step` (a resumed run's first) is an evaluation step whose result was never written:
+  a signal gave up its evaluation, or the run was killed during it."""
+  due = 0 < step < config.train.num_steps and step % config.train.eval_every == 0
+  missed = due and bool(config.data.eval_pattern) and step not in evaluate.evaluated_steps(workdir)
+  if jax.process_count() > 1:  # Process 0 decides: the history may change under a running eval.
+    missed = bool(multihost_utils.broadcast_one_to_all(np.array(missed)))
+  return missed
+
+
 def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files and the checkpoint."""
   checkpointer.check_compatible(state_shapes)
@@ -153,17 +166,35 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   batches = None
   last_time, last_step = time.time(), start_step
 
-  def run_eval(step: int):
+  def run_eval(step: int) -> bool:
+    """Evaluates the state at `step`; False where a stop request cut the evaluation short."""
+    nonlocal result
     if not config.data.eval_pattern:
       logging.warning("data.eval_pattern is empty: skipping evaluation at step %d", step)
-      return None
-    res = evaluate.evaluate_split(config, state, eval_fn, mesh, config.data.eval_pattern)
+      return True
+    try:
+      res = evaluate.evaluate_split(
+        config, state, eval_fn, mesh, config.data.eval_pattern, stop=signals.requested
+      )
+    except evaluate.StoppedError:
+      logging.warning("Evaluation at step %d given up; it runs first when training resumes", step)
+      return False
     writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
     logging.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
-    return evaluate.write_results(workdir, step, res)
+    result = evaluate.write_results(workdir, step, res)
+    return True
 
-  # SIGTERM/Ctrl-C from here on: save after the running step and stop (mfb_jax/signals.py).
-  with signals.deferred():
+  def save(step: int) -> None:
+    buffer.flush()  # Never save a state whose loss went NaN/Inf.
+    checkpointer.save(state, step)
+
+  if _evaluation_missed(config, workdir, start_step):
+    logging.info("Evaluating step %d first: the run that saved it stopped before that", start_step)
+    run_eval(start_step)
+
+  # SIGTERM/Ctrl-C stops at once until the first step has run (nothing new to save yet); from
+  # then on the loop saves after the running step and stops (mfb_jax/signals.py).
+  with contextlib.ExitStack() as deferral:
     for step in range(start_step, train_cfg.num_steps):
       if batches is None or step % train_cfg.checkpoint_every == 0:
         batches = None  # Release the previous segment's tf.data threads first.
@@ -176,6 +207,9 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         state, global_batch, done % train_cfg.log_every == 0 or is_last
       )
       buffer.add(done, step_metrics)
+      if step == start_step:
+        jax.block_until_ready(step_metrics)
+        deferral.enter_context(signals.deferred())
       stopping = _stop_agreed()
 
       if done % train_cfg.log_every == 0 or is_last or stopping:
@@ -191,11 +225,13 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
             done, train_cfg.num_steps, means["loss"], steps_per_sec, train_cfg.batch_size
           )
         )
-      if done % train_cfg.checkpoint_every == 0 or is_last or stopping:
-        buffer.flush()  # Never save a state whose loss went NaN/Inf.
-        checkpointer.save(state, done)
-      if done % train_cfg.eval_every == 0 or is_last:
-        result = run_eval(done)
+      saved = done % train_cfg.checkpoint_every == 0 or is_last or stopping
+      if saved:  # Before the evaluation, which can be long.
+        save(done)
+      if (done % train_cfg.eval_every == 0 or is_last) and not run_eval(done):
+        stopping = True  # Every process gave up the evaluation at the same batch.
+        if not saved:
+          save(done)
       if stopping:
         checkpointer.wait()  # A further signal is ignored until the save is complete.
         logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
@@ -203,7 +239,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     else:
       if start_step >= train_cfg.num_steps:
         logging.info("Already trained to step %d; evaluating", start_step)
-        result = run_eval(start_step)
+        run_eval(start_step)
     checkpointer.wait()
 
   writer.flush()

@@ -132,3 +132,40 @@ def test_a_signal_during_evaluation_stops_eval_mode_at_once(tiny_args, trained_w
   assert last_line(err).startswith("error: stopped by SIGINT")
   assert (work / "eval_results.json").read_bytes() == results
   assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
+
+
+# Training whose first train step gets a SIGTERM as it starts (before its compilation).
+SIGNALLED_IN_THE_FIRST_STEP = """
+import os, signal, sys
+from configs import tiny
+from mfb_jax import signals, trainer
+from mfb_jax import train as train_lib
+signals.install()
+jit_train_step = train_lib.jit_train_step
+
+def signalled_jit_train_step(*args):
+  step_fn, calls = jit_train_step(*args), []
+  def step(*step_args):
+    if not calls:
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    return step_fn(*step_args)
+  return step
+
+train_lib.jit_train_step = signalled_jit_train_step
+config = tiny.get_config()
+config.data.train_pattern, config.data.eval_pattern = sys.argv[2:4]
+trainer.train_and_evaluate(config, sys.argv[1])
+print("not reached")
+"""
+
+
+def test_a_signal_before_the_first_step_has_run_stops_training_at_once(tiny_data, tmp_path):
+  # Nothing new to save: no checkpoint, one line, exit 143 (not a save after the first step).
+  args = ["-c", SIGNALLED_IN_THE_FIRST_STEP, str(tmp_path), tiny_data["train"], tiny_data["eval"]]
+  result = run_python(args, env={"TF_ENABLE_ONEDNN_OPTS": "0"}, timeout=120)
+  assert result.returncode == 143, result.stderr[-2000:]
+  assert "not reached" not in result.stdout and "Traceback" not in result.stderr
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+  assert "Received SIGTERM" not in result.stderr
+  assert os.listdir(tmp_path / "checkpoints") == []

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -108,6 +109,40 @@ def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+def test_a_signal_during_an_evaluation_gives_it_up_and_the_resumed_run_redoes_it(
+  tiny_config, tmp_path, monkeypatch
+):
+  from mfb_jax import evaluate
+
+  # Evaluations at steps 4 and 5, checkpoints every 3: step 4 is saved only because of the stop.
+  tiny_config.train.update(num_steps=100, eval_every=4, checkpoint_every=3)
+  tiny_config.eval.batch_size = 2  # 20 eval batches.
+  scored, update = [], evaluate.Progress.update
+
+  def signalled_update(progress, num_examples):
+    scored.append(num_examples)
+    if len(scored) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # As `kill` would, in the middle of the evaluation.
+    update(progress, num_examples)
+
+  monkeypatch.setattr(evaluate.Progress, "update", signalled_update)
+  assert trainer.train_and_evaluate(tiny_config, str(tmp_path)) is None  # No evaluation finished.
+  assert len(scored) == 3  # Given up at the next batch, not after the remaining 17.
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == [3, 4]
+  assert evaluate.evaluated_steps(str(tmp_path)) == set()
+
+  monkeypatch.setattr(evaluate.Progress, "update", update)
+  tiny_config.train.num_steps = 5
+  result = trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert result["step"] == 5
+  assert evaluate.evaluated_steps(str(tmp_path)) == {4, 5}  # Step 4's evaluation first.
+  # A run resumed at an evaluation step whose result exists does not evaluate it again.
+  tiny_config.train.num_steps = 6
+  trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  with open(tmp_path / "eval_history.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [4, 5, 6]
+
+
 def test_segment_seeds_differ_and_repeat():
   config = default.get_config()
   assert trainer.segment_seed(config, 1000) == trainer.segment_seed(config, 1000)
@@ -162,7 +197,7 @@ def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeyp
 
   asked = []
 
-  def local_batches(config, pattern, max_examples=0):
+  def local_batches(config, pattern, max_examples=0, stop=None):
     asked.append(max_examples)
     return iter(())
 
