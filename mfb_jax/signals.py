@@ -10,7 +10,8 @@ Two phases:
   its last checkpoint save): the signal only sets a flag; the loop gives up an evaluation it is
   running, saves a checkpoint after the step it is running and stops, exit 0. Further signals
   are logged and otherwise ignored until that save has finished, so a second Ctrl-C cannot cut
-  it short (kill -9 still can; the checkpoints before it stay intact).
+  it short (kill -9 still can; the checkpoints before it stay intact), and ignored after it, up
+  to the exit.
 
 A signal whose exception Python would print and drop (one that arrives inside a garbage-collection
 callback or a __del__) is raised again 10 ms later, and `deferred()` raises any signal still
@@ -119,7 +120,8 @@ def requested() -> bool:
 @contextlib.contextmanager
 def deferred():
   """Within: SIGTERM/SIGINT only set requested(). Installs the handlers for its duration where
-  install() was not called (train_and_evaluate used as a library), restoring them after."""
+  install() was not called (train_and_evaluate used as a library), restoring them after;
+  under install(), a stop leaves them ignoring signals."""
   if _state.received is not None:
     _state.unwinding = True
     raise Interrupted(_state.received)
@@ -131,6 +133,9 @@ def deferred():
     yield
   finally:
     _state.deferring = False
-    _state.received = None  # Acted on: the run saved and stopped.
+    stopped, _state.received = _state.received is not None, None
     for sig, handler in previous.items():
-      signal.signal(sig, handler)
+      # After a stop, under install(), the run has saved and only its exit is left: a further
+      # signal is ignored, also during the interpreter's shutdown (which resets handlers it set
+      # itself to the default, so a late SIGTERM would end a clean stop with -15).
+      signal.signal(sig, signal.SIG_IGN if stopped and handler is _handle else handler)

@@ -52,6 +52,24 @@ print("not reached")
 """
 
 
+# A stop in the training loop, then a late signal (a second `kill`, or Ctrl-C pressed twice) while
+# the process exits: ignored, also during the interpreter's shutdown.
+SIGNALLED_AGAIN_AFTER_A_STOP = """
+import atexit, os, signal, time
+from mfb_jax import signals
+signals.install()
+with signals.deferred():
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.05)
+  assert signals.requested()
+print(signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.05)
+print("exiting", flush=True)
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # During the shutdown.
+"""
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_outside_training_is_one_line_and_leaves_no_half_file(tmp_path, signum):
   path = tmp_path / "results.json"
@@ -89,6 +107,13 @@ def test_deferred_signals_only_request_a_stop_and_are_restored_after():
     assert signals.requested()
   assert not signals.requested()  # Acted on when the loop ended.
   assert {sig: signal.getsignal(sig) for sig in signals.SIGNALS} == before
+
+
+def test_signals_after_a_completed_stop_are_ignored_up_to_the_exit():
+  result = run_python(["-c", SIGNALLED_AGAIN_AFTER_A_STOP], timeout=60)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["True", "exiting"]
+  assert "Received SIGTERM: saving a checkpoint" in result.stderr
 
 
 def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
