@@ -15,9 +15,14 @@ Two phases:
 
 A signal whose exception Python would print and drop (one that arrives inside a garbage-collection
 callback or a __del__) is raised again 10 ms later, and `deferred()` raises any signal still
-pending.
+pending. A signal during an import is held until the outermost import statement has finished
+(a second one exits at once): raised inside a native module's initialisation (jaxlib's, while
+`import jax` runs), the exception aborted the interpreter or was lost. A library that turns the
+raised `Interrupted` into an error of its own (tensorstore, while a checkpoint is restored) is
+covered by `stopped_by()`: launch.py then reports the signal, not that error.
 """
 
+import builtins
 import contextlib
 import os
 import signal
@@ -32,6 +37,7 @@ class _State:
   received: int | None = None  # The first signal not yet acted on.
   deferring = False
   unwinding = False  # An Interrupted has been raised.
+  importing = 0  # Depth of the import statements running.
 
 
 _state = _State()
@@ -52,6 +58,10 @@ def _handle(signum, frame) -> None:
   first = _state.received is None
   if first:
     _state.received = signum
+  if _state.importing and not _state.deferring:
+    if not first:  # Pressed again during a long import: stop now.
+      report(Interrupted(signum))
+    return  # Raised when the import has finished (_import).
   if not _state.deferring:
     if _state.unwinding:  # The first signal's clean-up is taking long: stop now.
       report(Interrupted(signum))
@@ -92,12 +102,37 @@ def _excepthook(kind, value, tb) -> None:
 _previous_excepthook = sys.excepthook
 
 
+def _import(*args, **kwargs):
+  """builtins.__import__ with signals held until the outermost import statement has finished."""
+  _state.importing += 1
+  try:
+    return _original_import(*args, **kwargs)
+  finally:
+    _state.importing -= 1
+    if not _state.importing and _state.received is not None:
+      if not (_state.deferring or _state.unwinding):
+        _state.unwinding = True
+        raise Interrupted(_state.received)  # Instead of the import's result or error.
+
+
+_original_import = builtins.__import__
+
+
 def install() -> None:
   """Handles SIGTERM/SIGINT as above for the rest of the process (launch.py calls it first)."""
   for sig in SIGNALS:
     signal.signal(sig, _handle)
   sys.excepthook = _excepthook
   sys.unraisablehook = _unraisablehook
+  builtins.__import__ = _import
+
+
+def stopped_by() -> Interrupted | None:
+  """The signal's Interrupted if one has been raised outside the training loop: an error caught
+  after it is the signal's doing (a library wrapped the Interrupted), whatever its message."""
+  if _state.unwinding and _state.received is not None:
+    return Interrupted(_state.received)
+  return None
 
 
 def report(error: Interrupted) -> None:

@@ -70,6 +70,38 @@ atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # During the shut
 """
 
 
+# A signal in the middle of an import (of jaxlib's native module, in the reviews that found this:
+# raised there, the exception aborted the interpreter or was lost). ARGV: how many signals.
+SIGNALLED_DURING_AN_IMPORT = """
+import os, signal, sys, time
+from mfb_jax import signals
+signals.install()
+module = os.path.join(sys.argv[1], "slow_module.py")
+with open(module, "w") as f:
+  f.write(
+    "import os, signal, time\\n"
+    f"for _ in range({sys.argv[2]}):\\n"
+    "  os.kill(os.getpid(), signal.SIGTERM)\\n"
+    "  time.sleep(0.05)\\n"
+    "print('import finished', flush=True)\\n"
+  )
+sys.path.insert(0, sys.argv[1])
+import slow_module
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signals_sent", [1, 2])
+def test_a_signal_during_an_import_waits_for_it_unless_sent_twice(tmp_path, signals_sent):
+  args = ["-c", SIGNALLED_DURING_AN_IMPORT, str(tmp_path), str(signals_sent)]
+  result = run_python(args, timeout=60)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "not reached" not in result.stdout
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+  # One signal: the import runs to its end first; a second one stops the process at once.
+  assert ("import finished" in result.stdout) == (signals_sent == 1), result.stdout
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_outside_training_is_one_line_and_leaves_no_half_file(tmp_path, signum):
   path = tmp_path / "results.json"
