@@ -9,14 +9,15 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 Kept short on purpose: the logic lives in mfb_jax/ where it is tested. Bad input ends with one
-line on stderr and exit code 2 (add --debug for the traceback). SIGTERM or Ctrl-C once training
-has run its first step saves a checkpoint and exits 0; at any other time it stops at once with
-exit 128 + the signal's number (mfb_jax/signals.py).
+line on stderr and exit code 2 (--debug adds the traceback; the exit code stays). SIGTERM or
+Ctrl-C once training has run its first step saves a checkpoint and exits 0; at any other time it
+stops at once with exit 128 + the signal's number (mfb_jax/signals.py).
 """
 
 import os
 import re
 import sys
+import traceback
 
 from mfb_jax import runtime, signals
 
@@ -43,7 +44,9 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "bench"], "What 
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+flags.DEFINE_bool(
+  "debug", False, "Also print an error's traceback (the one-line error and exit code stay)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -84,7 +87,12 @@ def _report(config, workdir: str, result: dict | None) -> None:
       f"Hit@1 {result['hit_at_1']:.4f}  PERR {result['perr']:.4f}  "
       f"({result['num_examples']} videos, step {result['step']})"
     )
-  _print(f"results: {workdir}/eval_results.json  checkpoints: {workdir}/checkpoints")
+  import tensorflow as tf  # tf.io.gfile: the workdir may be a URL (gs://...).
+
+  results = f"{workdir}/eval_results.json"
+  # A run stopped by a signal before its first evaluation has none yet.
+  where = f"results: {results}  " if tf.io.gfile.exists(results) else ""
+  _print(f"{where}checkpoints: {workdir}/checkpoints")
   _print(f"TensorBoard: tensorboard --logdir {workdir}")
 
 
@@ -123,7 +131,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
     if "--debug" in argv:
-      raise
+      traceback.print_exc()
     message = str(e)
     if "Traceback" in message:  # The config file raised: keep its exception's line.
       last = re.sub(r"^[\w.]*ConfigError: ", "", message.strip().splitlines()[-1])
@@ -136,11 +144,33 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(message)
 
 
+_DEBUG_HINT = " (rerun with --debug for the traceback)"
+
+
+def _report_error(e: Exception) -> None:
+  """One line on stderr; exit 2 for bad input (config, data, workdir), 1 for anything else."""
+  from mfb_jax.errors import UserError
+
+  if isinstance(e, UserError | ValueError | FileNotFoundError):
+    message = " ".join(str(e).split()) or type(e).__name__
+    logging.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    _exit_after_error(2)
+  else:
+    first = (str(e).strip().splitlines() or [""])[0]
+    if "Connection closed by peer" in first or "Connection reset by peer" in first:
+      first = f"another process of this run stopped (its error says why): {first}"
+    print(
+      f"error: {type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT),
+      file=sys.stderr,
+      flush=True,
+    )
+    _exit_after_error(1)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
-  from mfb_jax.errors import UserError
-
   if not FLAGS.workdir and FLAGS.mode != "bench":
     _fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
 
@@ -157,25 +187,13 @@ def main(argv) -> None:
     runtime.hide_gpus_from_tensorflow()
     runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-  except (UserError, ValueError, FileNotFoundError) as e:
-    if FLAGS.debug:
-      raise
-    message = " ".join(str(e).split()) or type(e).__name__
-    logging.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    _exit_after_error(2)
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
-    if FLAGS.debug:
-      raise
-    first = (str(e).strip().splitlines() or [""])[0]
-    if "Connection closed by peer" in first or "Connection reset by peer" in first:
-      first = f"another process of this run stopped (its error says why): {first}"
-    print(
-      f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
-      file=sys.stderr,
-      flush=True,
-    )
-    _exit_after_error(1)
+    if FLAGS.debug:  # The traceback first, then the same line and exit code as without.
+      traceback.print_exc()
+    interrupted = signals.stopped_by()
+    if interrupted is not None:  # A library turned the signal's exception into an error of its own.
+      signals.report(interrupted)
+    _report_error(e)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ Prints one JSON line (examples_per_sec, step_ms, batch_size, devices, model, the
 floor and the fraction of it reached). No data files are needed.
 """
 
+import contextlib
 import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -105,7 +107,10 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
     config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
   )
   frames = train_lib.frames_per_example(config)
-  with tempfile.TemporaryDirectory(prefix="mfb_jax_bench_") as data_dir:
+  with (
+    tempfile.TemporaryDirectory(prefix="mfb_jax_bench_") as data_dir,
+    contextlib.redirect_stdout(sys.stderr),  # The writer's progress: stdout is the JSON line's.
+  ):
     synthetic.write_dataset(
       data_dir,
       num_train=2 * batch_size,

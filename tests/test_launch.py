@@ -83,6 +83,11 @@ def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   _assert_one_line_error(result, "model.fusion", "mfb", "concat")
   result = launch(tmp_path, *tiny_args, "--config.train.batchsize=4")  # Misspelled: locked config.
   assert result.returncode != 0 and "Traceback" not in result.stderr
+  # --debug adds the traceback; the exit code and the last line stay (a bad value, a bad field).
+  for bad in ("--config.train.batch_size=-4", "--config.train.batchsize=4"):
+    result = launch(tmp_path, *tiny_args, bad, "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr, result.stderr[-2000:]
+    assert last_line(result.stderr).startswith("error: "), result.stderr[-2000:]
   # An eval batch that does not split over the devices fails before training, not after it.
   eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = launch(tmp_path, *tiny_args, "--config.eval.batch_size=4", env=eight)
@@ -191,6 +196,33 @@ def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
   assert f"Stopped at step {steps[-1]} after a signal; checkpoint saved" in err
 
 
+# launch.py with a checkpoint restore that fails as tensorstore's did when a SIGTERM landed inside
+# it: with an error of its own, the signal's exception as its cause.
+SIGNALLED_DURING_RESTORE = """
+import os, runpy, signal, sys, time
+from mfb_jax import checkpoint
+def restore(self, abstract_state, step=None):
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+  except BaseException as e:
+    raise RuntimeError("Encountered error while reading array index") from e
+checkpoint.Checkpointer.restore = restore
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_a_signal_that_a_library_turns_into_an_error_is_reported_as_the_signal(
+  tiny_args, trained_workdir
+):
+  args = ["-c", SIGNALLED_DURING_RESTORE, f"--workdir={trained_workdir}", "--mode=eval"]
+  result = run_python([*args, *tiny_args], env={"MFB_JAX_NO_TCMALLOC": "1"}, timeout=120)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM"), result.stderr[-2000:]
+  assert "RuntimeError" not in result.stderr
+
+
 def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
   first = _start(tmp_path, tiny_args)
   _wait_for_checkpoint(tmp_path, first)
@@ -228,7 +260,10 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   # The bench mode writes nothing, so it needs no --workdir (the other modes do).
   result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=bench"])
   assert result.returncode == 0, result.stderr[-2000:]
-  record = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
+  # Only the JSON line: the end-to-end figure's shard writer reports its progress on stderr.
+  lines = result.stdout.splitlines()
+  assert len(lines) == 1, result.stdout
+  record = json.loads(lines[0])
   assert record["model"] == "netvlad+mfb+moe" and record["batch_size"] == 8
   assert record["devices"] == 1 and record["examples_per_sec"] > 0
   # Both come from the median step; step_ms is rounded to the microsecond (this step can be 0.3 ms).
