@@ -7,6 +7,7 @@ A batch is one process's share, a dict of numpy arrays: 'rgb' [B, T, D] and 'aud
 Video-level records give T = 1. Bad data raises DataError with one line naming the file.
 """
 
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -43,7 +44,7 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
     except tf.errors.OpError as e:
       raise DataError(f"cannot list files matching {glob!r}: {tf_errors.message(e)}") from e
     if not matched:
-      raise DataError(f"no file matches {glob!r}")
+      raise DataError(f"no file matches {glob!r}{_unreadable_directory(glob)}")
     files.update(matched)
   files = sorted(files)
   mine = files[process_index::process_count]
@@ -58,6 +59,26 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
     if stat.length == 0:
       raise DataError(f"{path} is empty (0 bytes)")
   return mine
+
+
+def _unreadable_directory(glob: str) -> str:
+  """' (directory D cannot be read ...)' where the fixed part of a local glob's directory, or a
+  directory above it, cannot be read (a glob sees no files there, which TensorFlow does not tell
+  apart from none), else ''."""
+  if "://" in glob:
+    return ""
+  fixed = os.path.dirname(os.path.abspath(glob))
+  while any(c in fixed for c in "*?["):
+    fixed = os.path.dirname(fixed)
+  chain = [fixed]
+  while os.path.dirname(chain[-1]) != chain[-1]:
+    chain.append(os.path.dirname(chain[-1]))
+  for directory in reversed(chain):  # From the root down: each must be searchable.
+    if not os.path.isdir(directory):
+      break
+    if not os.access(directory, os.X_OK | (os.R_OK if directory == fixed else 0)):
+      return f" (directory {directory} cannot be read: permission denied)"
+  return ""
 
 
 def _stat(path: str):

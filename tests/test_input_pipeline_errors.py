@@ -1,5 +1,7 @@
 """Bad input to the input pipeline: each problem is one DataError line naming file and feature."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -72,6 +74,20 @@ def test_file_patterns(tmp_path):
   (tmp_path / "part-9.tfrecord").symlink_to(tmp_path / "gone.tfrecord")
   with pytest.raises(DataError, match="part-9.tfrecord: cannot read tfrecord file"):
     input_pipeline.list_files(good)
+
+
+def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
+  # TensorFlow's glob sees no files in a directory it cannot read. (Tests run as root, who reads
+  # any directory, so the permission check itself is faked for that one directory.)
+  locked = tmp_path / "locked"
+  (locked / "sub").mkdir(parents=True)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(locked) and real_access(p, mode))
+  for pattern in (f"{locked}/*.tfrecord", f"{locked}/sub/part-[0-9]*", f"{locked}/gone/x"):
+    with pytest.raises(DataError, match=f"directory {locked} cannot be read: permission denied"):
+      input_pipeline.list_files(pattern)
+  with pytest.raises(DataError, match=r"no file matches '.*nothing-\*'$"):  # A readable one.
+    input_pipeline.list_files(f"{tmp_path}/nothing-*")
 
 
 def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
