@@ -30,6 +30,7 @@ if __name__ == "__main__":
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
 
+import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -120,6 +121,8 @@ def _exit_after_error(code: int) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config-file and override errors as one line instead of a traceback."""
   config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if len(config_args) > 1:
+    _fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
   config_file = config_args[-1].split(":", 1)[0] if config_args else ""
   if config_file and not os.path.isfile(config_file):
     _fail(f"config file not found: {config_file}")
@@ -136,12 +139,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "Traceback" in message:  # The config file raised: keep its exception's line.
       last = re.sub(r"^[\w.]*ConfigError: ", "", message.strip().splitlines()[-1])
       message = f"{message.split(':', 1)[0]}: {last}"
-    if isinstance(e, AttributeError | KeyError):
+    if isinstance(e, AttributeError) and "get_config" in message:
+      message = f"{config_file}: a config file needs a get_config() function; it has none"
+    elif isinstance(e, AttributeError | KeyError):
       cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
       field, _, hint = cleaned.replace("\\n", " ").partition(" ")
       hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
+      field = _override_path(argv, field)
       message = f"unknown config field {field!r}{hint} (configs/default.py lists the fields)"
     _fail(message)
+
+
+def _override_path(argv: list[str], field: str) -> str:
+  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (else `field`)."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
+      if field in parts:
+        return ".".join(parts[: parts.index(field) + 1])
+  return field
 
 
 _DEBUG_HINT = " (rerun with --debug for the traceback)"
@@ -171,6 +187,10 @@ def _report_error(e: Exception) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+    name = config_flags.get_config_filename(FLAGS["config"])
+    kind = type(FLAGS.config).__name__
+    _fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
   if not FLAGS.workdir and FLAGS.mode != "bench":
     _fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
 

@@ -1,5 +1,7 @@
 """Start-up validation of config values: each bad value fails with one line naming the field."""
 
+import math
+
 import ml_collections
 
 from mfb_jax.errors import ConfigError
@@ -21,12 +23,12 @@ def _choice(config, field: str, allowed) -> None:
 
 def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> None:
   value = _get(config, field)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > minimum if strict else value >= minimum)
   if not ok:
     relation = ">" if strict else ">="
     raise ConfigError(
-      f"config.{field}={value!r} is invalid; it must be a number {relation} {minimum}"
+      f"config.{field}={value!r} is invalid; it must be a finite number {relation} {minimum}"
     )
 
 

@@ -122,6 +122,8 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
       r"optim\.warmup_steps=100 must be below train\.num_steps=100",
     ),
     ({"optim.schedule": "cosine", "train.num_steps": 0}, r"train\.num_steps, which is 0"),
+    # An infinite learning rate compiled and trained, then stopped at a NaN loss.
+    ({"optim.learning_rate": float("inf")}, r"optim\.learning_rate=inf is invalid; .* finite"),
   ],
 )
 def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message):
@@ -138,7 +140,7 @@ def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message
     node[leaf] = value
   with pytest.raises(ConfigError, match=message):
     config_checks.validate(config, "train")
-  config.optim.update(schedule="warmup_cosine", warmup_steps=10)
+  config.optim.update(schedule="warmup_cosine", warmup_steps=10, learning_rate=2e-4)
   config.update(seed=0)
   config.train.num_steps = 11  # One step after the warm-up is enough.
   config_checks.validate(config, "train")

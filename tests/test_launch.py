@@ -120,7 +120,21 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, f"--config={REPO / 'README.md'}")
   _assert_one_line_error(result, "README.md: a config is a Python file")
   result = launch(tmp_path, *tiny_args, "--config.model.aggregation=dbof")
-  _assert_one_line_error(result, "unknown config field 'aggregation': Did you mean aggregator")
+  _assert_one_line_error(
+    result, "unknown config field 'model.aggregation': Did you mean aggregator"
+  )
+  # A misspelled leaf is named by its path; config files that are not configs; --config twice.
+  result = launch(tmp_path, *tiny_args, "--config.train.steps=3")
+  _assert_one_line_error(result, "unknown config field 'train.steps'")
+  (tmp_path / "no_get.py").write_text("x = 1\n")
+  result = launch(tmp_path, f"--config={tmp_path / 'no_get.py'}")
+  _assert_one_line_error(result, "no_get.py: a config file needs a get_config() function")
+  (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")
+  result = launch(tmp_path, f"--config={tmp_path / 'five.py'}")
+  assert result.returncode == 2
+  _assert_one_line_error(result, "five.py: get_config() returned an object of type int")
+  result = launch(tmp_path, *tiny_args, "--config=configs/tiny.py:dbof,mfb")
+  _assert_one_line_error(result, "--config is given 2 times")
 
 
 def test_missing_files_give_one_line(tmp_path):
