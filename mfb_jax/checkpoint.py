@@ -49,7 +49,7 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
-      create=True,
+      create=writer,  # Eval and predict on a workdir without checkpoints create nothing.
       enable_async_checkpointing=asynchronous,
       cleanup_tmp_directories=writer,
     )
@@ -99,7 +99,13 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
     self.check_compatible(abstract_state, step)
     logging.info("Restoring checkpoint %s/%d", self.directory, step)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # noqa: BLE001 - tensorstore's errors: ValueError, RuntimeError...
+      raise CheckpointError(
+        f"cannot read checkpoint {self.directory}/{step} ({_brief(e)}); if it is damaged, move "
+        "that step aside to resume from an earlier one"
+      ) from e
 
   def save(self, state, step: int) -> bool:
     """Saves `state` as `step` unless that step is already saved; returns whether it saved."""

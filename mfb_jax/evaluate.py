@@ -131,13 +131,16 @@ def write_results(workdir: str, step: int, result: dict) -> dict:
 
 
 def evaluated_steps(workdir: str) -> set[int]:
-  """The steps eval_history.jsonl has a result for (a line cut short by a kill is skipped)."""
+  """The steps eval_history.jsonl has a result for (a line cut short by a kill, or otherwise
+  unreadable, is skipped)."""
   path = os.path.join(workdir, HISTORY_FILE)
   if not tf.io.gfile.exists(path):
     return set()
   steps = set()
-  for line in tf.io.gfile.GFile(path).read().splitlines():
-    with contextlib.suppress(ValueError, KeyError, TypeError):
+  with tf.io.gfile.GFile(path, "rb") as f:
+    text = f.read().decode("utf-8", "replace")
+  for line in text.splitlines():  # Lines that are not a result (damaged, edited) are skipped.
+    with contextlib.suppress(ValueError, KeyError, TypeError, OverflowError):
       steps.add(int(json.loads(line)["step"]))
   return steps
 

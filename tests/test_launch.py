@@ -109,6 +109,11 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
     assert result.returncode == 2
     _assert_one_line_error(result, f"workdir {missing} does not exist", "--mode=train")
   assert not missing.exists()  # Looking for a checkpoint creates nothing.
+  missing.mkdir()
+  for mode in ("eval", "predict"):
+    result = launch(missing, f"--mode={mode}", *tiny_args)
+    _assert_one_line_error(result, "no checkpoint in", "train first")
+  assert os.listdir(missing) == []  # Not even an empty checkpoints/ directory.
   (tmp_path / "a-file").write_text("x")
   for mode in ("train", "eval"):
     result = launch(tmp_path / "a-file", f"--mode={mode}", *tiny_args)
@@ -160,6 +165,18 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, trained_workdir):
   result = launch(work, "--mode=eval", *tiny_args)
   assert result.returncode == 2
   _assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
+
+
+def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdir):
+  # Its metadata intact, its array data cut: tensorstore's error was exit 1 and unreadable.
+  data = trained_workdir / "checkpoints" / "6" / "default"
+  largest = max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(largest, 0)
+  for mode in ("eval", "train"):
+    result = launch(trained_workdir, f"--mode={mode}", *tiny_args, "--config.train.num_steps=8")
+    assert result.returncode == 2, result.stderr[-2000:]
+    _assert_one_line_error(result, "cannot read checkpoint", "/6 (", "move that step aside")
+  assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["3", "6"]  # Nothing replaced.
 
 
 def _start(workdir, tiny_args, *extra):

@@ -141,6 +141,9 @@ def test_a_signal_during_an_evaluation_gives_it_up_and_the_resumed_run_redoes_it
   trainer.train_and_evaluate(tiny_config, str(tmp_path))
   with open(tmp_path / "eval_history.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [4, 5, 6]
+  with open(tmp_path / evaluate.HISTORY_FILE, "ab") as f:  # Damaged lines do not block resuming.
+    f.write(b'{"step": 1e400}\n\xff\xfe garbage\n["step"]\n{"step": "six"}\n{"step": 7}\n')
+  assert evaluate.evaluated_steps(str(tmp_path)) == {4, 5, 6, 7}
 
 
 def test_segment_seeds_differ_and_repeat():
