@@ -109,7 +109,10 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
     valid = summary.pop("valid")
     accumulator.add(summary, valid)
     progress.update(int(valid.sum()))
-  result = accumulator.result()
+  try:
+    result = accumulator.result()
+  except DataError as e:  # No videos, or none with a label: name the split.
+    raise DataError(f"{pattern}: {e}") from e
   logging.info(
     "evaluated %d videos in %.1fs: GAP@%d %.4f",
     result["num_examples"],

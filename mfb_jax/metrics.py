@@ -186,6 +186,11 @@ class MetricsAccumulator:
     rows = {key: np.concatenate(chunks) if chunks else None for key, chunks in self._rows.items()}
     if rows["num_positives"] is None or len(rows["num_positives"]) == 0:
       raise DataError("no videos to evaluate: the evaluation split is empty")
+    if not self._class_positives_C.any():  # GAP would read 0 whatever the predictions.
+      raise DataError(
+        f"none of the {len(rows['num_positives'])} videos to evaluate has a label (unlabelled "
+        "test data?); GAP, mAP and PERR need labelled videos (--mode=predict does not)"
+      )
     scores_N = rows["top_scores"].reshape(-1)
     ranked_N = scores_N > -np.inf
     scores_N = scores_N[ranked_N]

@@ -245,6 +245,14 @@ def test_empty_split_and_mismatched_summaries_raise():
     metrics.MetricsAccumulator(17, K).add(summary, np.ones(4))
 
 
+def test_a_split_without_any_label_is_refused():
+  # Unlabelled (test) videos read with zero labels; evaluated, they gave GAP 0.0 as a result.
+  accumulator = metrics.MetricsAccumulator(6, K)
+  accumulator.add(jax.device_get(summarize(PROBS, np.zeros_like(LABELS), K)), np.ones(4))
+  with pytest.raises(DataError, match="none of the 4 videos to evaluate has a label"):
+    accumulator.result()
+
+
 def test_all_padding_counts_nothing():
   accumulator = metrics.MetricsAccumulator(6, K)
   accumulator.add(jax.device_get(summarize(PROBS, LABELS, K)), np.zeros(4))
