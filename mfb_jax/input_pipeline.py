@@ -34,6 +34,11 @@ _as_written = tf.autograph.experimental.do_not_convert
 
 def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> list[str]:
   """This process's share of the files matching comma-separated globs (sorted, then strided)."""
+  return _listed(pattern, process_index, process_count)[0]
+
+
+def _listed(pattern: str, process_index: int, process_count: int) -> tuple[list[str], list[int]]:
+  """list_files(...) and the files' lengths in bytes."""
   globs = [g.strip() for g in pattern.split(",") if g.strip()]
   if not globs:
     raise DataError("empty file pattern: set data.train_pattern / data.eval_pattern to a glob")
@@ -53,12 +58,24 @@ def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> 
       f"process {process_index} of {process_count} gets no files: {pattern!r} matches "
       f"{len(files)} file(s); use at least as many files as processes"
     )
-  for path, stat in zip(mine, tfrecord_files.map_paths(_stat, mine), strict=True):
-    if stat.is_directory:
+  lengths = file_lengths(mine)
+  for path, length in zip(mine, lengths, strict=True):
+    if length is None:
       raise DataError(f"{path} is a directory, not a tfrecord file (pattern {pattern!r})")
-    if stat.length == 0:
+    if length == 0:
       raise DataError(f"{path} is empty (0 bytes)")
-  return mine
+    if length < tfrecord_files.RECORD_FRAMING_BYTES:  # TensorFlow reads it as holding none.
+      raise DataError(
+        f"{path} is no tfrecord file: {length} bytes, fewer than one record takes "
+        f"({tfrecord_files.RECORD_FRAMING_BYTES} or more)"
+      )
+  return mine, lengths
+
+
+def file_lengths(files: list[str]) -> list[int | None]:
+  """Each file's length in bytes (None for a directory), read concurrently."""
+  stats = tfrecord_files.map_paths(_stat, files)
+  return [None if stat.is_directory else int(stat.length) for stat in stats]
 
 
 def _unreadable_directory(glob: str) -> str:
@@ -168,12 +185,14 @@ def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed
   """Batch dicts (with 'problem') from (name, record) pairs; short batches padded, valid = 0."""
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   parse_record = frames.parse_frame_record if spec.format == "frame" else records.parse_video_record
+  # Each record's file and size travel with it, for tfrecord_files.FileEnds.
+  sized = lambda parsed, name, record: {**parsed, "file": name, "bytes": tf.strings.length(record)}
   if frame_seed is None:
-    parse = lambda name, record: parse_record(spec, name, record)
+    parse = lambda name, record: sized(parse_record(spec, name, record), name, record)
   else:  # A per-record seed: the record's position in this (seeded, deterministic) stream.
     records_ds = records_ds.enumerate()
-    parse = lambda index, pair: parse_record(
-      spec, *pair, tf.stack([tf.constant(frame_seed, tf.int64), index])
+    parse = lambda index, pair: sized(
+      parse_record(spec, *pair, tf.stack([tf.constant(frame_seed, tf.int64), index])), *pair
     )
   ds = records_ds.map(_as_written(parse), **parallel)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -203,10 +222,10 @@ def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: 
   return ds.prefetch(data.prefetch_batches).with_options(_options()), first_epoch
 
 
-def eval_dataset(config, files: list[str], local_batch_size: int, max_examples: int = 0):
+def eval_dataset(config, files: list[str], local_batch_size: int, max_examples=0, types=None):
   """Every record once in file order; the last batch padded with valid = 0 rows."""
   spec = records.RecordSpec.from_config(config)
-  ds = file_table(files).flat_map(_tagged_records)
+  ds = file_table(files, types).flat_map(_tagged_records)
   if max_examples > 0:
     ds = ds.take(max_examples)
   ds = _batches(spec, ds, local_batch_size, drop_remainder=False)
@@ -234,9 +253,12 @@ def make_eval_iterator(
   max_examples: int = 0,
 ) -> Iterator[dict]:
   """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
-  files = list_files(pattern, process_index, process_count)
-  dataset = eval_dataset(config, files, local_batch_size, max_examples)
-  return tf_errors.checked_batches(dataset, lambda: files, _one_file(config, local_batch_size))
+  files, lengths = _listed(pattern, process_index, process_count)
+  types = compressions(files)
+  dataset = eval_dataset(config, files, local_batch_size, max_examples, types)
+  ends = tfrecord_files.FileEnds(files, lengths, types, last_whole=max_examples <= 0)
+  one_file = _one_file(config, local_batch_size)
+  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=ends)
 
 
 def _one_file(config, local_batch_size: int) -> Callable[[str], tf.data.Dataset]:
@@ -261,7 +283,8 @@ def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_fr
 def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iterator[tuple]:
   """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed."""
   spec = records.RecordSpec.from_config(config)
-  files = list_files(pattern)
+  files, lengths = _listed(pattern, 0, 1)
+  types = compressions(files)
 
   @_as_written
   def parse(names_B, serialized_B):
@@ -271,11 +294,14 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
       tf.cast(labels.indices[:, 0], tf.int32), minlength=tf.shape(names_B)[0], dtype=tf.int64
     )
     ids_B = records.video_ids(spec, context)
-    return {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
+    sizes_B = tf.strings.length(serialized_B)
+    out = {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
+    return {**out, "file": names_B, "bytes": sizes_B}
 
-  ds = file_table(files).flat_map(_tagged_records).batch(ID_BATCH)
+  ds = file_table(files, types).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
-  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False):
+  ends = tfrecord_files.FileEnds(files, lengths, types)
+  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False, ends=ends):
     ends = np.cumsum(batch["counts"])
     for name, video_id, labels in zip(
       batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True

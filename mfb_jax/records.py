@@ -184,6 +184,8 @@ def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32) -> 
     "valid": tf.cast(tf.range(batch_size) < count, tf.float32),
     "id": padded["id"],
     "problem": first_nonempty(padded["problem"]),
+    "file": padded["file"],  # Each record's file and size (tfrecord_files.FileEnds).
+    "bytes": padded["bytes"],
   }
   for key in ("rgb", "audio"):
     quantized = padded[key].dtype == tf.uint8  # Frame-level; video-level features are floats.

@@ -23,13 +23,17 @@ def checked_batches(
   file_order: Callable[[], list[str]],
   one_file: Callable[[str], tf.data.Dataset] | None = None,
   decode_ids: bool = True,
+  ends: tfrecord_files.FileEnds | None = None,
 ) -> Iterator[dict]:
-  """Numpy batches; TensorFlow errors and bad records become one-line DataErrors."""
+  """Numpy batches; TensorFlow errors and bad records become one-line DataErrors. Each record's
+  'file' and 'bytes' are taken out of the batches: `ends` checks them (files read in order)."""
   iterator = dataset.as_numpy_iterator()
   while True:
     try:
       batch = next(iterator)
     except StopIteration:
+      if ends is not None:
+        ends.finish()
       return
     except tf.errors.DataLossError as e:
       # Under interleave TensorFlow does not say which file; find it by reading them one by one.
@@ -45,6 +49,9 @@ def checked_batches(
     problem = batch.pop("problem", b"")
     if problem:
       raise DataError(problem.decode("utf-8", "replace"))
+    files_B, sizes_B = batch.pop("file"), batch.pop("bytes")
+    if ends is not None:
+      ends.add(files_B, sizes_B)
     if decode_ids:
       batch["id"] = np.array([i.decode("utf-8", "replace") for i in batch["id"]], dtype=object)
     yield batch

@@ -19,9 +19,12 @@ from typing import TypeVar
 
 import tensorflow as tf
 
+from mfb_jax.errors import DataError
+
 NONE, GZIP, ZLIB = "", "GZIP", "ZLIB"  # TFRecordDataset's compression_type values.
 _GZIP_MAGIC = b"\x1f\x8b\x08"  # ID1, ID2, CM = deflate.
 _HEADER_BYTES = 12
+RECORD_FRAMING_BYTES = 16  # Per record besides its data: the 12-byte header, the data's CRC.
 _HEAD_BYTES = 256  # Read from each file: the record header, or enough of a stream to decode.
 _CRC_MASK_DELTA = 0xA282EAD8
 _THREADS = 16  # Concurrent header reads: many remote (gs://) files are many round trips.
@@ -98,3 +101,43 @@ def map_paths(fn: Callable[[str], T], paths: list[str]) -> list[T]:
     return [fn(p) for p in paths]
   with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(paths))) as pool:
     return list(pool.map(fn, paths))
+
+
+class FileEnds:
+  """Checks that each uncompressed file read in order ends where its last record does.
+
+  TensorFlow's reader takes a file cut inside a record's 12-byte header for one that ends there,
+  and drops that record without a word. Where files are read once, in order (evaluation,
+  prediction, scoring), the batches carry each record's file and size: once a file's records
+  are past, their sizes and framing must add up to the file's length.
+  """
+
+  def __init__(self, paths: list[str], lengths: list[int], types: list[str], last_whole=True):
+    """last_whole: the last file read is read to its end (not when a reader stops early)."""
+    self._lengths = {p: n for p, n, t in zip(paths, lengths, types, strict=True) if t == NONE}
+    self._last_whole = last_whole
+    self._path, self._end = "", 0
+
+  def add(self, paths_B, sizes_B) -> None:
+    """Records in reading order: their file names (bytes or str; '' for padding) and sizes."""
+    for path, size in zip(paths_B, sizes_B, strict=True):
+      path = path.decode("utf-8", "replace") if isinstance(path, bytes) else str(path)
+      if not path:
+        continue
+      if path != self._path:
+        self._check()
+        self._path, self._end = path, 0
+      self._end += int(size) + RECORD_FRAMING_BYTES
+
+  def finish(self) -> None:
+    """At the end of the data."""
+    if self._last_whole:
+      self._check()
+
+  def _check(self) -> None:
+    length = self._lengths.get(self._path)
+    if length is not None and self._end != length:
+      raise DataError(
+        f"{self._path}: truncated tfrecord file (its records end at byte {self._end} of its "
+        f"{length} bytes; cut short?)"
+      )

@@ -93,15 +93,20 @@ def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
 def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
   import gzip
 
-  (tmp_path / "part-0.tfrecord").write_bytes(b"\0" * 5)  # Shorter than one record header.
-  with gzip.open(tmp_path / "part-1.tfrecord", "wb"):  # An empty GZIP stream.
+  with gzip.open(tmp_path / "part-1.tfrecord", "wb"):  # An empty GZIP stream (20 bytes).
     pass
   pattern = str(tmp_path / "part-*.tfrecord")
-  assert "no records in the 2 file(s)" in train_error(small_config(), pattern)
-  # One file with a record among empty ones is enough (its batches repeat it).
+  assert "no records in the 1 file(s)" in train_error(small_config(), pattern)
+  # One file with a record among empty ones is enough (its batches repeat it) ...
   write(tmp_path / "part-2.tfrecord", [frame_record("only", *video(5), [1])])
   batch = next(input_pipeline.make_train_iterator(small_config(), pattern, 0, 2))
   assert list(batch["id"]) == ["only", "only"]
+  # ... but 5 bytes are no tfrecord file: TensorFlow's reader took them for an empty one.
+  (tmp_path / "part-0.tfrecord").write_bytes(b"\0" * 5)
+  error = train_error(small_config(), pattern)
+  assert error.endswith(
+    "part-0.tfrecord is no tfrecord file: 5 bytes, fewer than one record takes (16 or more)"
+  )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -118,6 +123,29 @@ def test_damaged_file_is_named(tmp_path, damage):
   for message in (eval_error(small_config(), pattern), train_error(small_config(), pattern)):
     assert message.startswith(f"{path}: corrupt or truncated tfrecord file")
     assert ("truncated" if damage == "truncated" else "corrupted") in message
+
+
+def test_a_file_cut_inside_its_last_record_header_is_named(tmp_path):
+  # TensorFlow's reader ends such a file quietly, one record short.
+  write_shards(tmp_path, [3, 3, 3])
+  path = tmp_path / "part-1.tfrecord"
+  data = path.read_bytes()
+  last_record = len(data) - (len(frame_record("f1-2", *video(5, seed=2), [2])) + 16)
+  path.write_bytes(data[: last_record + 5])  # 5 of the last record's 12 header bytes.
+  pattern = str(tmp_path / "part-*.tfrecord")
+  ids = lambda: [v for v, _ in input_pipeline.read_ids_and_labels(pattern, small_config())]
+  # Evaluation, prediction and scoring read every file once, to its end. (Training, which
+  # repeats its files in shuffled order, reads the file as one record shorter.)
+  for message in (eval_error(small_config(), pattern), first_error(ids)):
+    assert message == (
+      f"{path}: truncated tfrecord file (its records end at byte {last_record} of its "
+      f"{last_record + 5} bytes; cut short?)"
+    )
+  # A last file that is cut is found too; one cut off by eval.max_examples is not damaged.
+  one = str(path)
+  assert eval_error(small_config(), one).startswith(f"{path}: truncated tfrecord file")
+  read = input_pipeline.make_eval_iterator(small_config(), one, 2, max_examples=1)
+  assert sum(int(b["valid"].sum()) for b in read) == 1
 
 
 def frame_problem(tmp_path, record: bytes) -> str:
