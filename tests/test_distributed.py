@@ -1,6 +1,7 @@
 """8 fake CPU devices and 2 processes on 127.0.0.1 agree with a single device."""
 
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -132,7 +133,8 @@ def test_bad_files_on_one_process_stop_both_processes(tiny_args, tiny_data, tmp_
     ("corrupt", "train-1.tfrecord: corrupt or truncated", "another process of this run stopped"),
   ]:
     if damage == "no records":
-      (data / "train-1.tfrecord").write_bytes(b"\0" * 5)
+      with gzip.open(data / "train-1.tfrecord", "wb"):  # An empty GZIP stream: no record.
+        pass
     else:  # Found mid-run, after some steps.
       content = bytearray(open(good[1], "rb").read())
       cut = int(len(content) * 0.8)

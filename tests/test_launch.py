@@ -1,6 +1,7 @@
 """launch.py from outside: errors, signals, kill -9, eval and predict modes."""
 
 import csv
+import gzip
 import hashlib
 import json
 import os
@@ -60,7 +61,8 @@ def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
     assert scores == sorted(scores, reverse=True)
     assert all(0 <= int(label) < 64 for label in tokens[0::2])
   # Files without a record: one line, and the previous predictions are kept, with nothing beside.
-  (work / "empty.tfrecord").write_bytes(b"\0" * 5)
+  with gzip.open(work / "empty.tfrecord", "wb"):  # An empty GZIP stream: no record.
+    pass
   before = (work / "predictions.csv").read_bytes()
   no_records = f"--config.data.predict_pattern={work / 'empty.tfrecord'}"
   result = launch(work, "--mode=predict", *tiny_args, no_records)
