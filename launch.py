@@ -102,17 +102,21 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-def _exit_after_error(code: int) -> None:
-  """Exits with the error line as the last thing on stderr: library threads that die noisily at
-  interpreter shutdown (orbax's event loop after a failed checkpoint read) print into /dev/null.
+def _exit_after_error(code: int, line: str) -> None:
+  """Exits with `line` as the last thing on stderr. Library threads that die noisily after a
+  failure (orbax's closed event loop after a failed checkpoint read, while this line was being
+  printed) print into /dev/null from here on; the line goes to a copy of stderr.
 
   A process of a multi-process run exits at once, skipping jax.distributed's shutdown barrier:
   after an error on this process alone (a bad record in its files) the others wait in a
   collective and would never reach the barrier; with this process gone their collective fails.
   """
+  logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
+  stderr = os.dup(sys.stderr.fileno())
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  os.write(stderr, f"error: {line}\n".encode())
   if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
     os._exit(code)
   sys.exit(code)
@@ -168,20 +172,11 @@ def _report_error(e: Exception) -> None:
   from mfb_jax.errors import UserError
 
   if isinstance(e, UserError | ValueError | FileNotFoundError):
-    message = " ".join(str(e).split()) or type(e).__name__
-    logging.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    _exit_after_error(2)
-  else:
-    first = (str(e).strip().splitlines() or [""])[0]
-    if "Connection closed by peer" in first or "Connection reset by peer" in first:
-      first = f"another process of this run stopped (its error says why): {first}"
-    print(
-      f"error: {type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT),
-      file=sys.stderr,
-      flush=True,
-    )
-    _exit_after_error(1)
+    _exit_after_error(2, " ".join(str(e).split()) or type(e).__name__)
+  first = (str(e).strip().splitlines() or [""])[0]
+  if "Connection closed by peer" in first or "Connection reset by peer" in first:
+    first = f"another process of this run stopped (its error says why): {first}"
+  _exit_after_error(1, f"{type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT))
 
 
 def main(argv) -> None:

@@ -152,3 +152,21 @@ def test_a_cloud_tpu_vm_needs_libtpu_and_tpu_devices(monkeypatch, has_libtpu, de
   monkeypatch.setattr(util, "find_spec", lambda name: object() if has_libtpu else None)
   monkeypatch.setattr(glob, "glob", lambda pattern: list(devices))
   assert runtime.cloud_tpu_vm() is expected
+
+
+def test_closed_event_loop_noise_from_library_threads_is_dropped():
+  # After a failed checkpoint read, tensorstore's threads hand late results to orbax's closed
+  # asyncio loop; each printed a bare traceback around the run's one-line error.
+  import threading
+  import types
+
+  seen = []
+  hook = runtime._without_closed_loop_noise(seen.append)
+  noise = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+  thread = threading.Thread(target=lambda: [hook(noise), hook(other)])
+  thread.start()
+  thread.join()
+  assert seen == [other]
+  hook(noise)  # In the main thread it is this program's own error: kept.
+  assert seen == [other, noise]
