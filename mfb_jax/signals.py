@@ -27,6 +27,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 from mfb_jax.errors import Interrupted
 
@@ -48,9 +49,12 @@ def _name(signum: int) -> str:
 
 
 def _raise_later(signum, frame) -> None:
-  del signum
+  del signum, frame
+  if _state.importing:  # Raised when that import has finished (_import).
+    return
   if _state.received is not None and not _state.deferring:
-    _handle(_state.received, frame)
+    _state.unwinding = True
+    raise Interrupted(_state.received)
 
 
 def _handle(signum, frame) -> None:
@@ -103,7 +107,10 @@ _previous_excepthook = sys.excepthook
 
 
 def _import(*args, **kwargs):
-  """builtins.__import__ with signals held until the outermost import statement has finished."""
+  """builtins.__import__ with signals held until the main thread's outermost import statement
+  has finished (signal handlers run in the main thread only; other threads import as before)."""
+  if threading.get_ident() != threading.main_thread().ident:
+    return _original_import(*args, **kwargs)
   _state.importing += 1
   try:
     return _original_import(*args, **kwargs)

@@ -91,6 +91,35 @@ print("not reached", flush=True)
 """
 
 
+# A signal while another thread imports (tensorstore's and the file listing's pools do): the handler
+# runs in the main thread, which must stop; the importing thread is left alone.
+SIGNALLED_WHILE_A_THREAD_IMPORTS = """
+import os, signal, sys, threading, time
+from mfb_jax import signals
+signals.install()
+with open(os.path.join(sys.argv[1], "slow_module.py"), "w") as f:
+  f.write("import time\\ntime.sleep(1)\\n")
+sys.path.insert(0, sys.argv[1])
+def worker():
+  try:
+    import slow_module
+  except BaseException as e:
+    print("worker got", type(e).__name__, flush=True)
+threading.Thread(target=worker).start()
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not reached", flush=True)
+"""
+
+
+def test_a_signal_while_another_thread_imports_stops_the_main_thread(tmp_path):
+  result = run_python(["-c", SIGNALLED_WHILE_A_THREAD_IMPORTS, str(tmp_path)], timeout=60)
+  assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr[-2000:]
+  assert "worker got" not in result.stdout and "not reached" not in result.stdout
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+
+
 @pytest.mark.parametrize("signals_sent", [1, 2])
 def test_a_signal_during_an_import_waits_for_it_unless_sent_twice(tmp_path, signals_sent):
   args = ["-c", SIGNALLED_DURING_AN_IMPORT, str(tmp_path), str(signals_sent)]
