@@ -116,7 +116,7 @@ def _exit_after_error(code: int, line: str) -> None:
   sys.stderr.flush()
   stderr = os.dup(sys.stderr.fileno())
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-  os.write(stderr, f"error: {line}\n".encode())
+  os.write(stderr, f"error: {line}\n".encode("utf-8", "backslashreplace"))
   if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
     os._exit(code)
   sys.exit(code)
@@ -155,13 +155,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _override_path(argv: list[str], field: str) -> str:
-  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (else `field`)."""
+  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (`field` itself where
+  no override, or more than one, has it)."""
+  paths = set()
   for arg in argv:
     if arg.startswith("--config."):
       parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
       if field in parts:
-        return ".".join(parts[: parts.index(field) + 1])
-  return field
+        paths.add(".".join(parts[: parts.index(field) + 1]))
+  return paths.pop() if len(paths) == 1 else field
 
 
 _DEBUG_HINT = " (rerun with --debug for the traceback)"
@@ -182,6 +184,8 @@ def _report_error(e: Exception) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  if type(FLAGS.config).__name__ == "_ErrorConfig":  # get_config() raised an OSError.
+    _fail(f"{config_flags.get_config_filename(FLAGS['config'])}: {FLAGS.config._error}")
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
     name = config_flags.get_config_filename(FLAGS["config"])
     kind = type(FLAGS.config).__name__

@@ -23,7 +23,8 @@ def _choice(config, field: str, allowed) -> None:
 
 def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> None:
   value = _get(config, field)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+  ok = ok and not isinstance(value, bool)
   ok = ok and (value > minimum if strict else value >= minimum)
   if not ok:
     relation = ">" if strict else ">="

@@ -142,6 +142,12 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   _assert_one_line_error(result, "five.py: get_config() returned an object of type int")
   result = launch(tmp_path, *tiny_args, "--config=configs/tiny.py:dbof,mfb")
   _assert_one_line_error(result, "--config is given 2 times")
+  (tmp_path / "reads.py").write_text("def get_config():\n  return open('/nonexistent/cfg')\n")
+  result = launch(tmp_path, f"--config={tmp_path / 'reads.py'}")
+  _assert_one_line_error(result, "reads.py: ", "No such file or directory", "/nonexistent/cfg")
+  # The unknown leaf is in two overrides (train.top_k is unknown, eval.top_k is fine): no guess.
+  result = launch(tmp_path, *tiny_args, "--config.eval.top_k=5", "--config.train.top_k=5")
+  _assert_one_line_error(result, "unknown config field 'top_k'")
 
 
 def test_missing_files_give_one_line(tmp_path):
