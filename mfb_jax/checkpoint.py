@@ -16,6 +16,15 @@ from absl import logging
 from mfb_jax import workdir_files
 from mfb_jax.errors import CheckpointError
 
+# Restore errors that are not about the checkpoint's data (reported as errors, exit 1).
+_NOT_THE_CHECKPOINT = (
+  "by peer",  # Connection closed/reset by peer: another process of the run stopped.
+  "RESOURCE_EXHAUSTED",
+  "Out of memory",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+)
+
 
 def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
@@ -102,6 +111,8 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 - tensorstore's errors: ValueError, RuntimeError...
+      if any(s in str(e) for s in _NOT_THE_CHECKPOINT):
+        raise  # A lost peer, memory, a remote store's hiccup: the checkpoint may well be fine.
       raise CheckpointError(
         f"cannot read checkpoint {self.directory}/{step} ({_brief(e)}); if it is damaged, move "
         "that step aside to resume from an earlier one"

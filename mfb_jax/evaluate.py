@@ -19,7 +19,16 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import config_checks, errors, input_pipeline, metrics, vocabulary, workdir_files
+from mfb_jax import (
+  config_checks,
+  errors,
+  input_pipeline,
+  metrics,
+  records,
+  tfrecord_files,
+  vocabulary,
+  workdir_files,
+)
 from mfb_jax import train as train_lib
 from mfb_jax.errors import DataError
 
@@ -121,6 +130,27 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
     result["gap"],
   )
   return result
+
+
+def warn_if_unlabelled(config, path: str, count: int = 16) -> None:
+  """Warns, at a training run's start, when the first `count` videos of an eval file have no
+  labels (test shards?): its first evaluation would stop the run. Reading errors are left to the
+  evaluation, which names them."""
+  spec = records.RecordSpec.from_config(config)
+  try:
+    compression = tfrecord_files.compression_type(path)
+    for serialized_B in tf.data.TFRecordDataset(path, compression).take(count).batch(count):
+      names_B = tf.fill(tf.shape(serialized_B), path)
+      labels = records.parse_context(spec, serialized_B, names_B)[spec.labels_key]
+      if tf.size(labels.values) == 0:
+        logging.warning(
+          "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
+          "first evaluation will stop the run, since GAP needs labelled videos",
+          int(tf.size(serialized_B)),
+          path,
+        )
+  except tf.errors.OpError:
+    pass
 
 
 def write_results(workdir: str, step: int, result: dict) -> dict:

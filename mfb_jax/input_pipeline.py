@@ -7,7 +7,6 @@ A batch is one process's share, a dict of numpy arrays: 'rgb' [B, T, D] and 'aud
 Video-level records give T = 1. Bad data raises DataError with one line naming the file.
 """
 
-import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -49,7 +48,7 @@ def _listed(pattern: str, process_index: int, process_count: int) -> tuple[list[
     except tf.errors.OpError as e:
       raise DataError(f"cannot list files matching {glob!r}: {tf_errors.message(e)}") from e
     if not matched:
-      raise DataError(f"no file matches {glob!r}{_unreadable_directory(glob)}")
+      raise DataError(f"no file matches {glob!r}{tfrecord_files.unreadable_directory(glob)}")
     files.update(matched)
   files = sorted(files)
   mine = files[process_index::process_count]
@@ -64,8 +63,8 @@ def _listed(pattern: str, process_index: int, process_count: int) -> tuple[list[
       raise DataError(f"{path} is a directory, not a tfrecord file (pattern {pattern!r})")
     if length == 0:
       raise DataError(f"{path} is empty (0 bytes)")
-    if length < tfrecord_files.RECORD_FRAMING_BYTES:  # TensorFlow reads it as holding none.
-      raise DataError(
+    if length < tfrecord_files.RECORD_FRAMING_BYTES and _uncompressed(path):
+      raise DataError(  # TensorFlow reads it as holding no record. (An empty ZLIB file: 8 bytes.)
         f"{path} is no tfrecord file: {length} bytes, fewer than one record takes "
         f"({tfrecord_files.RECORD_FRAMING_BYTES} or more)"
       )
@@ -78,24 +77,11 @@ def file_lengths(files: list[str]) -> list[int | None]:
   return [None if stat.is_directory else int(stat.length) for stat in stats]
 
 
-def _unreadable_directory(glob: str) -> str:
-  """' (directory D cannot be read ...)' where the fixed part of a local glob's directory, or a
-  directory above it, cannot be read (a glob sees no files there, which TensorFlow does not tell
-  apart from none), else ''."""
-  if "://" in glob:
-    return ""
-  fixed = os.path.dirname(os.path.abspath(glob))
-  while any(c in fixed for c in "*?["):
-    fixed = os.path.dirname(fixed)
-  chain = [fixed]
-  while os.path.dirname(chain[-1]) != chain[-1]:
-    chain.append(os.path.dirname(chain[-1]))
-  for directory in reversed(chain):  # From the root down: each must be searchable.
-    if not os.path.isdir(directory):
-      break
-    if not os.access(directory, os.X_OK | (os.R_OK if directory == fixed else 0)):
-      return f" (directory {directory} cannot be read: permission denied)"
-  return ""
+def _uncompressed(path: str) -> bool:
+  try:
+    return tfrecord_files.compression_type(path) == tfrecord_files.NONE
+  except tf.errors.OpError as e:
+    raise tf_errors.unreadable(path, e) from e
 
 
 def _stat(path: str):

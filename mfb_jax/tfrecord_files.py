@@ -12,6 +12,7 @@ then reports it as corrupt.
 """
 
 import concurrent.futures
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -103,6 +104,26 @@ def map_paths(fn: Callable[[str], T], paths: list[str]) -> list[T]:
     return list(pool.map(fn, paths))
 
 
+def unreadable_directory(glob: str) -> str:
+  """' (directory D cannot be read ...)' where the fixed part of a local glob's directory, or a
+  directory above it, cannot be read (a glob sees no files there, which TensorFlow does not tell
+  apart from none), else ''."""
+  if "://" in glob:
+    return ""
+  fixed = os.path.dirname(os.path.abspath(glob))
+  while any(c in fixed for c in "*?["):
+    fixed = os.path.dirname(fixed)
+  chain = [fixed]
+  while os.path.dirname(chain[-1]) != chain[-1]:
+    chain.append(os.path.dirname(chain[-1]))
+  for directory in reversed(chain):  # From the root down: each must be searchable.
+    if not os.path.isdir(directory):
+      break
+    if not os.access(directory, os.X_OK | (os.R_OK if directory == fixed else 0)):
+      return f" (directory {directory} cannot be read: permission denied)"
+  return ""
+
+
 class FileEnds:
   """Checks that each uncompressed file read in order ends where its last record does.
 
@@ -136,8 +157,13 @@ class FileEnds:
 
   def _check(self) -> None:
     length = self._lengths.get(self._path)
-    if length is not None and self._end != length:
+    if length is not None and self._end < length:
       raise DataError(
         f"{self._path}: truncated tfrecord file (its records end at byte {self._end} of its "
         f"{length} bytes; cut short?)"
+      )
+    if length is not None and self._end > length:
+      raise DataError(
+        f"{self._path}: its records end at byte {self._end}, after the {length} bytes it had "
+        "when listed: was it written to while being read?"
       )

@@ -118,7 +118,8 @@ def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFil
   index, count = jax.process_index(), jax.process_count()
   train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   if config.data.eval_pattern:
-    input_pipeline.list_files(config.data.eval_pattern, index, count)
+    eval_files = input_pipeline.list_files(config.data.eval_pattern, index, count)
+    evaluate.warn_if_unlabelled(config, eval_files[0])
   return train_files
 
 

@@ -95,8 +95,10 @@ def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
 
   with gzip.open(tmp_path / "part-1.tfrecord", "wb"):  # An empty GZIP stream (20 bytes).
     pass
+  with tf.io.TFRecordWriter(str(tmp_path / "part-3.tfrecord"), "ZLIB"):  # 8 bytes, no record.
+    pass
   pattern = str(tmp_path / "part-*.tfrecord")
-  assert "no records in the 1 file(s)" in train_error(small_config(), pattern)
+  assert "no records in the 2 file(s)" in train_error(small_config(), pattern)
   # One file with a record among empty ones is enough (its batches repeat it) ...
   write(tmp_path / "part-2.tfrecord", [frame_record("only", *video(5), [1])])
   batch = next(input_pipeline.make_train_iterator(small_config(), pattern, 0, 2))
@@ -262,3 +264,17 @@ def test_invalid_data_config_is_a_config_error(tmp_path):
   config.data.format = "frames"
   with pytest.raises(ConfigError, match="data.format='frames'; allowed: frame, video"):
     input_pipeline.make_eval_iterator(config, path, 2)
+
+
+def test_an_unlabelled_eval_file_is_warned_about_at_start_up(tmp_path, monkeypatch):
+  from mfb_jax import evaluate
+
+  warnings = []
+  monkeypatch.setattr(evaluate.logging, "warning", lambda *args: warnings.append(args))
+  labelled = write(tmp_path / "a.tfrecord", [frame_record("a", *video(5), [3])])
+  test_shard = [frame_record(f"b{i}", *video(5), []) for i in range(3)]
+  unlabelled = write(tmp_path / "b.tfrecord", test_shard)
+  evaluate.warn_if_unlabelled(small_config(), labelled)
+  assert warnings == []
+  evaluate.warn_if_unlabelled(small_config(), unlabelled)
+  assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)

@@ -5,6 +5,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ from configs import default
 from mfb_jax import checkpoint as checkpoint_lib
 from mfb_jax import flops, input_pipeline, trainer
 from mfb_jax import train as train_lib
-from mfb_jax.errors import DataError, TrainingError
+from mfb_jax.errors import CheckpointError, DataError, TrainingError
 
 
 def _params_at(config, workdir, step):
@@ -211,3 +212,29 @@ def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeyp
     with pytest.raises(DataError, match="split is empty"):  # The stand-in reads no videos.
       evaluate.evaluate_split(tiny_config, None, None, None, "unused")
     assert asked.pop() == per_process
+
+
+def test_restore_errors_not_about_the_checkpoint_pass_through(tmp_path, monkeypatch):
+  """Damaged data is a CheckpointError that says to move the step aside; a lost peer or memory
+  is not the checkpoint's fault, and keeps its own error."""
+  state = {"w": jnp.arange(6.0)}
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
+  checkpointer.save(state, 1)
+  checkpointer.close()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  assert float(checkpointer.restore(abstract)["w"][5]) == 5.0
+  for text, kind in [
+    ("Encountered error while reading array index", CheckpointError),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate", RuntimeError),
+    ("Connection closed by peer", RuntimeError),
+  ]:
+
+    def fail(*args, text=text, **kwargs):
+      raise RuntimeError(text)
+
+    monkeypatch.setattr(checkpointer._manager, "restore", fail)
+    with pytest.raises(kind) as error:
+      checkpointer.restore(abstract)
+    assert type(error.value) is kind
+    assert ("move that step aside" in str(error.value)) == (kind is CheckpointError)
