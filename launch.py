@@ -173,11 +173,13 @@ def _report_error(e: Exception) -> None:
   """One line on stderr; exit 2 for bad input (config, data, workdir), 1 for anything else."""
   from mfb_jax.errors import UserError
 
+  first = (str(e).strip().splitlines() or [""])[0]
+  # A collective that lost a peer (raised as a ValueError by process_allgather, for one): the
+  # reason is in the other process's error line.
+  if "Connection closed by peer" in first or "Connection reset by peer" in first:
+    _exit_after_error(1, f"another process of this run stopped (its error says why): {first}")
   if isinstance(e, UserError | ValueError | FileNotFoundError):
     _exit_after_error(2, " ".join(str(e).split()) or type(e).__name__)
-  first = (str(e).strip().splitlines() or [""])[0]
-  if "Connection closed by peer" in first or "Connection reset by peer" in first:
-    first = f"another process of this run stopped (its error says why): {first}"
   _exit_after_error(1, f"{type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT))
 
 
@@ -205,6 +207,7 @@ def main(argv) -> None:
       workdir_files.check_workdir(FLAGS.workdir, inference=FLAGS.mode in ("eval", "predict"))
     runtime.hide_gpus_from_tensorflow()
     runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    signals.reclaim()  # From jax.distributed's own SIGTERM handler.
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:  # The traceback first, then the same line and exit code as without.

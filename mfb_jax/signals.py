@@ -134,6 +134,16 @@ def install() -> None:
   builtins.__import__ = _import
 
 
+def reclaim() -> None:
+  """Registers the handlers again where install() was called: jax.distributed.initialize puts a
+  C-level SIGTERM handler of its own in their place (signal.getsignal still names ours), which
+  left a SIGTERM unanswered from then until the training loop's first step, and in eval and
+  predict altogether."""
+  if builtins.__import__ is _import:  # install() was called.
+    for sig in SIGNALS:
+      signal.signal(sig, _handle)
+
+
 def stopped_by() -> Interrupted | None:
   """The signal's Interrupted if one has been raised outside the training loop: an error caught
   after it is the signal's doing (a library wrapped the Interrupted), whatever its message."""

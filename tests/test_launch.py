@@ -315,3 +315,15 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
   assert record["allocator"] == ("tcmalloc" if wanted else "system")
   assert record["matmul_precision"] == "float32"  # Full float32 products, also on GPUs.
+
+
+def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
+  # process_allgather raised the lost connection as a ValueError, which was taken for bad input
+  # (exit 2 and gloo's text) on the process whose partner had stopped on bad data.
+  lost = "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error: Connection reset by peer"
+  program = f"import launch; launch._report_error(ValueError({lost!r}))"
+  result = run_python(["-c", program], timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert last_line(result.stderr) == (
+    f"error: another process of this run stopped (its error says why): {lost}"
+  )

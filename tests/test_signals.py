@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, REPO, last_line, run_python
+from conftest import PYTHON, REPO, free_port, last_line, run_python
 
 from mfb_jax import signals, workdir_files
 
@@ -117,6 +117,29 @@ def test_a_signal_while_another_thread_imports_stops_the_main_thread(tmp_path):
   result = run_python(["-c", SIGNALLED_WHILE_A_THREAD_IMPORTS, str(tmp_path)], timeout=60)
   assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr[-2000:]
   assert "worker got" not in result.stdout and "not reached" not in result.stdout
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+
+
+# jax.distributed.initialize puts a C-level SIGTERM handler of its own in place of ours (found in a
+# 2-process run: SIGTERM was ignored until the first train step, and in eval and predict).
+SIGNALLED_AFTER_JAX_DISTRIBUTED = """
+import os, signal, sys, time
+from mfb_jax import signals
+signals.install()
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 1, 0)
+signals.reclaim()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+print("not reached", flush=True)
+"""
+
+
+def test_a_signal_after_jax_distributed_starts_is_still_ours():
+  result = run_python(["-c", SIGNALLED_AFTER_JAX_DISTRIBUTED, str(free_port())], timeout=120)
+  assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr[-2000:]
+  assert "not reached" not in result.stdout
   assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
 
 
