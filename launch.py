@@ -208,6 +208,7 @@ def main(argv) -> None:
     runtime.hide_gpus_from_tensorflow()
     runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.
+    runtime.check_same_config(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:  # The traceback first, then the same line and exit code as without.

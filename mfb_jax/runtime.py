@@ -143,6 +143,46 @@ def init_distributed(
     jax.distributed.initialize()
 
 
+def check_same_config(config) -> None:
+  """Raises ConfigError on every process of a multi-process run whose processes were given
+  different configs (a batch size or a model on one command line only): they trained on with
+  unequal batches, or crashed in a collective without a word on why. Data paths may differ."""
+  import hashlib
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from mfb_jax.errors import ConfigError
+
+  if jax.process_count() == 1:
+    return
+  leaves = sorted(_flat(config.to_dict()))
+  leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
+  digest = lambda text: np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint8)
+  names = digest(repr([k for k, _ in leaves]))
+  same_fields = multihost_utils.process_allgather(names)
+  if (same_fields != same_fields[:1]).any():
+    raise ConfigError("the processes of this run were given configs with different fields")
+  values = np.stack([digest(repr(v)) for _, v in leaves])
+  all_values = multihost_utils.process_allgather(values)  # [processes, fields, 8]
+  differs = (all_values != all_values[:1]).any(axis=(0, 2))
+  if differs.any():
+    fields = ", ".join(f"config.{k}" for (k, _), d in zip(leaves, differs, strict=True) if d)
+    raise ConfigError(
+      f"the processes of this run were given different values of {fields}: every "
+      "process needs the same --config and overrides"
+    )
+
+
+def _flat(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
 # INFO lines from these libraries (orbax's per-save chatter, clu's echo of every metric, jax's
 # backend probing) would bury the progress lines; their warnings and errors still show.
 QUIET_LIBRARIES = ("/orbax/", "/clu/", "/jax/_src/", "/etils/")

@@ -48,7 +48,8 @@ def test_eight_devices_give_the_same_loss_as_one(tiny_data):
   assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
 
 
-def _start_two(workdir, args: list[str]) -> list[subprocess.Popen]:
+def _start_two(workdir, args: list[str], own=((), ())) -> list[subprocess.Popen]:
+  """Both processes of a run; own[i]: arguments for process i only."""
   port = free_port()
   return [
     subprocess.Popen(
@@ -60,6 +61,7 @@ def _start_two(workdir, args: list[str]) -> list[subprocess.Popen]:
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",
+        *own[i],
       ],
       cwd=REPO,
       stdout=subprocess.PIPE,
@@ -144,3 +146,19 @@ def test_bad_files_on_one_process_stop_both_processes(tiny_args, tiny_data, tmp_
     results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=240)]]
     assert results[1][0] == 2 and error_1 in last_line(results[1][1]), results[1][1][-2000:]
     assert results[0][0] != 0 and error_0 in last_line(results[0][1]), results[0][1][-2000:]
+
+
+@pytest.mark.slow
+def test_processes_given_different_configs_stop_at_start_up(tiny_args, tmp_path):
+  """A batch size on one command line only trained on with unequal batches (exit 0); another
+  model on one crashed in a gloo collective without saying why."""
+  own = ([], ["--config.train.batch_size=16", "--config.model.aggregator=avgpool"])
+  procs = _start_two(tmp_path / "work", tiny_args, own)
+  for p in procs:
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 2, err[-2000:]
+    assert last_line(err) == (
+      "error: the processes of this run were given different values of config.model.aggregator,"
+      " config.train.batch_size: every process needs the same --config and overrides"
+    )
+  assert not (tmp_path / "work" / "checkpoints").exists()
