@@ -171,12 +171,12 @@ _DEBUG_HINT = " (rerun with --debug for the traceback)"
 
 def _report_error(e: Exception) -> None:
   """One line on stderr; exit 2 for bad input (config, data, workdir), 1 for anything else."""
-  from mfb_jax.errors import UserError
+  from mfb_jax.errors import UserError, lost_peer
 
   first = (str(e).strip().splitlines() or [""])[0]
   # A collective that lost a peer (raised as a ValueError by process_allgather, for one): the
   # reason is in the other process's error line.
-  if "Connection closed by peer" in first or "Connection reset by peer" in first:
+  if lost_peer(first):
     _exit_after_error(1, f"another process of this run stopped (its error says why): {first}")
   if isinstance(e, UserError | ValueError | FileNotFoundError):
     _exit_after_error(2, " ".join(str(e).split()) or type(e).__name__)

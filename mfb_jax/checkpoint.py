@@ -14,11 +14,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mfb_jax import workdir_files
-from mfb_jax.errors import CheckpointError
+from mfb_jax.errors import CheckpointError, lost_peer
 
-# Restore errors that are not about the checkpoint's data (reported as errors, exit 1).
+# Restore errors that are not about the checkpoint's data (reported as errors, exit 1), besides a
+# lost peer (errors.lost_peer).
 _NOT_THE_CHECKPOINT = (
-  "by peer",  # Connection closed/reset by peer: another process of the run stopped.
   "RESOURCE_EXHAUSTED",
   "Out of memory",
   "UNAVAILABLE",
@@ -111,7 +111,7 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 - tensorstore's errors: ValueError, RuntimeError...
-      if any(s in str(e) for s in _NOT_THE_CHECKPOINT):
+      if lost_peer(str(e)) or any(s in str(e) for s in _NOT_THE_CHECKPOINT):
         raise  # A lost peer, memory, a remote store's hiccup: the checkpoint may well be fine.
       raise CheckpointError(
         f"cannot read checkpoint {self.directory}/{step} ({_brief(e)}); if it is damaged, move "

@@ -34,6 +34,12 @@ class Interrupted(BaseException):
     self.signum = signum
 
 
+def lost_peer(text: str) -> bool:
+  """Whether an error's text says a connection to another process of the run was lost (a
+  collective's or the distributed runtime's: that process's own error says why)."""
+  return "Connection closed by peer" in text or "Connection reset by peer" in text
+
+
 def agreed(check):
   """check()'s result where it succeeds on every process; else a UserError on every process: its
   own where it failed, one naming the first failing process elsewhere. Start-up checks that read

@@ -239,12 +239,18 @@ def make_eval_iterator(
   max_examples: int = 0,
 ) -> Iterator[dict]:
   """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
+  files, types, file_ends = _read_once(pattern, process_index, process_count, max_examples <= 0)
+  dataset = eval_dataset(config, files, local_batch_size, max_examples, types)
+  one_file = _one_file(config, local_batch_size)
+  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=file_ends)
+
+
+def _read_once(pattern: str, process_index=0, process_count=1, last_whole=True):
+  """(files, their compression types, the FileEnds check) for reading each file once, in order
+  (last_whole: to the end of the last one)."""
   files, lengths = _listed(pattern, process_index, process_count)
   types = compressions(files)
-  dataset = eval_dataset(config, files, local_batch_size, max_examples, types)
-  ends = tfrecord_files.FileEnds(files, lengths, types, last_whole=max_examples <= 0)
-  one_file = _one_file(config, local_batch_size)
-  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=ends)
+  return files, types, tfrecord_files.FileEnds(files, lengths, types, last_whole)
 
 
 def _one_file(config, local_batch_size: int) -> Callable[[str], tf.data.Dataset]:
@@ -269,8 +275,7 @@ def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_fr
 def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iterator[tuple]:
   """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed."""
   spec = records.RecordSpec.from_config(config)
-  files, lengths = _listed(pattern, 0, 1)
-  types = compressions(files)
+  files, types, file_ends = _read_once(pattern)
 
   @_as_written
   def parse(names_B, serialized_B):
@@ -286,8 +291,7 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
 
   ds = file_table(files, types).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
-  ends = tfrecord_files.FileEnds(files, lengths, types)
-  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False, ends=ends):
+  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False, ends=file_ends):
     ends = np.cumsum(batch["counts"])
     for name, video_id, labels in zip(
       batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True

@@ -153,11 +153,12 @@ def check_same_config(config) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
 
+  from mfb_jax import workdir_files
   from mfb_jax.errors import ConfigError
 
   if jax.process_count() == 1:
     return
-  leaves = sorted(_flat(config.to_dict()))
+  leaves = sorted(workdir_files.flat_hparams(config).items())
   leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
   digest = lambda text: np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint8)
   names = digest(repr([k for k, _ in leaves]))
@@ -173,14 +174,6 @@ def check_same_config(config) -> None:
       f"the processes of this run were given different values of {fields}: every "
       "process needs the same --config and overrides"
     )
-
-
-def _flat(tree: dict, prefix: str = ""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
 
 
 # INFO lines from these libraries (orbax's per-save chatter, clu's echo of every metric, jax's

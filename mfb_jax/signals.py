@@ -48,13 +48,18 @@ def _name(signum: int) -> str:
   return signal.Signals(signum).name
 
 
+def _unwind(signum: int) -> Interrupted:
+  """The Interrupted to raise for `signum`, marking the process as unwinding."""
+  _state.unwinding = True
+  return Interrupted(signum)
+
+
 def _raise_later(signum, frame) -> None:
   del signum, frame
   if _state.importing:  # Raised when that import has finished (_import).
     return
   if _state.received is not None and not _state.deferring:
-    _state.unwinding = True
-    raise Interrupted(_state.received)
+    raise _unwind(_state.received)
 
 
 def _handle(signum, frame) -> None:
@@ -69,8 +74,7 @@ def _handle(signum, frame) -> None:
   if not _state.deferring:
     if _state.unwinding:  # The first signal's clean-up is taking long: stop now.
       report(Interrupted(signum))
-    _state.unwinding = True
-    raise Interrupted(signum)
+    raise _unwind(signum)
   from absl import logging
 
   if first:
@@ -118,8 +122,7 @@ def _import(*args, **kwargs):
     _state.importing -= 1
     if not _state.importing and _state.received is not None:
       if not (_state.deferring or _state.unwinding):
-        _state.unwinding = True
-        raise Interrupted(_state.received)  # Instead of the import's result or error.
+        raise _unwind(_state.received)  # Instead of the import's result or error.
 
 
 _original_import = builtins.__import__
@@ -175,8 +178,7 @@ def deferred():
   install() was not called (train_and_evaluate used as a library), restoring them after;
   under install(), a stop leaves them ignoring signals."""
   if _state.received is not None:
-    _state.unwinding = True
-    raise Interrupted(_state.received)
+    raise _unwind(_state.received)
   previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
   for sig in SIGNALS:
     signal.signal(sig, _handle)
