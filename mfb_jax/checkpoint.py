@@ -54,11 +54,12 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True, writer: bool = False):
     """writer: the training run (it holds the workdir's lock), which also removes the temporary
     directories of saves cut short (a kill, a full disk); eval and predict, which may read a
-    workdir while it trains, leave them alone."""
+    workdir while it trains, leave them alone. The directory appears with the first save (orbax
+    creates it): a run stopped by its start-up checks leaves no empty one behind."""
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
-      create=writer,  # Eval and predict on a workdir without checkpoints create nothing.
+      create=False,
       enable_async_checkpointing=asynchronous,
       cleanup_tmp_directories=writer,
     )

@@ -158,6 +158,7 @@ def test_missing_files_give_one_line(tmp_path):
     "--config.data.eval_pattern=/nonexistent/x*",
   )
   _assert_one_line_error(result, "/nonexistent/train*")
+  assert not (tmp_path / "checkpoints").exists()  # A run stopped at start-up leaves none.
   # Nothing else on stderr: TensorFlow's and XLA's start-up notices are silenced too.
   assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
 
