@@ -197,6 +197,7 @@ def main(argv) -> None:
 
   if not FLAGS.debug:
     runtime.quiet_library_logs()
+  runtime.native_stdout_to_stderr()
   try:
     from mfb_jax import config_checks, workdir_files
 

@@ -14,6 +14,8 @@ TCMALLOC_CANDIDATES = (
 )
 # Environment variables that show a multi-process cluster jax.distributed.initialize() can detect.
 CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+# How long processes started with --coordinator_address wait for each other (JAX's default).
+INIT_TIMEOUT_S = 300
 
 
 def tcmalloc_library() -> str | None:
@@ -135,12 +137,82 @@ def init_distributed(
     return
   # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if explicit:
-    jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
-  else:
+  if not explicit:
     jax.distributed.initialize()
+    return
+  if coordinator_address and process_id is not None and num_processes is not None:
+    port = coordinator_port(coordinator_address)
+    if process_id == 0:  # Process 0 runs the coordinator: JAX crashed (exit 139) on a busy port.
+      check_port_free(coordinator_address, port)
+    from absl import logging
+
+    logging.info(
+      "Process %d of %d: connecting to the coordinator at %s (JAX waits up to %d s for all)",
+      process_id,
+      num_processes,
+      coordinator_address,
+      INIT_TIMEOUT_S,
+    )
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=INIT_TIMEOUT_S,
+  )
+
+
+def coordinator_port(address: str) -> int:
+  """The port of --coordinator_address=HOST:PORT; ConfigError if it has none."""
+  from mfb_jax.errors import ConfigError
+
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(
+      f"--coordinator_address={address}: expected HOST:PORT with a port in 1..65535 "
+      "(process 0 runs the coordinator there), e.g. --coordinator_address=host0:1234"
+    )
+  return int(port)
+
+
+def check_port_free(address: str, port: int) -> None:
+  """ConfigError if this host cannot listen on `port` (JAX's coordinator binds every interface)."""
+  import errno
+  import socket
+
+  from mfb_jax.errors import ConfigError
+
+  family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+  try:
+    probe = socket.socket(family, socket.SOCK_STREAM)
+  except OSError:  # No IPv6 on this host after all.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  with probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As gRPC: TIME_WAIT is fine.
+    try:
+      probe.bind(("::" if probe.family == socket.AF_INET6 else "", port))
+    except OSError as e:
+      why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+      raise ConfigError(
+        f"--coordinator_address={address}: port {port} {why} on this host, where process 0 "
+        "runs the coordinator; pick a free port for every process of the run"
+      ) from e
+
+
+def native_stdout_to_stderr() -> None:
+  """Points file descriptor 1 at stderr, with sys.stdout kept on the real stdout.
+
+  Native libraries write to descriptor 1 on their own: gloo printed "[Gloo] Rank 0 is connected
+  to 1 peer ranks ..." in every multi-process run, before the bench mode's JSON line. stdout is
+  for launch.py's own lines; whatever else a library prints there goes to stderr.
+  """
+  try:
+    sys.stdout.flush()
+    ours = os.dup(1)
+  except (OSError, ValueError, AttributeError):  # No usable stdout: nothing to keep apart.
+    return
+  os.dup2(2, 1)
+  encoding, errors = sys.stdout.encoding, sys.stdout.errors
+  sys.stdout = os.fdopen(ours, "w", buffering=1, encoding=encoding, errors=errors)
 
 
 def check_same_config(config) -> None:

@@ -73,14 +73,18 @@ def _start_two(workdir, args: list[str], own=((), ())) -> list[subprocess.Popen]
   ]
 
 
-def _two_processes(workdir, args: list[str], timeout: float = 400) -> list[str]:
+# What launch.py itself prints on stdout after training or evaluating, on process 0 only.
+OWN_LINES = ("GAP@", "results: ", "checkpoints: ", "TensorBoard: ")
+
+
+def _two_processes(workdir, args: list[str], timeout: float = 400) -> None:
   procs = _start_two(workdir, args)
-  outputs = []
-  for proc in procs:
+  for i, proc in enumerate(procs):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
-    outputs.append(out)
-  return outputs
+    # Nothing else: gloo printed "[Gloo] Rank 0 is connected ..." on stdout.
+    others = [line for line in out.splitlines() if not (i == 0 and line.startswith(OWN_LINES))]
+    assert not others, out
 
 
 def _gap(workdir) -> dict:

@@ -1,15 +1,17 @@
-"""Process set-up: XLA flags and the tcmalloc re-exec."""
+"""Process set-up: XLA flags, the tcmalloc re-exec, clusters and the coordinator, stdout."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
-from conftest import REPO
+from conftest import REPO, last_line, launch
 
 from mfb_jax import runtime
+from mfb_jax.errors import ConfigError
 
 VERIFIED = metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON)
 needs_verified_jaxlib = pytest.mark.skipif(
@@ -170,3 +172,39 @@ def test_closed_event_loop_noise_from_library_threads_is_dropped():
   assert seen == [other]
   hook(noise)  # In the main thread it is this program's own error: kept.
   assert seen == [other, noise]
+
+
+def test_a_coordinator_address_needs_a_port():
+  assert runtime.coordinator_port("host0:1234") == 1234
+  assert runtime.coordinator_port("[::1]:80") == 80
+  for bad in ("host0", "host0:", ":1234", "host0:0", "host0:65536", "host0:http"):
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+      runtime.coordinator_port(bad)
+
+
+def test_a_busy_coordinator_port_is_refused_before_jax_starts(tmp_path):
+  with socket.socket() as busy:  # Another program listening there, on one interface only.
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"port {port} is in use on this host"):
+      runtime.check_port_free(f"127.0.0.1:{port}", port)
+    # Through launch.py: JAX's coordinator crashed on it (exit 139).
+    args = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"]
+    result = launch(tmp_path, "--config=configs/tiny.py", "--mode=bench", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert last_line(result.stderr).startswith("error: --coordinator_address=127.0.0.1:")
+  assert "Traceback" not in result.stderr
+  runtime.check_port_free(f"127.0.0.1:{port}", port)  # Free again.
+
+
+def test_what_native_code_writes_on_stdout_goes_to_stderr():
+  code = (
+    "import os, sys; from mfb_jax import runtime; runtime.native_stdout_to_stderr(); "
+    "print('ours'); os.write(1, b'[Gloo] native\\n'); print('ours too', flush=True)"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+  )
+  assert result.stdout == "ours\nours too\n"
+  assert result.stderr == "[Gloo] native\n"
