@@ -14,11 +14,8 @@ import ml_collections
 import tensorflow as tf
 
 from mfb_jax.errors import ConfigError
+from mfb_jax.quantization import QUANT_OFFSET, QUANT_SCALE
 
-# Quantized features q in 0..255 stand for q * 4/255 - 2 (the YouTube-8M starter code's
-# dequantization without its 4/512 bias).
-QUANT_SCALE = 4.0 / 255.0
-QUANT_OFFSET = -2.0
 # TensorFlow's parse error for a feature of another value type, in its three wordings.
 _TYPE_ERROR = re.compile(
   r"(?:Name: (?P<file>[^,]*), )?(?:Key|Feature list|Context feature|Feature): (?P<key>[^,\s]+?)"

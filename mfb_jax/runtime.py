@@ -100,7 +100,12 @@ def set_matmul_precision(config) -> str | None:
 
 
 def hide_gpus_from_tensorflow() -> None:
-  """tf.data runs on the CPU only; keep TensorFlow from grabbing accelerator memory."""
+  """tf.data runs on the CPU only; keep TensorFlow from grabbing accelerator memory. Without
+  TensorFlow installed (an accelerator machine benchmarking the bare step) there is none."""
+  from importlib import util
+
+  if util.find_spec("tensorflow") is None:
+    return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
 

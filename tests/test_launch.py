@@ -316,6 +316,32 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
   assert record["allocator"] == ("tcmalloc" if wanted else "system")
   assert record["matmul_precision"] == "float32"  # Full float32 products, also on GPUs.
+  assert record["jax_version"] == metadata.version("jax")
+
+
+# launch.py run as on a machine without TensorFlow (an accelerator machine may lack it).
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+sys.modules["tensorflow"] = None  # import tensorflow now fails as if it were not installed.
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_the_bare_step_bench_needs_no_tensorflow():
+  env = {"MFB_JAX_NO_TCMALLOC": "1"}  # Its re-execution would drop the blocker above.
+  args = ["-c", WITHOUT_TENSORFLOW, "--config=configs/tiny.py", "--mode=bench"]
+  result = run_python([*args, "--config.bench.end_to_end=False"], env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads(result.stdout)
+  assert record["examples_per_sec"] > 0 and "end_to_end_examples_per_sec" not in record
+  # The end-to-end figure does need it: one line, before any timing.
+  result = run_python(args, env=env)
+  assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+  assert last_line(result.stderr) == (
+    "error: the end-to-end figure reads tfrecords and needs tensorflow, which is not "
+    "installed; --config.bench.end_to_end=False measures the bare step alone"
+  )
 
 
 def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
