@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import time
-from importlib import metadata
 
-import pytest
 from conftest import PYTHON, REPO, last_line, launch, run_python
 
-from mfb_jax import runtime, workdir_files
+from mfb_jax import workdir_files
 
 
 def _tree_digest(path) -> str:
@@ -294,54 +292,6 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"from step {latest} " in result.stderr
   assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
-
-
-def test_bench_prints_one_json_line_with_the_contract_keys():
-  # The bench mode writes nothing, so it needs no --workdir (the other modes do).
-  result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=bench"])
-  assert result.returncode == 0, result.stderr[-2000:]
-  # Only the JSON line: the end-to-end figure's shard writer reports its progress on stderr.
-  lines = result.stdout.splitlines()
-  assert len(lines) == 1, result.stdout
-  record = json.loads(lines[0])
-  assert record["model"] == "netvlad+mfb+moe" and record["batch_size"] == 8
-  assert record["devices"] == 1 and record["examples_per_sec"] > 0
-  # Both come from the median step; step_ms is rounded to the microsecond (this step can be 0.3 ms).
-  assert 8000 / record["examples_per_sec"] == pytest.approx(record["step_ms"], abs=6e-4, rel=1e-4)
-  assert record["train_flops_per_example"] > 0 and record["flop_floor_examples_per_sec"] > 0
-  assert 0 < record["end_to_end_examples_per_sec"]
-  # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
-  if metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON):
-    assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
-  wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
-  assert record["allocator"] == ("tcmalloc" if wanted else "system")
-  assert record["matmul_precision"] == "float32"  # Full float32 products, also on GPUs.
-  assert record["jax_version"] == metadata.version("jax")
-
-
-# launch.py run as on a machine without TensorFlow (an accelerator machine may lack it).
-WITHOUT_TENSORFLOW = """
-import runpy, sys
-sys.modules["tensorflow"] = None  # import tensorflow now fails as if it were not installed.
-sys.argv = ["launch.py", *sys.argv[1:]]
-runpy.run_path("launch.py", run_name="__main__")
-"""
-
-
-def test_the_bare_step_bench_needs_no_tensorflow():
-  env = {"MFB_JAX_NO_TCMALLOC": "1"}  # Its re-execution would drop the blocker above.
-  args = ["-c", WITHOUT_TENSORFLOW, "--config=configs/tiny.py", "--mode=bench"]
-  result = run_python([*args, "--config.bench.end_to_end=False"], env=env)
-  assert result.returncode == 0, result.stderr[-2000:]
-  record = json.loads(result.stdout)
-  assert record["examples_per_sec"] > 0 and "end_to_end_examples_per_sec" not in record
-  # The end-to-end figure does need it: one line, before any timing.
-  result = run_python(args, env=env)
-  assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
-  assert last_line(result.stderr) == (
-    "error: the end-to-end figure reads tfrecords and needs tensorflow, which is not "
-    "installed; --config.bench.end_to_end=False measures the bare step alone"
-  )
 
 
 def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
