@@ -10,7 +10,7 @@ from matplotlib import ticker  # noqa: E402
 
 from configs import paper  # noqa: E402
 
-AGG_NAMES = {"avgpool": "Avgpooling", "netvlad": "NetVLAD", "dbof": "DBoF"}
+AGG_NAMES = {"avgpool": "Avgpooling", "netvlad": "NetVLAD", "dbof": "DBoF", "nextvlad": "NeXtVLAD"}
 
 
 def _color(fusion: str):

@@ -15,6 +15,7 @@ FUSION_NAMES = {
   "concat": "Concatenation",
   "fc_concat": "FC + Concatenation",
   "mfb": "MFB",
+  "mfh": "MFH",
 }
 PAPER_SETUP = (
   "Paper (Liu et al. 2018, Tables 1-3): YouTube-8M 2018 frame-level (3862 classes), trained on "
@@ -103,12 +104,24 @@ def collect(sweep, outcomes: dict) -> list[dict]:
   rows = [
     _row(a, f, sweep.cell_dir(a, f), sweep.steps, outcomes.get((a, f))) for a, f in sweep.cells
   ]
-  for agg in AGGREGATIONS:
-    for fusion in FUSIONS:
-      cell_dir = sweep.cell_dir(agg, fusion)
-      if (agg, fusion) not in sweep.cells and read_result(cell_dir) is not None:
-        rows.append(_row(agg, fusion, cell_dir, None, None))
-  return rows
+  return rows + [_row(a, f, d, None, None) for a, f, d in _earlier_cells(sweep)]
+
+
+def _earlier_cells(sweep) -> list[tuple[str, str, str]]:
+  """(aggregation, fusion, directory) of the evaluated cells in sweep.workdir that are not this
+  sweep's, whatever their names (NeXtVLAD, MFH or a user's module): each cell's config.json says
+  which model it trained."""
+  found = []
+  for name in sorted(os.listdir(sweep.workdir)) if os.path.isdir(sweep.workdir) else []:
+    cell_dir = os.path.join(sweep.workdir, name)
+    model = (read_json(os.path.join(cell_dir, "config.json")) or {}).get("model")
+    if not isinstance(model, dict) or read_result(cell_dir) is None:
+      continue
+    agg, fusion = str(model.get("aggregator")), str(model.get("fusion"))
+    if cell_dir == sweep.cell_dir(agg, fusion) and (agg, fusion) not in sweep.cells:
+      found.append((agg, fusion, cell_dir))
+  order = {(a, f): i for i, (a, f) in enumerate((a, f) for a in AGGREGATIONS for f in FUSIONS)}
+  return sorted(found, key=lambda c: (order.get(c[:2], len(order)), c[:2]))
 
 
 def _ordered(names, known) -> list[str]:

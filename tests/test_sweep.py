@@ -161,6 +161,34 @@ def test_launch_args_of_a_cell(tmp_path):
     sweep_config.Sweep.from_flags(_flags(tmp_path, config="configs/nope.py"), "cmd")
 
 
+def test_cells_of_earlier_sweeps_are_reported_whatever_their_names(tmp_path):
+  # Beyond-the-paper cells (nextvlad, mfh) of an earlier sweep into the same directory vanished
+  # from the report, which only looked for the paper's names.
+  sweep = sweep_config.Sweep.from_flags(_flags(tmp_path), "cmd")  # avgpool,concat and mfb.
+  for agg, fusion, gap in (("nextvlad", "mfb", 0.3), ("netvlad", "fc_concat", 0.4)):
+    cell = tmp_path / "sweep" / f"{agg}_{fusion}"
+    cell.mkdir(parents=True)
+    config = {"model": {"aggregator": agg, "fusion": fusion}, "train": {"num_steps": 40}}
+    (cell / "config.json").write_text(json.dumps(config))
+    (cell / "eval_results.json").write_text(
+      json.dumps(_result(40, gap) | {"hit_at_1": 0.5, "perr": 0.5})
+    )
+  unevaluated = tmp_path / "sweep" / "dbof_mfh"  # Never evaluated: not a row yet.
+  unevaluated.mkdir()
+  (unevaluated / "config.json").write_text(json.dumps({"model": {"aggregator": "dbof"}}))
+  rows = sweep_report.collect(sweep, {})
+  cells = [(r["aggregation"], r["fusion"]) for r in rows]
+  assert cells == [
+    ("avgpool", "concat"),
+    ("avgpool", "mfb"),
+    ("netvlad", "fc_concat"),  # The paper's cells first, in table order.
+    ("nextvlad", "mfb"),
+  ]
+  assert [r["result"]["gap"] for r in rows[2:]] == [0.4, 0.3]
+  markdown = sweep_report.format_markdown(rows, META, [])
+  assert _table_row(markdown, "NeXtVLAD")[-1] == "30.00 / –"
+
+
 def test_plots_of_fake_histories(tmp_path):
   history = [_result(s, g) for s, g in ((10, 0.2), (20, 0.5), (30, 0.6))]
   rows = [
