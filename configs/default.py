@@ -16,7 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the full-recipe config."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # Parameter initialization, dropout, and the data order of each segment.
 
   # --- Data: the official YouTube-8M tfrecords (or synthetic shards in the same format).
   config.data = data = ml_collections.ConfigDict()
@@ -103,17 +103,17 @@ def get_config() -> ml_collections.ConfigDict:
   optim.schedule = "constant"
   optim.warmup_steps = 0  # Used by warmup_cosine.
   optim.grad_clip_norm = 0.0  # Global-norm clipping; 0 disables.
-  optim.b1 = 0.9
+  optim.b1 = 0.9  # Adam's decay rates of its first and second moments, and its epsilon.
   optim.b2 = 0.999
   optim.eps = 1e-8
 
   # --- Training loop.
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 128  # Global batch, split over processes and devices.
-  train.num_steps = 250_000
+  train.num_steps = 250_000  # Total steps; a resumed run trains on up to this step.
   train.eval_every = 10_000  # Steps between evaluations (and one at the end).
   train.checkpoint_every = 1_000  # Steps between checkpoints (and one at the end).
-  train.keep_checkpoints = 3
+  train.keep_checkpoints = 3  # The newest N checkpoints are kept, older ones deleted.
   train.log_every = 100  # Steps between train-metric writes and progress lines.
 
   # --- Evaluation and prediction.
@@ -124,13 +124,13 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.max_examples = 0
   evaluation.top_k = 20  # GAP@20 as in the YouTube-8M challenge.
   config.predict = predict = ml_collections.ConfigDict()
-  predict.top_k = 20
+  predict.top_k = 20  # Label-score pairs per video in predictions.csv.
   predict.vocabulary = ""  # Optional vocabulary CSV: also writes predictions_named.csv.
 
   # --- Throughput benchmark (--mode=bench).
   config.bench = bench = ml_collections.ConfigDict()
-  bench.warmup_steps = 3
-  bench.steps = 20
+  bench.warmup_steps = 3  # Untimed steps after the first (compiling) one.
+  bench.steps = 20  # Timed steps: the figure is their median.
   # Also time the step fed from synthetic tfrecords through the input pipeline (end to end).
   bench.end_to_end = True
   return config

@@ -4,7 +4,8 @@ A dense layer with n inputs and m outputs costs 2nm per row forward and 2nm per 
 produce backward: the weight gradient always, the input gradient only when something upstream has
 parameters (nobody needs the gradient of the data). Element-wise work is left out, so the floor
 `peak / flops_per_example` is an upper bound on examples/sec no implementation can beat.
-Checked against DESIGN.md: NetVLAD+MFB 367 MFLOP (572 ex/s at 210 GFLOP/s), DBoF+MFB 2.98 GFLOP.
+Checked against the project's design figures (issue 7 of its tracker): NetVLAD+MFB 367 MFLOP
+(572 ex/s at 210 GFLOP/s), DBoF+MFB 2.98 GFLOP (70 ex/s).
 Also covers the modules beyond the paper: NeXtVLAD, MFH, frame-level MFB, context gating.
 """
 

@@ -163,7 +163,7 @@ def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
   config = paper.get_config(cell)
   per_example = flops.train_flops_per_example(config)
   assert per_example / 1e6 == pytest.approx(mflops, rel=1e-3)
-  assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # DESIGN.md rounds.
+  assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # The design figures are rounded.
 
 
 def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
