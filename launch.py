@@ -10,8 +10,9 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
 
 Kept short on purpose: the logic lives in mfb_jax/ where it is tested. Bad input ends with one
 line on stderr and exit code 2 (--debug adds the traceback; the exit code stays). SIGTERM or
-Ctrl-C once training has run its first step saves a checkpoint and exits 0; at any other time it
-stops at once with exit 128 + the signal's number (mfb_jax/signals.py).
+Ctrl-C once training has run its first step saves a checkpoint and exits 0; after the work is
+done it is ignored (exit 0); at any other time it stops with exit 128 + the signal's number, at
+once or when an import or JAX's compilation returns (mfb_jax/signals.py).
 """
 
 import os
@@ -211,6 +212,8 @@ def main(argv) -> None:
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.
     runtime.check_same_config(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    runtime.leave_cluster()  # The one wait left (for the other processes) while signals still act.
+    signals.ignore_until_exit()
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:  # The traceback first, then the same line and exit code as without.
       traceback.print_exc()

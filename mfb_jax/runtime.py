@@ -166,6 +166,15 @@ def init_distributed(
   )
 
 
+def leave_cluster() -> None:
+  """jax.distributed.shutdown() where it was initialized (else nothing): its barrier waits for
+  every process to finish; it would otherwise run at the interpreter's exit."""
+  import jax
+
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
 def coordinator_port(address: str) -> int:
   """The port of --coordinator_address=HOST:PORT; ConfigError if it has none."""
   from mfb_jax.errors import ConfigError

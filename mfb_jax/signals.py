@@ -17,7 +17,11 @@ A signal whose exception Python would print and drop (one that arrives inside a 
 callback or a __del__) is raised again 10 ms later, and `deferred()` raises any signal still
 pending. A signal during an import is held until the outermost import statement has finished
 (a second one exits at once): raised inside a native module's initialisation (jaxlib's, while
-`import jax` runs), the exception aborted the interpreter or was lost. A library that turns the
+`import jax` runs), the exception aborted the interpreter or was lost. So is a signal that arrives
+while JAX's own code is running (tracing, lowering, compiling a step): raised inside a Python
+callback of jaxlib's MLIR bindings it cannot cross their C++ frames, and the interpreter aborted
+(exit 134, a fatal-error dump); it is raised once the main thread is back outside JAX, retried
+every 10 ms (a second signal exits at once). A library that turns the
 raised `Interrupted` into an error of its own (tensorstore, while a checkpoint is restored) is
 covered by `stopped_by()`: launch.py then reports the signal, not that error.
 """
@@ -54,16 +58,36 @@ def _unwind(signum: int) -> Interrupted:
   return Interrupted(signum)
 
 
+def _inside_jax(frame) -> bool:
+  """Whether the main thread is running JAX's code: some frame of its stack is in the jax or
+  jaxlib package (whose Python code may sit on top of C++ frames that cannot pass an exception
+  on)."""
+  paths = [getattr(sys.modules.get(name), "__file__", None) for name in ("jax", "jaxlib")]
+  packages = tuple(os.path.dirname(path) + os.sep for path in paths if path)
+  while packages and frame is not None:
+    if frame.f_code.co_filename.startswith(packages):
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _retry_soon() -> None:
+  signal.signal(signal.SIGALRM, _raise_later)
+  signal.setitimer(signal.ITIMER_REAL, 0.01)
+
+
 def _raise_later(signum, frame) -> None:
-  del signum, frame
+  del signum
   if _state.importing:  # Raised when that import has finished (_import).
     return
   if _state.received is not None and not _state.deferring:
+    if _inside_jax(frame):
+      _retry_soon()
+      return
     raise _unwind(_state.received)
 
 
 def _handle(signum, frame) -> None:
-  del frame
   first = _state.received is None
   if first:
     _state.received = signum
@@ -72,8 +96,11 @@ def _handle(signum, frame) -> None:
       report(Interrupted(signum))
     return  # Raised when the import has finished (_import).
   if not _state.deferring:
-    if _state.unwinding:  # The first signal's clean-up is taking long: stop now.
+    if _state.unwinding or (not first and _inside_jax(frame)):  # Taking long: stop now.
       report(Interrupted(signum))
+    if _inside_jax(frame):  # Raised once the main thread has left JAX's code.
+      _retry_soon()
+      return
     raise _unwind(signum)
   from absl import logging
 
@@ -94,8 +121,7 @@ def _unraisablehook(unraisable) -> None:
     _previous_unraisablehook(unraisable)
     return
   _state.unwinding = False
-  signal.signal(signal.SIGALRM, _raise_later)
-  signal.setitimer(signal.ITIMER_REAL, 0.01)
+  _retry_soon()
 
 
 _previous_unraisablehook = sys.unraisablehook
@@ -165,6 +191,14 @@ def report(error: Interrupted) -> None:
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
   os._exit(128 + error.signum)
+
+
+def ignore_until_exit() -> None:
+  """The run's work is done and written: SIGTERM/SIGINT from here to the exit are ignored.
+  Otherwise the interpreter's shutdown resets the handlers to the default first, and a signal
+  in the last second of a finished run ended it with -15 or -2 (no line, no exit code 0)."""
+  for sig in SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
 
 
 def requested() -> bool:

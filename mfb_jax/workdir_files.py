@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 
@@ -123,19 +124,22 @@ def is_url(path: str) -> bool:
 
 @contextlib.contextmanager
 def atomic_file(path: str):
-  """A file opened for writing that appears at PATH whole or not at all: written to PATH.tmp,
-  then renamed (atomic on local file systems). On any failure (a full disk, a signal) PATH is as
-  it was and no PATH.tmp is left."""
+  """A file opened for writing that appears at PATH whole or not at all: written to
+  PATH.<pid>-<random>.tmp, then renamed (atomic on local file systems). On any failure (a full
+  disk, a signal) PATH is as it was and no .tmp file is left. The name is the writer's own: an
+  evaluation run beside training writes eval_results.json too, and with one shared PATH.tmp
+  the two writes could mix, or the second rename find no file."""
   import tensorflow as tf  # Deferred, as in check_workdir.
 
   tf.io.gfile.makedirs(os.path.dirname(path) or ".")
+  tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
   try:
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    with tf.io.gfile.GFile(tmp, "w") as f:
       yield f
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
   except BaseException:
     with contextlib.suppress(Exception):
-      tf.io.gfile.remove(path + ".tmp")
+      tf.io.gfile.remove(tmp)
     raise
 
 

@@ -6,8 +6,8 @@ r"""Measures mfb-jax's train step against the PyTorch and TensorFlow peers, in o
 The peers (reference implementations of the same step, kept outside this project) print
 `examples_per_sec=X`; mfb-jax is measured with `launch.py --mode=bench`. Runs are interleaved
 (jax, torch, tf per model, repeated) so machine noise hits all of them alike; the table reports
-the median of the repeats and mfb-jax's ratio to each implementation (to itself: 1.00x). Figures are only comparable
-within one run: these 2-core machines are not all the same CPU.
+the median of the repeats and mfb-jax's ratio to each implementation (to itself: 1.00x).
+Figures are only comparable within one run: these 2-core machines are not all the same CPU.
 """
 
 import argparse

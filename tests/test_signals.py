@@ -200,6 +200,52 @@ def test_signals_after_a_completed_stop_are_ignored_up_to_the_exit():
   assert "Received SIGTERM: saving a checkpoint" in result.stderr
 
 
+# A signal while JAX's own code runs (here jax.tree.map calling back into the program; in a run,
+# the lowering of a step, where jaxlib's C++ frames aborted the interpreter): raised once the
+# program is back outside JAX, so JAX's call completes first. Then, after the work: ignored.
+SIGNALLED_INSIDE_JAX = """
+import os, signal, sys, time
+from mfb_jax import signals
+signals.install()
+import jax
+
+def callback(x):
+  if x == 0:
+    os.kill(os.getpid(), int(sys.argv[1]))
+    sum(range(10**6))  # Bytecode runs: the handler has run by now.
+  return x
+
+print(jax.tree.map(callback, [0, 1, 2]), flush=True)  # Not cut short: [0, 1, 2].
+time.sleep(30)
+print("not reached")
+"""
+
+SIGNALLED_AT_THE_EXIT = """
+import atexit, os, signal
+from mfb_jax import signals
+signals.install()
+signals.ignore_until_exit()
+os.kill(os.getpid(), signal.SIGTERM)
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))  # During the shutdown.
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_inside_jax_takes_effect_when_jax_returns(signum):
+  result = run_python(["-c", SIGNALLED_INSIDE_JAX, str(int(signum))], timeout=60)
+  assert result.returncode == 128 + signum, result.stderr[-2000:]
+  assert result.stdout.split("\n")[0] == "[0, 1, 2]" and "not reached" not in result.stdout
+  assert last_line(result.stderr).startswith(f"error: stopped by {signal.Signals(signum).name}")
+  assert "Traceback" not in result.stderr
+
+
+def test_signals_once_the_work_is_done_are_ignored_to_the_exit():
+  # A finished run that got a signal in its last second ended by the signal itself (-15 or -2).
+  result = run_python(["-c", SIGNALLED_AT_THE_EXIT], timeout=60)
+  assert (result.returncode, result.stdout) == (0, "finished\n"), result.stderr[-2000:]
+
+
 def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
   path = str(tmp_path / "eval_results.json")
   workdir_files.write_text(path, "old")
@@ -277,4 +323,4 @@ def test_a_signal_before_the_first_step_has_run_stops_training_at_once(tiny_data
   assert "not reached" not in result.stdout and "Traceback" not in result.stderr
   assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
   assert "Received SIGTERM" not in result.stderr
-  assert os.listdir(tmp_path / "checkpoints") == []
+  assert not (tmp_path / "checkpoints").exists()  # Nothing saved: not even the directory.

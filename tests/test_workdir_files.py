@@ -171,3 +171,16 @@ def test_a_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, m
   monkeypatch.undo()
   assert saver.all_steps() == [1]
   saver.close()
+
+
+def test_two_writers_of_one_file_do_not_mix(tmp_path):
+  # Training and an evaluation run beside it both write eval_results.json. With one shared
+  # PATH.tmp the later writer truncated the earlier one's file and the second rename failed.
+  path = str(tmp_path / "eval_results.json")
+  with workdir_files.atomic_file(path) as first:
+    first.write('{"step": 10}')
+    with workdir_files.atomic_file(path) as second:
+      second.write('{"step": 20}')
+    assert json.load(open(path)) == {"step": 20}
+  assert json.load(open(path)) == {"step": 10}  # The last rename wins, whole.
+  assert os.listdir(tmp_path) == ["eval_results.json"]  # No .tmp file left.
