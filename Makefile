@@ -30,7 +30,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 demo: setup
 	@test -e $(DEMO_DIR)/data/train-00000-of-00008.tfrecord || \
