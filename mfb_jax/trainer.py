@@ -233,6 +233,10 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         stopping = True  # Every process gave up the evaluation at the same batch.
         if not saved:
           save(done)
+      elif saved and not stopping and not is_last:
+        # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
+        # than train one more step (and resume exactly, from a periodic checkpoint).
+        stopping = _stop_agreed()
       if stopping:
         checkpointer.wait()  # A further signal is ignored until the save is complete.
         logging.warning("Stopped at step %d after a signal; checkpoint saved", done)

@@ -110,6 +110,24 @@ def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+def test_a_signal_after_a_saved_evaluation_stops_at_that_step(tiny_config, tmp_path, monkeypatch):
+  # Step 3 is saved and evaluated; the signal comes as its results are written. The run trained
+  # step 4 and saved there, so its resume left the periodic checkpoints' exact rule.
+  from mfb_jax import evaluate
+
+  tiny_config.train.update(num_steps=100, eval_every=3, checkpoint_every=3)
+  write_results = evaluate.write_results
+
+  def signalled_write(*args, **kwargs):
+    written = write_results(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return written
+
+  monkeypatch.setattr(evaluate, "write_results", signalled_write)
+  assert trainer.train_and_evaluate(tiny_config, str(tmp_path))["step"] == 3
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == [3]
+
+
 def test_a_signal_during_an_evaluation_gives_it_up_and_the_resumed_run_redoes_it(
   tiny_config, tmp_path, monkeypatch
 ):
