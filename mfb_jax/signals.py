@@ -96,9 +96,10 @@ def _handle(signum, frame) -> None:
       report(Interrupted(signum))
     return  # Raised when the import has finished (_import).
   if not _state.deferring:
-    if _state.unwinding or (not first and _inside_jax(frame)):  # Taking long: stop now.
+    inside_jax = _inside_jax(frame)
+    if _state.unwinding or (inside_jax and not first):  # Taking long: stop now.
       report(Interrupted(signum))
-    if _inside_jax(frame):  # Raised once the main thread has left JAX's code.
+    if inside_jax:  # Raised once the main thread has left JAX's code.
       _retry_soon()
       return
     raise _unwind(signum)
