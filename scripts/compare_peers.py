@@ -11,11 +11,13 @@ Figures are only comparable within one run: these 2-core machines are not all th
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
+import types
+
+import bench_table  # scripts/, beside this file.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -32,19 +34,14 @@ def _run(cmd: list[str], env: dict | None = None) -> str:
 
 
 def jax_bench(model: str, bf16: bool, steps: int) -> float:
-  cmd = [
-    sys.executable,
-    "launch.py",
-    "--mode=bench",
-    "--workdir=/tmp/mfb_jax_bench",
-    f"--config=configs/paper.py:{CELLS[model]}",
-    f"--config.bench.steps={steps}",
-    "--config.bench.end_to_end=False",
-  ]
-  if bf16:
-    cmd.append("--config.model.dtype=bfloat16")
-  line = [x for x in _run(cmd).splitlines() if x.startswith("{")][-1]
-  return json.loads(line)["examples_per_sec"]
+  """mfb-jax's bare step, through bench_table.py's command and parsing of a bench row."""
+  args = types.SimpleNamespace(end_to_end="none", steps=steps, warmup_steps=0, set=[])
+  config = f"configs/paper.py:{CELLS[model]}"
+  cmd = bench_table.row_command(sys.executable, config, "bfloat16" if bf16 else "float32", args)
+  record = bench_table.run_row(cmd, timeout_s=1800)
+  if "error" in record:
+    raise RuntimeError(f"{' '.join(cmd)} failed: {record['error']}")
+  return record["examples_per_sec"]
 
 
 def peer_bench(python: str, script: str, args: list[str], steps: int) -> float:
