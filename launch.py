@@ -16,18 +16,13 @@ once or when an import or JAX's compilation returns (mfb_jax/signals.py).
 """
 
 import os
-import re
 import sys
 import traceback
 
-from mfb_jax import runtime, signals
+from mfb_jax import cli, runtime, signals
 
 if __name__ == "__main__":
   signals.install()  # First: a Ctrl-C even during the imports below ends with one line.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter.
-  # TensorFlow's oneDNN kernels serve only its math ops, which tf.data's parsing never uses; left
-  # on, they announce themselves on stderr before any log level applies.
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
 
@@ -98,11 +93,6 @@ def _report(config, workdir: str, result: dict | None) -> None:
   _print(f"TensorBoard: tensorboard --logdir {workdir}")
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
 def _exit_after_error(code: int, line: str) -> None:
   """Exits with `line` as the last thing on stderr. Library threads that die noisily after a
   failure (orbax's closed event loop after a failed checkpoint read, while this line was being
@@ -121,50 +111,6 @@ def _exit_after_error(code: int, line: str) -> None:
   if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
     os._exit(code)
   sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config-file and override errors as one line instead of a traceback."""
-  config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-  if len(config_args) > 1:
-    _fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
-  config_file = config_args[-1].split(":", 1)[0] if config_args else ""
-  if config_file and not os.path.isfile(config_file):
-    _fail(f"config file not found: {config_file}")
-  if config_file and not config_file.endswith(".py"):
-    _fail(
-      f"--config={config_file}: a config is a Python file with get_config(), e.g. configs/tiny.py"
-    )
-  try:
-    return FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
-    if "--debug" in argv:
-      traceback.print_exc()
-    message = str(e)
-    if "Traceback" in message:  # The config file raised: keep its exception's line.
-      last = re.sub(r"^[\w.]*ConfigError: ", "", message.strip().splitlines()[-1])
-      message = f"{message.split(':', 1)[0]}: {last}"
-    if isinstance(e, AttributeError) and "get_config" in message:
-      message = f"{config_file}: a config file needs a get_config() function; it has none"
-    elif isinstance(e, AttributeError | KeyError):
-      cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
-      field, _, hint = cleaned.replace("\\n", " ").partition(" ")
-      hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
-      field = _override_path(argv, field)
-      message = f"unknown config field {field!r}{hint} (configs/default.py lists the fields)"
-    _fail(message)
-
-
-def _override_path(argv: list[str], field: str) -> str:
-  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (`field` itself where
-  no override, or more than one, has it)."""
-  paths = set()
-  for arg in argv:
-    if arg.startswith("--config."):
-      parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
-      if field in parts:
-        paths.add(".".join(parts[: parts.index(field) + 1]))
-  return paths.pop() if len(paths) == 1 else field
 
 
 _DEBUG_HINT = " (rerun with --debug for the traceback)"
@@ -186,15 +132,15 @@ def _report_error(e: Exception) -> None:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
   if type(FLAGS.config).__name__ == "_ErrorConfig":  # get_config() raised an OSError.
-    _fail(f"{config_flags.get_config_filename(FLAGS['config'])}: {FLAGS.config._error}")
+    cli.fail(f"{config_flags.get_config_filename(FLAGS['config'])}: {FLAGS.config._error}")
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
     name = config_flags.get_config_filename(FLAGS["config"])
     kind = type(FLAGS.config).__name__
-    _fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
+    cli.fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
   if not FLAGS.workdir and FLAGS.mode != "bench":
-    _fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
+    cli.fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
 
   if not FLAGS.debug:
     runtime.quiet_library_logs()
@@ -224,4 +170,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -22,14 +22,13 @@ import glob
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
 
 from absl import app, flags
 
-from mfb_jax import runtime
+from mfb_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 # One HLO instruction: "%name = shape op(operands), ..." (the % is optional in newer dumps).
@@ -129,13 +128,10 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config_file = FLAGS["config"].config_filename.split(":", 1)[0]
-  if not os.path.isfile(config_file):
-    print(f"error: config file not found: {config_file}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
   runtime.preload_tcmalloc(module=__spec__.name)
   runtime.set_xla_cpu_flags()
+  runtime.quiet_library_logs()
   from mfb_jax import config_checks
   from mfb_jax.errors import UserError
 
@@ -144,12 +140,10 @@ def main(argv: list[str]) -> None:
     runtime.set_matmul_precision(FLAGS.config)  # As launch.py does.
     rows, wall_ms = profile_step(FLAGS.config, FLAGS.steps)
   except (UserError, OSError) as e:  # OSError: the config file failed to load.
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   print(format_table(rows, wall_ms, FLAGS.top, os.cpu_count() or 1), flush=True)
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

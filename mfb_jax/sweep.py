@@ -24,7 +24,7 @@ import time
 
 from absl import app, flags
 
-from mfb_jax import sweep_config, sweep_report
+from mfb_jax import cli, sweep_config, sweep_report
 from mfb_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -180,7 +180,7 @@ def _summarize(sweep, outcomes: dict, paths: list[str], took: float, stop: StopF
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
   try:
     command = shlex.join(["python", "-m", "mfb_jax.sweep", *sys.argv[1:]])
     sweep = sweep_config.Sweep.from_flags(FLAGS, command)
@@ -195,4 +195,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -35,7 +35,12 @@ def load_config(config_path: str, arg: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(name, config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  try:
+    return module.get_config(arg)
+  except TypeError as e:  # E.g. configs/default.py, whose get_config() takes no argument.
+    if "positional argument" not in str(e):
+      raise
+    raise ConfigError(f"--config={config_path}: its get_config() takes no AGG,FUSION ({e})") from e
 
 
 def parse_sets(values: list[str]) -> list[tuple[str, str]]:
@@ -81,6 +86,19 @@ def apply_overrides(config: ml_collections.ConfigDict, pairs: list[tuple[str, st
     if isinstance(node[leaf], ml_collections.ConfigDict):
       raise ConfigError(f"--set={field}={raw}: {field} is a section, not a field")
     node[leaf] = _coerce(node[leaf], raw, field)
+
+
+def _validate_cell(config, cell: str, steps: int, eval_every: int, train: str, eval_: str):
+  """launch.py's checks of one cell's config as the sweep will run it, now rather than per cell."""
+  from mfb_jax import config_checks  # Deferred: imports flax for the model registries.
+
+  config = ml_collections.ConfigDict(config.to_dict())  # A copy, with the sweep's own settings.
+  config.train.num_steps, config.train.eval_every = steps, eval_every
+  config.data.train_pattern, config.data.eval_pattern = train, eval_
+  try:
+    config_checks.validate(config, "train")
+  except ConfigError as e:
+    raise ConfigError(f"cell {cell}: {e}") from e
 
 
 def _check_pattern(pattern: str, what: str) -> None:
@@ -147,6 +165,8 @@ class Sweep:
     eval_pattern = flags.eval_pattern or first.data.eval_pattern
     _check_pattern(train_pattern, "train")
     _check_pattern(eval_pattern, "eval")
+    for (agg, fusion), config in configs.items():  # Each cell's launch.py would refuse it.
+      _validate_cell(config, f"{agg},{fusion}", steps, eval_every, train_pattern, eval_pattern)
     return cls(
       workdir=os.path.abspath(flags.workdir),
       config_path=config_path,

@@ -27,13 +27,12 @@ Most label ids never occur (like the rare classes of the real 3862), about 3 lab
 import json
 import os
 import re
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-from mfb_jax import errors
+from mfb_jax import cli, errors
 from mfb_jax.synthetic_world import (  # noqa: F401 - re-exported for probes and tests.
   AUDIO_SIZE,
   KINDS,
@@ -181,6 +180,8 @@ def write_dataset(
   splits = {name: n for name, n in (("train", num_train), ("eval", num_eval)) if n > 0}
   shards = {"train": num_shards, "eval": num_eval_shards}
   planned = {s: shard_paths(output_dir, s, n, shards[s]) for s, n in splits.items()}
+  if world_json:  # Checked first: a bad path is not worth learning of after minutes of shards.
+    _check_world_json(world_json, output_dir)
   _make_output_dir(output_dir, planned)
   written = {}
   for split, n in splits.items():
@@ -204,6 +205,21 @@ def _make_output_dir(output_dir: str, planned: dict[str, list[str]]) -> None:
       f"--output_dir={output_dir} already holds shards of another layout ({stale[0]}, "
       f"{len(stale)} in all) that train-*/eval-* globs would mix in: remove them or use a new dir"
     )
+
+
+def _check_world_json(path: str, output_dir: str) -> None:
+  """Refuses a --world_json inside --output_dir (whose globs must see shards only) or in a
+  directory that cannot be written."""
+  inside = os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+  if not inside.startswith(os.pardir):
+    raise errors.ConfigError(
+      f"--world_json={path} is inside --output_dir={output_dir}, whose DIR/* globs must see "
+      "shards only: put it elsewhere"
+    )
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    why = "is a directory" if os.path.isdir(path) else f"{parent} is not a writable directory"
+    raise errors.DataError(f"--world_json={path}: cannot write: {why}")
 
 
 def _write_world_json(world: World, path: str, seed: int, fmt: str, frames, splits) -> None:
@@ -257,7 +273,7 @@ def validate(
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     params = Params(active_fraction=FLAGS.active_fraction, labels_per_video=FLAGS.labels_per_video)
     write_dataset(
@@ -274,22 +290,9 @@ def main(argv: list[str]) -> None:
       world_json=FLAGS.world_json,
     )
   except errors.UserError as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a one-line error instead of its two-line message."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

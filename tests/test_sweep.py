@@ -159,6 +159,15 @@ def test_launch_args_of_a_cell(tmp_path):
     sweep_config.Sweep.from_flags(_flags(tmp_path, eval_pattern="/nonexistent/e-*"), "cmd")
   with pytest.raises(ConfigError, match="no such config"):
     sweep_config.Sweep.from_flags(_flags(tmp_path, config="configs/nope.py"), "cmd")
+  # What each cell's launch.py would refuse stops the sweep before it trains anything.
+  bad_value = _flags(tmp_path, set=["train.batch_size=-4"])
+  with pytest.raises(ConfigError, match=r"cell avgpool,concat: config.train.batch_size=-4"):
+    sweep_config.Sweep.from_flags(bad_value, "cmd")
+  with pytest.raises(ConfigError, match=r"cell avgpol,concat: config.model.aggregator='avgpol'"):
+    sweep_config.Sweep.from_flags(_flags(tmp_path, aggregations=["avgpol"]), "cmd")
+  with pytest.raises(ConfigError, match="takes no AGG,FUSION"):
+    sweep_config.Sweep.from_flags(_flags(tmp_path, config="configs/default.py"), "cmd")
+  assert not os.path.exists(tmp_path / "sweep")
 
 
 def test_cells_of_earlier_sweeps_are_reported_whatever_their_names(tmp_path):
@@ -291,18 +300,20 @@ def test_sweep_runs_skips_and_reports(sweep_data, tmp_path):
   image = matplotlib.image.imread(tmp_path / "gap_curves_avgpool.png")
   assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
-  # Rerun with an extra cell that fails: the finished cells are skipped, untouched.
+  # Rerun with an extra cell that fails (its workdir is taken by a file): the finished cells are
+  # skipped, untouched. (A bad config value would stop the sweep before any cell runs.)
   stamps = _tree_stamps(tmp_path / "avgpool_concat") | _tree_stamps(tmp_path / "avgpool_mfb")
-  second = _sweep(tmp_path, sweep_data, "bogus,concat,mfb")
+  (tmp_path / "avgpool_audio").write_text("not a directory")
+  second = _sweep(tmp_path, sweep_data, "audio,concat,mfb")
   assert second.returncode == 1, second.stdout[-3000:]
-  assert "[1/3] avgpool,bogus: FAILED" in second.stdout
-  assert "model.fusion" in second.stdout  # launch.py's one-line error, passed on.
+  assert "[1/3] avgpool,audio: FAILED" in second.stdout
+  assert "not a directory" in second.stdout  # launch.py's one-line error, passed on.
   assert "[2/3] avgpool,concat: skipped" in second.stdout
   assert "[3/3] avgpool,mfb: skipped" in second.stdout
   assert stamps == _tree_stamps(tmp_path / "avgpool_concat") | _tree_stamps(
     tmp_path / "avgpool_mfb"
   )
   text = (tmp_path / "results.md").read_text()
-  assert _table_row(text, "Avgpooling")[:2] == cells  # Same numbers, then the failed column.
-  assert _table_row(text, "Avgpooling")[2] == "failed / –"
-  assert "- avgpool,bogus: error:" in text and "model.fusion" in text
+  # The failed column (audio comes first in the paper's order), then the same numbers.
+  assert _table_row(text, "Avgpooling") == ["failed / 38.1", *cells]
+  assert "- avgpool,audio: error:" in text and "not a directory" in text

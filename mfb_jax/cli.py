@@ -1,0 +1,83 @@
+"""What every command line of the project shares: a quiet TensorFlow, one-line errors, --help.
+
+launch.py and the `python -m mfb_jax.X` tools (synthetic, sweep, metrics, step_profile,
+bench_input) all end bad input with one `error: ...` line on stderr and exit status 2 (the metrics
+CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which reads as a bug).
+"""
+
+import os
+import re
+import sys
+import traceback
+
+from absl import flags
+
+
+def quiet_tensorflow() -> None:
+  """Keeps TensorFlow's C++ start-up lines off stderr (a user's own setting wins). Call it before
+  TensorFlow is imported; `import mfb_jax` does."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TensorFlow's oneDNN kernels serve only its math ops, which tf.data's parsing never uses; left
+  # on, they announce themselves on stderr before any log level applies.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Exits with `message` as one line: `error: ...` on stderr."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for app.run(..., flags_parser=parse_flags): a bad flag, a config file that
+  is missing or raises, and an unknown `--config.x.y` field are each one line with exit status 2
+  (`--debug`, where a program defines it, adds the traceback); --help exits 0."""
+  config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if len(config_args) > 1:
+    fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
+  config_file = config_args[-1].split(":", 1)[0] if config_args else ""
+  # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
+  is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
+  if is_config_file and config_file and not os.path.isfile(config_file):
+    fail(f"config file not found: {config_file}")
+  if is_config_file and config_file and not config_file.endswith(".py"):
+    fail(f"--config={config_file}: a config is a Python file with get_config() (configs/tiny.py)")
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help, --helpfull, --helpxml: usage printed, exit status 1.
+    sys.exit(0 if e.code == 1 else e.code)
+  except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
+    if "--debug" in argv:
+      traceback.print_exc()
+    fail(_one_line(e, argv, config_file))
+
+
+def _one_line(e: Exception, argv: list[str], config_file: str) -> str:
+  message = str(e)
+  if "Traceback" in message:  # The config file raised: keep its exception's line.
+    last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
+    message = f"{message.split(':', 1)[0]}: {last}"
+  if "get_config() takes 0 positional arguments" in message:
+    arg = next(a for a in argv if a.startswith("--config=")).split(":", 1)[-1]
+    return f"{config_file} takes no :ARG (got {arg!r}); give --config={config_file}"
+  if isinstance(e, AttributeError) and "get_config" in message:
+    return f"{config_file}: a config file needs a get_config() function; it has none"
+  if isinstance(e, AttributeError | KeyError):
+    cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
+    field, _, hint = cleaned.replace("\\n", " ").partition(" ")
+    hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
+    field = _override_path(argv, field)
+    return f"unknown config field {field!r}{hint} (configs/default.py lists the fields)"
+  return message
+
+
+def _override_path(argv: list[str], field: str) -> str:
+  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (`field` itself where
+  no override, or more than one, has it)."""
+  paths = set()
+  for arg in argv:
+    if arg.startswith("--config."):
+      parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
+      if field in parts:
+        paths.add(".".join(parts[: parts.index(field) + 1]))
+  return paths.pop() if len(paths) == 1 else field

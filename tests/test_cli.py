@@ -1,0 +1,60 @@
+"""Every command line of the project: bad input is one stderr line and exit 2, --help exits 0."""
+
+import os
+import subprocess
+
+import pytest
+from conftest import PYTHON, REPO
+
+# No TF_CPP_MIN_LOG_LEVEL from the test environment: the programs must quieten TensorFlow
+# themselves (its C++ start-up notices came before the error line of every tool but launch.py).
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [PYTHON, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+  )
+
+
+@pytest.mark.parametrize(
+  "args, error",
+  [
+    (["launch.py", "--config=configs/default.py:x", "--workdir=/tmp/w"], "takes no :ARG"),
+    (["-m", "mfb_jax.sweep", "--workdir=/tmp/w", "--stpes=3"], "Did you mean: steps"),
+    (["-m", "mfb_jax.sweep", "--workdir=/tmp/w", "extra"], "unexpected arguments: extra"),
+    (
+      ["-m", "mfb_jax.step_profile", "--config=configs/tiny.py", "--config.train.batch_sise=3"],
+      "unknown config field 'train.batch_sise'",
+    ),
+    (["-m", "mfb_jax.bench_input", "--batch_size=0"], "--batch_size=0: must be >= 1"),
+    (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
+  ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, error):
+  result = _run(args)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+  assert error in result.stderr
+
+
+def test_the_metrics_cli_error_comes_without_tensorflow_notices(tmp_path):
+  predictions = tmp_path / "p.csv"
+  predictions.write_text("VideoId,LabelConfidencePairs\nv1,3 0.5\n")
+  result = _run(["-m", "mfb_jax.metrics", f"--predictions={predictions}", "--labels=/no/l-*"])
+  assert (result.returncode, result.stderr) == (1, "error: no file matches '/no/l-*'\n")
+
+
+@pytest.mark.parametrize("program", [["launch.py"], ["-m", "mfb_jax.sweep"]])
+def test_help_exits_0(program):
+  result = _run([*program, "--help"])
+  assert result.returncode == 0, result.stderr
+  assert "--workdir" in result.stdout
+
+
+def test_a_world_json_inside_the_output_dir_is_refused_before_any_shard(tmp_path):
+  out = tmp_path / "data"
+  args = ["-m", "mfb_jax.synthetic", f"--output_dir={out}", f"--world_json={out}/world.json"]
+  result = _run([*args, "--num_train=4", "--num_eval=0", "--num_classes=64"])
+  assert result.returncode == 2 and "inside --output_dir" in result.stderr, result.stderr
+  assert not out.exists() or not list(out.iterdir())
