@@ -112,6 +112,29 @@ def _evaluation_missed(config, workdir: str, step: int) -> bool:
   return missed
 
 
+def _check_labels(config, batch: dict, step: int, warned: bool) -> bool:
+  """Refuses a training batch without a single label (a train split of unlabelled test shards,
+  or a misnamed labels feature, would otherwise train every class towards 0 and exit 0); warns
+  once about batches with some unlabelled videos. Returns whether it has warned."""
+  labelled_B = batch["labels"].any(axis=1)
+  if not labelled_B.any():
+    raise errors.DataError(
+      f"none of the {len(labelled_B)} videos of the training batch for step {step} has a label: "
+      f"data.train_pattern={config.data.train_pattern!r} looks unlabelled (test shards? "
+      f"data.labels_feature={config.data.labels_feature!r})"
+    )
+  if not warned and not labelled_B.all():
+    logging.warning(
+      "%d of the %d videos of the training batch for step %d have no labels (unlabelled test "
+      "shards in data.train_pattern?); they train as negatives of every class",
+      int((~labelled_B).sum()),
+      len(labelled_B),
+      step,
+    )
+    return True
+  return warned
+
+
 def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files and the checkpoint."""
   checkpointer.check_compatible(state_shapes)
@@ -164,7 +187,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   train_fn = train_lib.jit_train_step(config, model, tx, mesh, state_shapes)
   eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
   buffer, result = MetricBuffer(), None
-  batches = None
+  batches, unlabelled_warned = None, False
   last_time, last_step = time.time(), start_step
 
   def run_eval(step: int) -> bool:
@@ -200,7 +223,9 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       if batches is None or step % train_cfg.checkpoint_every == 0:
         batches = None  # Release the previous segment's tf.data threads first.
         batches = train_files.batches(config, segment_seed(config, step), local_batch)
-      global_batch = input_pipeline.to_global(next(batches), mesh)
+      local = next(batches)
+      unlabelled_warned = _check_labels(config, local, step + 1, unlabelled_warned)
+      global_batch = input_pipeline.to_global(local, mesh)
       done = step + 1
       is_last = done == train_cfg.num_steps
       # The parameter norms cost a pass over all parameters: only on steps that log metrics.

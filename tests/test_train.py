@@ -110,6 +110,27 @@ def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+def test_unlabelled_training_data_stops_before_any_step(tiny_config, tmp_path):
+  # A misnamed labels feature reads as unlabelled videos (as test shards do): every class would
+  # be trained towards 0, and the run used to end with exit 0.
+  tiny_config.data.labels_feature = "label_ids"
+  with pytest.raises(DataError, match=r"none of the 8 videos .* step 1 has a label.*label_ids"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
+
+
+def test_partly_unlabelled_training_batches_are_warned_about_once(tiny_config, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(trainer.logging, "warning", lambda *args: warnings.append(args))
+  labels = np.zeros((4, 6), np.float32)
+  labels[0, 2] = labels[3, 5] = 1
+  assert trainer._check_labels(tiny_config, {"labels": labels}, 7, False)
+  assert [w[1:] for w in warnings] == [(2, 4, 7)]
+  assert trainer._check_labels(tiny_config, {"labels": labels}, 8, True)
+  assert not trainer._check_labels(tiny_config, {"labels": np.ones((4, 6))}, 9, False)
+  assert len(warnings) == 1
+
+
 def test_a_signal_after_a_saved_evaluation_stops_at_that_step(tiny_config, tmp_path, monkeypatch):
   # Step 3 is saved and evaluated; the signal comes as its results are written. The run trained
   # step 4 and saved there, so its resume left the periodic checkpoints' exact rule.
