@@ -106,7 +106,13 @@ def _check_patterns(config, mode: str) -> None:
   if mode == "predict" and config.predict.vocabulary:
     from mfb_jax import vocabulary
 
-    vocabulary.load(config.predict.vocabulary)  # Fails now, not after the whole split.
+    names = vocabulary.load(config.predict.vocabulary)  # Fails now, not after the whole split.
+    if names and max(names) + 1 != data.num_classes:  # Another dataset version's: wrong names.
+      raise ConfigError(
+        f"config.predict.vocabulary={config.predict.vocabulary} names label ids up to "
+        f"{max(names)} ({len(names)} labels), but data.num_classes={data.num_classes}: the "
+        "vocabulary of another version of YouTube-8M? (2018: 3862 classes, 2017: 4716)"
+      )
 
 
 def check_batch_split(batch_size: int, field: str, process_count: int, device_count: int) -> int:

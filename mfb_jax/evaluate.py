@@ -80,7 +80,23 @@ def _local_batches(
     )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
-  return lockstep(batches, empty, stop)
+  return lockstep(_unique_ids(batches, pattern), empty, stop)
+
+
+def _unique_ids(batches: Iterator[dict], pattern: str) -> Iterator[dict]:
+  """The batches; a video id met twice (in this process's files) is a DataError: GAP would count
+  that video twice, and a predictions CSV with it is one that the metrics CLI refuses."""
+  seen = set()
+  for batch in batches:
+    for video_id in batch["id"][batch["valid"] > 0]:
+      if video_id in seen:
+        raise DataError(
+          f"video id {video_id!r} appears twice in the files matching {pattern!r} (the same "
+          "videos in two files?)"
+        )
+      if video_id:  # Videos without ids: evaluation does not need them, predict refuses them.
+        seen.add(video_id)
+    yield batch
 
 
 class Progress:

@@ -50,7 +50,7 @@ def _listed(pattern: str, process_index: int, process_count: int) -> tuple[list[
     if not matched:
       raise DataError(f"no file matches {glob!r}{tfrecord_files.unreadable_directory(glob)}")
     files.update(matched)
-  files = sorted(files)
+  files = tfrecord_files.without_aliases(sorted(files))
   mine = files[process_index::process_count]
   if not mine:
     raise DataError(

@@ -167,3 +167,15 @@ class FileEnds:
         f"{self._path}: its records end at byte {self._end}, after the {length} bytes it had "
         "when listed: was it written to while being read?"
       )
+
+
+def without_aliases(files: list[str]) -> list[str]:
+  """The files, each once: local paths naming the same file (`d/../d/f`, a symlink) count once,
+  under the first spelling (read twice, its videos would count twice in GAP)."""
+  seen, unique = set(), []
+  for path in files:
+    key = path if "://" in path else os.path.realpath(path)
+    if key not in seen:
+      seen.add(key)
+      unique.append(path)
+  return unique

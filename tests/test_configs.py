@@ -163,3 +163,20 @@ def test_a_vocabulary_that_is_not_utf8_is_named(tmp_path):
   path.write_bytes("Index,Name\n0,Caf\xe9\n".encode("latin-1"))
   with pytest.raises(ConfigError, match=r"vocab\.csv: not a UTF-8 text file"):
     vocabulary.load(str(path))
+
+
+def test_a_vocabulary_of_another_size_than_the_model_is_refused(tmp_path):
+  from configs import default
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  path = tmp_path / "vocab.csv"
+  path.write_text("Index,Name\n" + "".join(f"{i},name {i}\n" for i in range(12)))
+  config = default.get_config()
+  config.data.update(predict_pattern="/data/test*", num_classes=12)
+  config.eval.top_k = config.predict.top_k = 5
+  config.predict.vocabulary = str(path)
+  config_checks.validate(config, "predict")  # 12 names for 12 classes.
+  config.data.num_classes = 20  # A 2017 model (4716) with the 2018 vocabulary (3862), in small.
+  with pytest.raises(ConfigError, match=r"names label ids up to 11 \(12 labels\).*num_classes=20"):
+    config_checks.validate(config, "predict")

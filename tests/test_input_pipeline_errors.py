@@ -278,3 +278,21 @@ def test_an_unlabelled_eval_file_is_warned_about_at_start_up(tmp_path, monkeypat
   assert warnings == []
   evaluate.warn_if_unlabelled(small_config(), unlabelled)
   assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)
+
+
+def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_path):
+  from mfb_jax import evaluate
+
+  config = small_config()
+  config.eval.batch_size = 4
+  records = [frame_record(f"v{i}", *video(5, seed=i), [i % 10]) for i in range(6)]
+  first = write(tmp_path / "a.tfrecord", records)
+  (tmp_path / "sub").mkdir()
+  os.symlink(first, tmp_path / "link.tfrecord")
+  aliases = f"{first},{tmp_path}/sub/../a.tfrecord,{tmp_path}/link.tfrecord"
+  assert input_pipeline.list_files(aliases) == [first]
+  ids = [i for b in evaluate._local_batches(config, aliases) for i in b["id"][b["valid"] > 0]]
+  assert ids == [f"v{i}" for i in range(6)]
+  write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two of the videos.
+  with pytest.raises(DataError, match=r"video id 'v4' appears twice in the files matching"):
+    list(evaluate._local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))

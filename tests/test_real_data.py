@@ -47,7 +47,13 @@ def test_2018_frame_level_record_goes_through_predict(tiny_args, tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   record = SAMPLE / "derived_example_frame_level.tfrecord"
-  vocabulary = SAMPLE / "vocabulary.csv"
+  # The real vocabulary's layout, cut to the tiny model's 64 classes (the whole of it names 3862
+  # classes, and a vocabulary whose size differs from the model's is refused).
+  vocabulary = tmp_path / "vocabulary_64.csv"
+  with open(SAMPLE / "vocabulary.csv", newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  with open(vocabulary, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows(rows[:65])  # The header and the ids 0-63 (the file's first rows).
   result = launch(
     tmp_path,
     "--mode=predict",
