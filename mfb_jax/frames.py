@@ -52,14 +52,18 @@ def _size_check(key: str, bytes_S: tf.Tensor, size: int, field: str):
 
 
 def _count_checks(spec: RecordSpec, n_rgb: tf.Tensor, n_audio: tf.Tensor):
-  """[(bad, why_fn)]: rgb and audio frame counts differ; no frames at all."""
+  """[(bad, why_fn)]: no frames at all; rgb and audio frame counts differ."""
   rgb, audio = spec.rgb_key, spec.audio_key
-  counts = lambda: tf.strings.join(
-    [f"'{rgb}' has ", tf.strings.as_string(n_rgb), f" frames but '{audio}' has "]
-    + [tf.strings.as_string(n_audio)]
-  )
-  empty = f"no '{rgb}' frames (is this frame-level data? see data.format)"
-  return [(n_rgb != n_audio, counts), (n_rgb == 0, lambda: tf.constant(empty))]
+  n = lambda count: tf.strings.as_string(count)
+
+  def counts():
+    differ = tf.strings.join([f"'{rgb}' has ", n(n_rgb), f" frames but '{audio}' has ", n(n_audio)])
+    missing = f"no '{audio}' frames while '{rgb}' has "
+    missing = tf.strings.join([missing, n(n_rgb), " (is data.audio_feature its name?)"])
+    return tf.where(n_audio == 0, missing, differ)
+
+  empty = f"no '{rgb}' frames (is this frame-level data? see data.format and data.rgb_feature)"
+  return [(n_rgb == 0, lambda: tf.constant(empty)), (n_rgb != n_audio, counts)]
 
 
 def parse_frame_record(spec: RecordSpec, name, serialized, seed=None) -> dict:

@@ -98,5 +98,8 @@ def message(error: tf.errors.OpError) -> str:
   text = re.sub(r"\{\{[^}]*\}\}", "", error.message)
   text = re.sub(r"Error in user-defined function passed to .*? with iterator: [\w:]+: ", "", text)
   text = re.split(r"\[\[|\[Op:", text)[0]
+  # TensorFlow's reader quotes only the end of what failed: "truncated record at 270917' failed
+  # with Read less bytes than requested".
+  text = text.replace("' failed with ", ": ")
   text = " ".join(text.split())
   return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."

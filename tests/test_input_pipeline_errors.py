@@ -125,6 +125,7 @@ def test_damaged_file_is_named(tmp_path, damage):
   for message in (eval_error(small_config(), pattern), train_error(small_config(), pattern)):
     assert message.startswith(f"{path}: corrupt or truncated tfrecord file")
     assert ("truncated" if damage == "truncated" else "corrupted") in message
+    assert "' failed with" not in message  # TensorFlow's half-quoted "truncated record at N'".
 
 
 def test_a_file_cut_inside_its_last_record_header_is_named(tmp_path):
@@ -173,6 +174,8 @@ def test_frame_counts_and_missing_frames(tmp_path):
   rgb, audio = video(5)
   why = frame_problem(tmp_path, frame_record("bad", rgb, audio[:4], [1]))
   assert why == "'rgb' has 5 frames but 'audio' has 4"
+  why = frame_problem(tmp_path, frame_record("bad", rgb, audio[:0], [1]))
+  assert why == "no 'audio' frames while 'rgb' has 5 (is data.audio_feature its name?)"
   # A video-level record given to the frame-level reader has no frames at all.
   why = frame_problem(tmp_path, video_record("bad", np.zeros(D), np.zeros(A), [1]))
   assert why.startswith("no 'rgb' frames (is this frame-level data?")
