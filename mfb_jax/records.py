@@ -23,6 +23,10 @@ _TYPE_ERROR = re.compile(
   r"(?:Data type: (?P<got0>\w+) but expected type|Expected type): (?P<want>\w+)"
   r"(?:, Actual type: (?P<got>\w+))?"
 )
+_COUNT_ERROR = re.compile(  # A frame (a FeatureList entry) with other than one value.
+  r"(?:Name: (?P<file>[^,]*), )?Key: (?P<key>[^,\s]+), Index: (?P<index>\d+)\. "
+  r"Number of values != expected\. values size: (?P<count>\d+)"
+)
 _VALUE_TYPES = {"string": "bytes", "float": "floats", "int64": "int64 values"}
 _FORMAT_HINTS = {  # For the official feature names: what the format stores there.
   ("string", "rgb"): " (frame-level: one uint8 string per frame, data.format='frame')",
@@ -119,11 +123,19 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
 
 
 def describe_type_error(text: str, path: str = "") -> str | None:
-  """One line for TensorFlow's "Data types don't match" parse error (None for other errors);
+  """One line for TensorFlow's "Data types don't match" and "Number of values != expected"
+  parse errors (None for other errors);
   `path` names the file where TensorFlow's text does not."""
   match = _TYPE_ERROR.search(text)
   if match is None:
-    return None
+    count = _COUNT_ERROR.search(text)
+    if count is None:
+      return None
+    return (
+      f"{count['file'] or path or 'a record'}: frame {count['index']} of feature "
+      f"'{count['key']}' holds {count['count']} values; the official format has one bytes "
+      "value per frame"
+    )
   got = match["got"] or match["got0"]
   got = f"holds {'bytes' if got == 'string' else got} values" if got else "has another value type"
   key, want = match["key"], match["want"]

@@ -255,6 +255,19 @@ def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
     )
 
 
+def test_a_frame_with_two_values_is_one_line_naming_the_file(tmp_path):
+  record = tf.train.SequenceExample()
+  record.context.feature["id"].bytes_list.value.append(b"v")
+  for key, size in (("rgb", D), ("audio", A)):
+    frame = record.feature_lists.feature_list[key].feature.add()
+    frame.bytes_list.value.extend([bytes(size)] * (2 if key == "audio" else 1))
+  path = write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
+  assert eval_error(small_config(), path) == (
+    f"{path}: frame 0 of feature 'audio' holds 2 values; the official format has one bytes "
+    "value per frame"
+  )
+
+
 def test_read_ids_and_labels_checks_label_range(tmp_path):
   path = write(tmp_path / "l.tfrecord", [frame_record("v", *video(2), [3, 12])])
   with pytest.raises(DataError, match=f"^{path}: video 'v': label 12 is outside \\[0, 10\\)"):
