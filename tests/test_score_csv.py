@@ -89,6 +89,8 @@ def test_unknown_csv_ids_are_named(tmp_path):
 def test_labels_outside_num_classes_are_an_error():
   with pytest.raises(DataError, match=r"video 'A': label 7 is outside \[0, 6\)"):
     score_csv.score({}, [("A", [7])], num_classes=6, top_k=2)
+  with pytest.raises(DataError, match="a video in the labels has no id"):
+    score_csv.score({}, [("", [1]), ("", [2])], num_classes=6, top_k=2)
 
 
 def write_frame_level_records(path, videos):
