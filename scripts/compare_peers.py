@@ -60,6 +60,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--bf16", action="store_true", help="bf16 for mfb-jax and torch autocast")
   args = parser.parse_args()
+  for name in ("torch_peer.py", "tf_peer.py"):  # Checked now, not after minutes of benchmarks.
+    if not os.path.isfile(os.path.join(args.peers_dir, name)):
+      parser.error(f"--peers_dir={args.peers_dir} has no {name} (the peers are not in this repo)")
+  if args.torch_python and not os.access(args.torch_python, os.X_OK):
+    parser.error(f"--torch_python={args.torch_python} is not an executable")
+  unknown = set(args.models.split(",")) - set(CELLS)
+  if unknown or args.repeats < 1 or args.steps < 1:
+    parser.error(f"--models takes {', '.join(CELLS)}; --repeats and --steps must be >= 1")
   results: dict[tuple[str, str], list[float]] = {}
   for repeat in range(args.repeats):
     for model in args.models.split(","):
