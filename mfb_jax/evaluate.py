@@ -64,7 +64,7 @@ def lockstep(
 
 
 def _local_batches(
-  config, pattern: str, max_examples: int = 0, stop=lambda: False
+  config, pattern: str, max_examples: int = 0, stop=lambda: False, check_labels: bool = True
 ) -> Iterator[dict]:
   local_batch = config_checks.check_batch_split(
     config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
@@ -77,6 +77,7 @@ def _local_batches(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       max_examples=max_examples,
+      check_labels=check_labels,
     )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
@@ -229,7 +230,8 @@ def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int
   written = 0
   with tf.io.gfile.GFile(part, "w") as f:
     writer = csv.writer(f, lineterminator="\n")
-    for batch in _local_batches(config, pattern):
+    # Labels outside num_classes (another dataset version's) do not matter to predictions.
+    for batch in _local_batches(config, pattern, check_labels=False):
       scores, classes = predict_fn(state, input_pipeline.to_global(batch, mesh))
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
       for i in np.flatnonzero(batch["valid"] > 0):

@@ -7,6 +7,7 @@ A batch is one process's share, a dict of numpy arrays: 'rgb' [B, T, D] and 'aud
 Video-level records give T = 1. Bad data raises DataError with one line naming the file.
 """
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import jax
@@ -208,9 +209,12 @@ def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: 
   return ds.prefetch(data.prefetch_batches).with_options(_options()), first_epoch
 
 
-def eval_dataset(config, files: list[str], local_batch_size: int, max_examples=0, types=None):
-  """Every record once in file order; the last batch padded with valid = 0 rows."""
-  spec = records.RecordSpec.from_config(config)
+def eval_dataset(
+  config, files: list[str], local_batch_size: int, max_examples=0, types=None, check_labels=True
+):
+  """Every record once in file order; the last batch padded with valid = 0 rows (check_labels:
+  False reads labels outside num_classes without an error, for predictions, which ignore them)."""
+  spec = dataclasses.replace(records.RecordSpec.from_config(config), check_labels=check_labels)
   ds = file_table(files, types).flat_map(_tagged_records)
   if max_examples > 0:
     ds = ds.take(max_examples)
@@ -237,11 +241,12 @@ def make_eval_iterator(
   process_index: int = 0,
   process_count: int = 1,
   max_examples: int = 0,
+  check_labels: bool = True,
 ) -> Iterator[dict]:
   """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
   files, types, file_ends = _read_once(pattern, process_index, process_count, max_examples <= 0)
-  dataset = eval_dataset(config, files, local_batch_size, max_examples, types)
-  one_file = _one_file(config, local_batch_size)
+  dataset = eval_dataset(config, files, local_batch_size, max_examples, types, check_labels)
+  one_file = _one_file(config, local_batch_size, check_labels)
   return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=file_ends)
 
 
@@ -253,9 +258,9 @@ def _read_once(pattern: str, process_index=0, process_count=1, last_whole=True):
   return files, types, tfrecord_files.FileEnds(files, lengths, types, last_whole)
 
 
-def _one_file(config, local_batch_size: int) -> Callable[[str], tf.data.Dataset]:
+def _one_file(config, local_batch_size: int, check_labels=True) -> Callable[[str], tf.data.Dataset]:
   """The eval dataset of one file: to find which file a parse error without a name came from."""
-  return lambda path: eval_dataset(config, [path], local_batch_size)
+  return lambda path: eval_dataset(config, [path], local_batch_size, check_labels=check_labels)
 
 
 def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_frames: int) -> dict:

@@ -52,6 +52,7 @@ class RecordSpec:
   rgb_size: int
   audio_size: int
   feature_dtype: tf.DType = tf.float32  # Of the dequantized 'rgb' and 'audio' batches.
+  check_labels: bool = True  # Labels outside num_classes are an error (not in predict mode).
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "RecordSpec":
@@ -119,7 +120,8 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
   why = lambda: tf.strings.join(
     ["label ", tf.strings.as_string(bad_value()), f" is outside [0, {c}) (data.num_classes={c})"]
   )
-  return tf.cast(counts_C > 0, tf.float32), (~tf.reduce_all(in_range_L), why)
+  bad = ~tf.reduce_all(in_range_L) if spec.check_labels else tf.constant(False)
+  return tf.cast(counts_C > 0, tf.float32), (bad, why)
 
 
 def describe_type_error(text: str, path: str = "") -> str | None:

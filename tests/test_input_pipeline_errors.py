@@ -185,6 +185,10 @@ def test_frame_counts_and_missing_frames(tmp_path):
 def test_label_outside_num_classes(tmp_path, label):
   why = frame_problem(tmp_path, frame_record("bad", *video(3), [2, label]))
   assert why == f"label {label} is outside [0, 10) (data.num_classes=10)"
+  # Predictions ignore labels: another dataset version's (2017: 4716 classes) are read anyway.
+  path = write(tmp_path / "other.tfrecord", [frame_record("v", *video(3), [2, label])])
+  batch = next(input_pipeline.make_eval_iterator(small_config(), path, 2, check_labels=False))
+  assert list(batch["id"]) == ["v", ""] and np.flatnonzero(batch["labels"][0]).tolist() == [2]
 
 
 def test_train_iterator_reports_bad_records_too(tmp_path):
