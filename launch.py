@@ -26,7 +26,6 @@ if __name__ == "__main__":
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
 
-import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -133,12 +132,7 @@ def _report_error(e: Exception) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
-  if type(FLAGS.config).__name__ == "_ErrorConfig":  # get_config() raised an OSError.
-    cli.fail(f"{config_flags.get_config_filename(FLAGS['config'])}: {FLAGS.config._error}")
-  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
-    name = config_flags.get_config_filename(FLAGS["config"])
-    kind = type(FLAGS.config).__name__
-    cli.fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
+  cli.config(FLAGS)  # Loaded, and a ConfigDict.
   if not FLAGS.workdir and FLAGS.mode != "bench":
     cli.fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
 

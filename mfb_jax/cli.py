@@ -32,10 +32,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for app.run(..., flags_parser=parse_flags): a bad flag, a config file that
   is missing or raises, and an unknown `--config.x.y` field are each one line with exit status 2
   (`--debug`, where a program defines it, adds the traceback); --help exits 0."""
-  config_args = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  config_args = _config_values(argv)
   if len(config_args) > 1:
     fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
-  config_file = config_args[-1].split(":", 1)[0] if config_args else ""
+  config_file, _, config_arg = (config_args[-1] if config_args else "").partition(":")
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
   if is_config_file and config_file and not os.path.isfile(config_file):
@@ -49,17 +49,41 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
     if "--debug" in argv:
       traceback.print_exc()
-    fail(_one_line(e, argv, config_file))
+    fail(_one_line(e, argv, config_file, config_arg))
 
 
-def _one_line(e: Exception, argv: list[str], config_file: str) -> str:
+def _config_values(argv: list[str]) -> list[str]:
+  """The values of --config=V and of --config V (absl takes both, with one dash or two)."""
+  values = []
+  for i, arg in enumerate(argv[1:], start=1):
+    name, equals, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      values.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else ""))
+  return values
+
+
+def config(flag_values=flags.FLAGS):
+  """The parsed --config ConfigDict; one line and exit 2 where its file failed to load (a default
+  config path that is not there, run from another directory) or returned something else."""
+  import ml_collections
+
+  loaded = flag_values.config
+  name = flag_values["config"].config_filename
+  if type(loaded).__name__ == "_ErrorConfig":  # get_config() raised an OSError.
+    fail(f"{name}: {loaded._error}")
+  if not isinstance(loaded, ml_collections.ConfigDict):
+    kind = type(loaded).__name__
+    fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
+  return loaded
+
+
+def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -> str:
   message = str(e)
   if "Traceback" in message:  # The config file raised: keep its exception's line.
     last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
     message = f"{message.split(':', 1)[0]}: {last}"
   if "get_config() takes 0 positional arguments" in message:
-    arg = next(a for a in argv if a.startswith("--config=")).split(":", 1)[-1]
-    return f"{config_file} takes no :ARG (got {arg!r}); give --config={config_file}"
+    return f"{config_file} takes no :ARG (got {config_arg!r}); give --config={config_file}"
   if isinstance(e, AttributeError) and "get_config" in message:
     return f"{config_file}: a config file needs a get_config() function; it has none"
   if isinstance(e, AttributeError | KeyError):

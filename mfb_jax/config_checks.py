@@ -3,6 +3,7 @@
 import math
 
 import ml_collections
+from absl import logging
 
 from mfb_jax.errors import ConfigError
 
@@ -107,11 +108,20 @@ def _check_patterns(config, mode: str) -> None:
     from mfb_jax import vocabulary
 
     names = vocabulary.load(config.predict.vocabulary)  # Fails now, not after the whole split.
-    if names and max(names) + 1 != data.num_classes:  # Another dataset version's: wrong names.
+    top = max(names, default=-1)
+    if top >= data.num_classes:  # Another dataset version's (2017: 4716 classes, 2018: 3862).
       raise ConfigError(
-        f"config.predict.vocabulary={config.predict.vocabulary} names label ids up to "
-        f"{max(names)} ({len(names)} labels), but data.num_classes={data.num_classes}: the "
-        "vocabulary of another version of YouTube-8M? (2018: 3862 classes, 2017: 4716)"
+        f"config.predict.vocabulary={config.predict.vocabulary} names label id {top}, but "
+        f"data.num_classes={data.num_classes}: the vocabulary of another version of YouTube-8M?"
+      )
+    if top + 1 < data.num_classes:  # A partial vocabulary, or another version's.
+      logging.warning(
+        "config.predict.vocabulary=%s names label ids up to %d, but the model has %d classes "
+        "(data.num_classes): ids beyond it are written as 'label N' (another version of "
+        "YouTube-8M? 2018: 3862 classes, 2017: 4716)",
+        config.predict.vocabulary,
+        top,
+        data.num_classes,
       )
 
 

@@ -136,7 +136,9 @@ def score(
 def _checked(labeled_videos, seen: set, num_classes: int) -> Iterator[tuple[str, list[int]]]:
   for video_id, label_ids in labeled_videos:
     if not video_id:  # Each empty id would otherwise be reported as appearing twice.
-      raise DataError("a video in the labels has no id (neither an 'id' nor a 'video_id' feature)")
+      raise DataError(
+        "a video in the labels has no id (its 'id' or 'video_id' is missing or empty)"
+      )
     if video_id in seen:
       raise DataError(f"video id {video_id!r} appears twice in the labels")
     bad = [c for c in label_ids if not 0 <= c < num_classes]

@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import glob
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -35,12 +36,9 @@ def load_config(config_path: str, arg: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(name, config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  try:
-    return module.get_config(arg)
-  except TypeError as e:  # E.g. configs/default.py, whose get_config() takes no argument.
-    if "positional argument" not in str(e):
-      raise
-    raise ConfigError(f"--config={config_path}: its get_config() takes no AGG,FUSION ({e})") from e
+  if not inspect.signature(module.get_config).parameters:  # E.g. configs/default.py.
+    raise ConfigError(f"--config={config_path}: its get_config() takes no AGG,FUSION argument")
+  return module.get_config(arg)
 
 
 def parse_sets(values: list[str]) -> list[tuple[str, str]]:

@@ -211,7 +211,7 @@ def _check_world_json(path: str, output_dir: str) -> None:
   """Refuses a --world_json inside --output_dir (whose globs must see shards only) or in a
   directory that cannot be written."""
   inside = os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
-  if not inside.startswith(os.pardir):
+  if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
     raise errors.ConfigError(
       f"--world_json={path} is inside --output_dir={output_dir}, whose DIR/* globs must see "
       "shards only: put it elsewhere"

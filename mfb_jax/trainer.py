@@ -112,27 +112,39 @@ def _evaluation_missed(config, workdir: str, step: int) -> bool:
   return missed
 
 
-def _check_labels(config, batch: dict, step: int, warned: bool) -> bool:
-  """Refuses a training batch without a single label (a train split of unlabelled test shards,
-  or a misnamed labels feature, would otherwise train every class towards 0 and exit 0); warns
-  once about batches with some unlabelled videos. Returns whether it has warned."""
-  labelled_B = batch["labels"].any(axis=1)
-  if not labelled_B.any():
-    raise errors.DataError(
-      f"none of the {len(labelled_B)} videos of the training batch for step {step} has a label: "
-      f"data.train_pattern={config.data.train_pattern!r} looks unlabelled (test shards? "
-      f"data.labels_feature={config.data.labels_feature!r})"
-    )
-  if not warned and not labelled_B.all():
-    logging.warning(
-      "%d of the %d videos of the training batch for step %d have no labels (unlabelled test "
-      "shards in data.train_pattern?); they train as negatives of every class",
-      int((~labelled_B).sum()),
-      len(labelled_B),
-      step,
-    )
-    return True
-  return warned
+class LabelCheck:
+  """Refuses training data without labels: none among a process's first VIDEOS training videos
+  (unlabelled test shards, or a misnamed labels feature, would otherwise train every class
+  towards 0 and exit 0). Decided on that many videos, not on one batch, so that a small local
+  batch of partly unlabelled data is not refused by chance. Warns once about batches with some
+  unlabelled videos."""
+
+  VIDEOS = 32
+
+  def __init__(self, config):
+    self.config, self.seen, self.labelled, self.warned = config, 0, 0, False
+
+  def __call__(self, labels_BxC: np.ndarray, step: int) -> None:
+    labelled_B = labels_BxC.any(axis=1)
+    if self.seen < self.VIDEOS:
+      self.seen += len(labelled_B)
+      self.labelled += int(labelled_B.sum())
+      if self.seen >= self.VIDEOS and not self.labelled:
+        data = self.config.data
+        raise errors.DataError(
+          f"none of the first {self.seen} training videos (to step {step}) has a label: "
+          f"data.train_pattern={data.train_pattern!r} looks unlabelled (test shards? "
+          f"data.labels_feature={data.labels_feature!r})"
+        )
+    if not self.warned and not labelled_B.all():
+      self.warned = True
+      logging.warning(
+        "%d of the %d videos of the training batch for step %d have no labels (unlabelled "
+        "test shards in data.train_pattern?); they train as negatives of every class",
+        int((~labelled_B).sum()),
+        len(labelled_B),
+        step,
+      )
 
 
 def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
@@ -187,7 +199,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   train_fn = train_lib.jit_train_step(config, model, tx, mesh, state_shapes)
   eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
   buffer, result = MetricBuffer(), None
-  batches, unlabelled_warned = None, False
+  batches, check_labels = None, LabelCheck(config)
   last_time, last_step = time.time(), start_step
 
   def run_eval(step: int) -> bool:
@@ -224,7 +236,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         batches = None  # Release the previous segment's tf.data threads first.
         batches = train_files.batches(config, segment_seed(config, step), local_batch)
       local = next(batches)
-      unlabelled_warned = _check_labels(config, local, step + 1, unlabelled_warned)
+      check_labels(local["labels"], step + 1)
       global_batch = input_pipeline.to_global(local, mesh)
       done = step + 1
       is_last = done == train_cfg.num_steps

@@ -12,6 +12,7 @@ Figures are only comparable within one run: these 2-core machines are not all th
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,14 +61,18 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--bf16", action="store_true", help="bf16 for mfb-jax and torch autocast")
   args = parser.parse_args()
-  for name in ("torch_peer.py", "tf_peer.py"):  # Checked now, not after minutes of benchmarks.
+  # Checked now, not after minutes of benchmarks. The peers are not part of this repository.
+  needed = (["torch_peer.py"] if args.torch_python else []) + ([] if args.bf16 else ["tf_peer.py"])
+  for name in needed:
     if not os.path.isfile(os.path.join(args.peers_dir, name)):
-      parser.error(f"--peers_dir={args.peers_dir} has no {name} (the peers are not in this repo)")
-  if args.torch_python and not os.access(args.torch_python, os.X_OK):
-    parser.error(f"--torch_python={args.torch_python} is not an executable")
-  unknown = set(args.models.split(",")) - set(CELLS)
-  if unknown or args.repeats < 1 or args.steps < 1:
-    parser.error(f"--models takes {', '.join(CELLS)}; --repeats and --steps must be >= 1")
+      parser.error(f"--peers_dir={args.peers_dir} has no {name}")
+  if args.torch_python and not shutil.which(args.torch_python):
+    parser.error(f"--torch_python={args.torch_python}: no such executable")
+  unknown = sorted(set(args.models.split(",")) - set(CELLS))
+  if unknown:
+    parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(CELLS)}")
+  if args.repeats < 1 or args.steps < 1:
+    parser.error(f"--repeats={args.repeats} and --steps={args.steps} must be >= 1")
   results: dict[tuple[str, str], list[float]] = {}
   for repeat in range(args.repeats):
     for model in args.models.split(","):

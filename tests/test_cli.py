@@ -21,6 +21,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
   "args, error",
   [
     (["launch.py", "--config=configs/default.py:x", "--workdir=/tmp/w"], "takes no :ARG"),
+    (["launch.py", "--config", "configs/default.py:x", "--workdir=/tmp/w"], "takes no :ARG"),
     (["-m", "mfb_jax.sweep", "--workdir=/tmp/w", "--stpes=3"], "Did you mean: steps"),
     (["-m", "mfb_jax.sweep", "--workdir=/tmp/w", "extra"], "unexpected arguments: extra"),
     (

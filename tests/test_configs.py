@@ -165,11 +165,15 @@ def test_a_vocabulary_that_is_not_utf8_is_named(tmp_path):
     vocabulary.load(str(path))
 
 
-def test_a_vocabulary_of_another_size_than_the_model_is_refused(tmp_path):
+def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
+  tmp_path, monkeypatch
+):
   from configs import default
   from mfb_jax import config_checks
   from mfb_jax.errors import ConfigError
 
+  warnings = []
+  monkeypatch.setattr(config_checks.logging, "warning", lambda *args: warnings.append(args))
   path = tmp_path / "vocab.csv"
   path.write_text("Index,Name\n" + "".join(f"{i},name {i}\n" for i in range(12)))
   config = default.get_config()
@@ -177,6 +181,10 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused(tmp_path):
   config.eval.top_k = config.predict.top_k = 5
   config.predict.vocabulary = str(path)
   config_checks.validate(config, "predict")  # 12 names for 12 classes.
-  config.data.num_classes = 20  # A 2017 model (4716) with the 2018 vocabulary (3862), in small.
-  with pytest.raises(ConfigError, match=r"names label ids up to 11 \(12 labels\).*num_classes=20"):
+  assert warnings == []
+  config.data.num_classes = 20  # Fewer names than classes (a 2017 model, the 2018 vocabulary).
+  config_checks.validate(config, "predict")
+  assert [w[2:] for w in warnings] == [(11, 20)]
+  config.data.num_classes = 8  # Names beyond the model's classes (the other way round).
+  with pytest.raises(ConfigError, match=r"names label id 11, but data.num_classes=8"):
     config_checks.validate(config, "predict")

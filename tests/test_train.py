@@ -110,25 +110,32 @@ def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
-def test_unlabelled_training_data_stops_before_any_step(tiny_config, tmp_path):
+def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
   # A misnamed labels feature reads as unlabelled videos (as test shards do): every class would
   # be trained towards 0, and the run used to end with exit 0.
   tiny_config.data.labels_feature = "label_ids"
-  with pytest.raises(DataError, match=r"none of the 8 videos .* step 1 has a label.*label_ids"):
+  tiny_config.train.checkpoint_every = 100
+  refused = r"none of the first 32 training videos \(to step 4\).*label_ids"
+  with pytest.raises(DataError, match=refused):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
 
-def test_partly_unlabelled_training_batches_are_warned_about_once(tiny_config, monkeypatch):
+def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkeypatch):
   warnings = []
   monkeypatch.setattr(trainer.logging, "warning", lambda *args: warnings.append(args))
-  labels = np.zeros((4, 6), np.float32)
-  labels[0, 2] = labels[3, 5] = 1
-  assert trainer._check_labels(tiny_config, {"labels": labels}, 7, False)
-  assert [w[1:] for w in warnings] == [(2, 4, 7)]
-  assert trainer._check_labels(tiny_config, {"labels": labels}, 8, True)
-  assert not trainer._check_labels(tiny_config, {"labels": np.ones((4, 6))}, 9, False)
-  assert len(warnings) == 1
+  check = trainer.LabelCheck(tiny_config)
+  none, some = np.zeros((8, 6), np.float32), np.zeros((8, 6), np.float32)
+  some[3, 2] = 1
+  for step in (1, 2, 3):  # 24 unlabelled videos: not yet enough to refuse...
+    check(none, step)
+  check(some, 4)  # ...and one labelled video among the first 32 is enough to go on.
+  check(none, 5)
+  assert [w[1:] for w in warnings] == [(8, 8, 1)]  # Once.
+  with pytest.raises(DataError, match="none of the first 32"):
+    fresh = trainer.LabelCheck(tiny_config)
+    for step in (1, 2, 3, 4):
+      fresh(none, step)
 
 
 def test_a_signal_after_a_saved_evaluation_stops_at_that_step(tiny_config, tmp_path, monkeypatch):
