@@ -117,6 +117,8 @@ def main() -> int:
 
   rows = [(config, dtype) for config in args.configs for dtype in args.dtypes.split(",")]
   start, records = time.time(), []
+  # In every record too: a run cut short by a time limit leaves its records without the summary.
+  where = {"commit": git_commit(), "host_cpu": cpu_name(), "host_cores": os.cpu_count()}
   for i, (config, dtype) in enumerate(rows, 1):
     name = f"{config} {dtype}"
     if args.budget_s and time.time() - start > args.budget_s:
@@ -125,6 +127,7 @@ def main() -> int:
     cmd = row_command(sys.executable, config, dtype, args)
     row_start = time.time()
     record = {**run_row(cmd, args.row_timeout_s), "row": name, "command": " ".join(cmd[1:])}
+    record.update(where, measured_at=datetime.datetime.now(datetime.UTC).isoformat("T", "seconds"))
     records.append(record)
     took = time.time() - row_start
     done = record.get("error") or f"{record['examples_per_sec']:.1f} ex/s"
@@ -136,7 +139,7 @@ def main() -> int:
   now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   kinds = sorted({f"{r['platform']} ({r['device_kind']})" for r in records if "error" not in r})
   print(
-    f"Measured {now} at commit {git_commit()} on {', '.join(kinds) or 'nothing'}, host "
+    f"Measured {now} at commit {where['commit']} on {', '.join(kinds) or 'nothing'}, host "
     f"{cpu_name()} with {os.cpu_count()} cores; one "
     "`launch.py --mode=bench` process per row (`scripts/bench_table.py`)."
   )

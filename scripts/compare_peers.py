@@ -81,9 +81,8 @@ def main() -> None:
         torch_args = ["--model", model, "--mode", "compile", "--adam", "fused"]
         torch_args += ["--bf16"] if args.bf16 else []
         script = os.path.join(args.peers_dir, "torch_peer.py")
-        runs["torch compile+fused+tcmalloc"] = lambda a=torch_args, s=script: peer_bench(
-          args.torch_python, s, a, args.steps
-        )
+        label = "torch compile+fused+tcmalloc" + (", bf16 autocast" if args.bf16 else "")
+        runs[label] = lambda a=torch_args, s=script: peer_bench(args.torch_python, s, a, args.steps)
       if not args.bf16:
         script = os.path.join(args.peers_dir, "tf_peer.py")
         runs["tf jit+tcmalloc"] = lambda m=model, s=script: peer_bench(

@@ -94,6 +94,8 @@ def main() -> None:
   parser.add_argument("--frames", type=int, default=300)
   parser.add_argument("--repeats", type=int, default=15)
   args = parser.parse_args()
+  if min(args.batch, args.frames, args.repeats) < 1:
+    parser.error("--batch, --frames and --repeats must be >= 1")
   print("| product | GFLOP | ms | GFLOP/s |\n|---|---:|---:|---:|")
   total_s = total_flops = 0.0
   for name, flops, fn, shapes in products(args.batch, args.frames):

@@ -1,7 +1,9 @@
 """scripts/bench_table.py: one bench process per row, records kept as measured, the table."""
 
+import datetime
 import importlib.util
 import json
+import os
 import types
 
 from conftest import REPO, run_python
@@ -17,6 +19,8 @@ def test_rows_are_measured_recorded_and_tabled(tmp_path):
   (record,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert record["row"] == "configs/tiny.py float32" and record["steps_timed"] == 2
   assert "--config.model.dtype=float32" in record["command"]
+  assert record["commit"] != "" and record["host_cores"] == os.cpu_count()
+  assert record["measured_at"].startswith(str(datetime.date.today().year))
   lines = result.stdout.splitlines()
   assert lines[0].startswith("Measured ") and " at commit " in lines[0]
   cells = [c.strip() for c in lines[-1].strip("|").split("|")]
