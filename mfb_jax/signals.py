@@ -149,7 +149,10 @@ def _import(*args, **kwargs):
     _state.importing -= 1
     if not _state.importing and _state.received is not None:
       if not (_state.deferring or _state.unwinding):
-        raise _unwind(_state.received)  # Instead of the import's result or error.
+        if _inside_jax(sys._getframe(1)):  # An import inside JAX's code (jit tracing does some).
+          _retry_soon()
+        else:
+          raise _unwind(_state.received)  # Instead of the import's result or error.
 
 
 _original_import = builtins.__import__
