@@ -21,7 +21,8 @@ pending. A signal during an import is held until the outermost import statement 
 while JAX's own code is running (tracing, lowering, compiling a step): raised inside a Python
 callback of jaxlib's MLIR bindings it cannot cross their C++ frames, and the interpreter aborted
 (exit 134, a fatal-error dump); it is raised once the main thread is back outside JAX, retried
-every 10 ms (a second signal exits at once). A library that turns the
+every 10 ms (a second signal exits at once); a signal held during an import that finishes inside
+JAX's code (jit tracing imports) is retried the same way. A library that turns the
 raised `Interrupted` into an error of its own (tensorstore, while a checkpoint is restored) is
 covered by `stopped_by()`: launch.py then reports the signal, not that error.
 """
