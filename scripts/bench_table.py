@@ -140,7 +140,7 @@ def main() -> int:
   kinds = sorted({f"{r['platform']} ({r['device_kind']})" for r in records if "error" not in r})
   print(
     f"Measured {now} at commit {where['commit']} on {', '.join(kinds) or 'nothing'}, host "
-    f"{cpu_name()} with {os.cpu_count()} cores; one "
+    f"{where['host_cpu']} with {where['host_cores']} cores; one "
     "`launch.py --mode=bench` process per row (`scripts/bench_table.py`)."
   )
   print(f"\n| {COLUMNS} |\n|---|" + "---:|" * COLUMNS.count("|"))
