@@ -38,7 +38,10 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 def _brief(error: Exception) -> str:
   """An orbax/tensorstore error's first line without the store spec it quotes."""
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  text = text.split(" [tensorstore_spec=")[0]
+  for tail in (" [tensorstore_spec=", " See full TensorStore details"):
+    text = text.split(tail)[0]
+  if "Unable to retrieve default item" in text:  # orbax's words for a step without its item.
+    text = "its 'default' item is missing"
   return text if len(text) <= 400 else text[:400] + "..."
 
 
@@ -81,12 +84,9 @@ class Checkpointer:
     try:
       stored = _shapes(self._manager.item_metadata(step))
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means an unusable workdir.
-      raise CheckpointError(f"cannot read checkpoint {self.directory}/{step}: {_brief(e)}") from e
+      raise self._damaged(step, _brief(e)) from e
     if not stored:  # orbax reads a checkpoint without its _METADATA file as an empty tree.
-      raise CheckpointError(
-        f"cannot read checkpoint {self.directory}/{step}: its metadata is missing (damaged, or "
-        "not written by this project); move that step aside to resume from an earlier one"
-      )
+      raise self._damaged(step, "its metadata is missing")
     wanted = _shapes(abstract_state)
     where = f"checkpoint {self.directory}/{step} does not match the config"
     for name in sorted(set(stored) | set(wanted)):
@@ -114,10 +114,17 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - tensorstore's errors: ValueError, RuntimeError...
       if lost_peer(str(e)) or any(s in str(e) for s in _NOT_THE_CHECKPOINT):
         raise  # A lost peer, memory, a remote store's hiccup: the checkpoint may well be fine.
-      raise CheckpointError(
-        f"cannot read checkpoint {self.directory}/{step} ({_brief(e)}); if it is damaged, move "
-        "that step aside to resume from an earlier one"
-      ) from e
+      raise self._damaged(step, _brief(e)) from e
+
+  def _damaged(self, step: int, why: str) -> CheckpointError:
+    """One line for a step that cannot be read, naming what to do: no earlier step is ever
+    restored in its place without the user's word (that would silently drop training)."""
+    earlier = [s for s in self.all_steps() if s < step]
+    then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
+    return CheckpointError(
+      f"cannot read checkpoint {self.directory}/{step} ({why}); it is damaged or was not "
+      f"written by this project: move {self.directory}/{step} out of {self.directory} to {then}"
+    )
 
   def save(self, state, step: int) -> bool:
     """Saves `state` as `step` unless that step is already saved; returns whether it saved."""

@@ -182,7 +182,7 @@ def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdi
   for mode in ("eval", "train"):
     result = launch(trained_workdir, f"--mode={mode}", *tiny_args, "--config.train.num_steps=8")
     assert result.returncode == 2, result.stderr[-2000:]
-    _assert_one_line_error(result, "cannot read checkpoint", "/6 (", "move that step aside")
+    _assert_one_line_error(result, "cannot read checkpoint", "/6 (", "to resume from step 3")
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["3", "6"]  # Nothing replaced.
 
 
