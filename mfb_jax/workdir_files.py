@@ -86,8 +86,9 @@ class TrainingLock:
 
 def check_workdir(workdir: str, inference: bool) -> None:
   """Raises WorkdirError, before any work, for a workdir that cannot serve the run: a file, a URL
-  of a scheme no file system serves, and for eval and predict (inference=True) one that does not
-  exist (it holds their checkpoint) or, if local, takes no new file (their results)."""
+  of a scheme no file system serves, for eval and predict (inference=True) one that does not
+  exist (it holds their checkpoint), and, if local and existing, one that takes no new file
+  (results; for training also its checkpoints/ folder)."""
   if is_url(workdir):
     import tensorflow as tf  # Deferred: launch.py checks local workdirs before TF's start-up.
 
@@ -100,21 +101,22 @@ def check_workdir(workdir: str, inference: bool) -> None:
     exists, is_dir = os.path.exists(workdir), os.path.isdir(workdir)
   if exists and not is_dir:
     raise WorkdirError(f"workdir {workdir} is a file, not a directory")
-  if not inference:
-    return
-  if not exists:
+  if inference and not exists:
     raise WorkdirError(f"workdir {workdir} does not exist: train into it first (--mode=train)")
-  if is_url(workdir):
+  if not exists or is_url(workdir):
     return
-  probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
-  try:
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(
-      f"cannot write to workdir {workdir} ({e.strerror}): eval and predict write results there"
-    ) from e
+  folders = [workdir]
+  if not inference and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    folders.append(os.path.join(workdir, "checkpoints"))
+  for folder in folders:
+    probe = os.path.join(folder, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      uses = "eval and predict write results there" if inference else "training saves there"
+      raise WorkdirError(f"cannot write to {folder} ({e.strerror}): {uses}") from e
 
 
 def is_url(path: str) -> bool:

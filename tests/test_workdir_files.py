@@ -130,10 +130,25 @@ def test_inference_needs_an_existing_workdir_that_takes_new_files(tmp_path, monk
       raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     return real_open(path, *args, **kwargs)
 
+  (tmp_path / "checkpoints").mkdir()
+  workdir_files.check_workdir(str(tmp_path), inference=False)
+  assert os.listdir(tmp_path / "checkpoints") == []
   monkeypatch.setattr("builtins.open", read_only)
-  with pytest.raises(WorkdirError, match="cannot write to workdir .*Read-only file system"):
-    workdir_files.check_workdir(str(tmp_path), inference=True)
-  workdir_files.check_workdir(str(tmp_path), inference=False)  # Training finds out on its own.
+  for inference, uses in [(True, "eval and predict write results"), (False, "training saves")]:
+    with pytest.raises(WorkdirError) as error:
+      workdir_files.check_workdir(str(tmp_path), inference=inference)
+    assert str(error.value) == f"cannot write to {tmp_path} (Read-only file system): {uses} there"
+  workdir_files.check_workdir(str(tmp_path / "new"), inference=False)  # Training creates it.
+
+  def checkpoints_read_only(path, *args, **kwargs):
+    if f"checkpoints{os.sep}.write-probe-" in str(path):
+      raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", checkpoints_read_only)
+  workdir_files.check_workdir(str(tmp_path), inference=True)  # Eval only reads checkpoints.
+  with pytest.raises(WorkdirError, match=r"cannot write to .*checkpoints \(Permission denied\)"):
+    workdir_files.check_workdir(str(tmp_path), inference=False)
 
 
 def test_only_the_training_checkpointer_removes_cut_short_saves(tmp_path):
