@@ -4,6 +4,7 @@ of a workdir in use. A workdir may be local or any tf.io.gfile URL (gs://bucket/
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ from mfb_jax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".train.lock"
+SHARED_WAIT_S = 10.0  # How long a process looks for process 0's lock file in the workdir.
 
 
 class TrainingLock:
@@ -30,13 +32,15 @@ class TrainingLock:
   naming the holder. The lock is an flock: the kernel drops it when its process ends, however
   it ends (kill -9 included), so a killed run never leaves a stale lock. Eval and predict take
   no lock (they may read a workdir while it trains). A URL workdir (gs://...), or a file system
-  without flock, gets no lock (a warning says so).
+  without flock, gets no lock (a warning says so). In a multi-process run every process must
+  read the lock file in its own --workdir, or all stop: the workdir is not one shared folder.
   """
 
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
+    self._written = b""  # The lock file's text (process 0; none for a URL workdir).
 
   def __enter__(self) -> "TrainingLock":
     busy = self._take() if jax.process_index() == 0 else None
@@ -44,9 +48,30 @@ class TrainingLock:
       refused = multihost_utils.broadcast_one_to_all(np.int32(busy is not None))
       if busy is None and int(refused):
         busy = f"workdir {self.workdir} refused by process 0 (its error says why)"
+      if busy is None:
+        busy = self._unshared()
     if busy is not None:
+      self.__exit__()
       raise WorkdirError(busy)
     return self
+
+  def _unshared(self) -> str | None:
+    """The error line, on every process, unless every process reads the lock file process 0
+    wrote: processes given different workdirs, or a local folder of the same name on each host,
+    saved their checkpoints apart and hung in orbax's save for good."""
+    written = self._written if jax.process_index() == 0 else b""
+    wanted = multihost_utils.broadcast_one_to_all(_digest(written))
+    sees = not wanted.any() or _read_within(self.path, wanted, SHARED_WAIT_S)
+    seen = multihost_utils.process_allgather(np.int32(sees))
+    blind = [i for i, s in enumerate(np.ravel(seen)) if not s]
+    if not blind:
+      return None
+    return (
+      f"the workdir is not shared: process(es) {', '.join(map(str, blind))} of this run cannot "
+      f"read the {LOCK_FILE} that process 0 wrote in its workdir (here --workdir={self.workdir}); "
+      "every process needs the same --workdir, on storage all of them see (a network file "
+      "system, or a bucket URL)"
+    )
 
   def _take(self) -> str | None:
     """Takes the lock (or finds none is possible); else the error line (the workdir is held by
@@ -73,8 +98,10 @@ class TrainingLock:
       logging.warning("no training lock on %s (%s): start one run per workdir", self.path, e)
       return None
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    self._written = f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
+    os.pwrite(fd, self._written, 0)
+    os.fsync(fd)  # Other hosts read it (_unshared) while this process keeps it open.
     self._fd = fd
     return None
 
@@ -82,6 +109,29 @@ class TrainingLock:
     if self._fd is not None:
       os.close(self._fd)  # Drops the lock; the file stays (deleting it would race a newcomer).
       self._fd = None
+
+
+def _digest(text: bytes) -> np.ndarray:
+  """8 bytes of text's SHA-256 as uint8 (all zeros for no text)."""
+  if not text:
+    return np.zeros(8, np.uint8)
+  return np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
+
+
+def _read_within(path: str, digest: np.ndarray, seconds: float) -> bool:
+  """Whether `path` holds the text of `digest`, retried for `seconds` (a network file system
+  may show another host's new file a moment late)."""
+  deadline = time.monotonic() + seconds
+  while True:
+    try:
+      with open(path, "rb") as f:
+        if (_digest(f.read(4096)) == digest).all():
+          return True
+    except OSError:
+      pass
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.5)
 
 
 def check_workdir(workdir: str, inference: bool) -> None:

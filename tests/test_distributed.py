@@ -166,3 +166,16 @@ def test_processes_given_different_configs_stop_at_start_up(tiny_args, tmp_path)
       " config.train.batch_size: every process needs the same --config and overrides"
     )
   assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_processes_given_different_workdirs_stop_at_start_up(tiny_args, tmp_path):
+  """Each process's own folder (a local /tmp/run per host) saved checkpoints apart, and both
+  hung in orbax's first save for good, deaf to SIGTERM."""
+  own = ([], [f"--workdir={tmp_path / 'elsewhere'}"])
+  procs = _start_two(tmp_path / "work", tiny_args, own)
+  for p in procs:
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 2, err[-2000:]
+    assert last_line(err).startswith("error: the workdir is not shared: process(es) 1 of this run")
+  assert not (tmp_path / "work" / "checkpoints").exists()

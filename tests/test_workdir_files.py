@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -44,6 +45,31 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
     holder.wait()
   with workdir_files.TrainingLock(str(tmp_path)) as lock:  # kill -9 left no stale lock behind.
     assert open(lock.path).read().startswith(f"pid {os.getpid()} on ")
+
+
+def test_every_process_must_see_process_0s_lock_file(tmp_path, monkeypatch):
+  """Process 1 of 2, given process 0's workdir or another one (a local folder per host)."""
+  shared, own = tmp_path / "shared", tmp_path / "own"
+  with workdir_files.TrainingLock(str(shared)) as process_0:  # Takes the lock, writes the file.
+    written = (shared / workdir_files.LOCK_FILE).read_bytes()
+    monkeypatch.setattr(workdir_files.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(workdir_files.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(workdir_files, "SHARED_WAIT_S", 0.0)
+    # Process 0's side of the collectives: not refused, then its lock file's digest.
+    sent = [np.int32(0), workdir_files._digest(written)]
+    utils = workdir_files.multihost_utils
+    monkeypatch.setattr(utils, "broadcast_one_to_all", lambda x: sent[0 if x.ndim == 0 else 1])
+    monkeypatch.setattr(utils, "process_allgather", lambda sees: np.array([1, int(sees)]))
+    with workdir_files.TrainingLock(str(shared)) as process_1:
+      assert process_1._fd is None  # Only process 0 holds the lock.
+    with pytest.raises(WorkdirError) as error:
+      workdir_files.TrainingLock(str(own)).__enter__()
+    assert str(error.value) == (
+      f"the workdir is not shared: process(es) 1 of this run cannot read the .train.lock that "
+      f"process 0 wrote in its workdir (here --workdir={own}); every process needs the same "
+      "--workdir, on storage all of them see (a network file system, or a bucket URL)"
+    )
+    assert process_0._fd is not None
 
 
 def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch):
