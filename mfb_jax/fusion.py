@@ -23,8 +23,9 @@ Dtype = Any
 def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
   """Inverted dropout with the module's 'dropout' rng, only when training.
 
-  Unlike nn.Dropout, the random mask takes the sharding of `x`: with the explicitly sharded batch
-  of the train step (jax.make_mesh's default axis types), nn.Dropout's unsharded mask fails.
+  Unlike nn.Dropout, the random mask takes the sharding of `x`: on a mesh with Explicit axes
+  (jax.make_mesh's default) nn.Dropout's unsharded mask fails. The train step's mesh has Auto
+  axes (train.make_mesh), where both work.
   """
   if not train or rate == 0.0:
     return x

@@ -83,12 +83,29 @@ class VideoClassifier(nn.Module):
     train: bool = False,
   ) -> jax.Array:
     video_BxV = audio_BxG = None
+    B = rgb_BxTxD.shape[0]
     if self.rgb_aggregator is not None:
       video_BxV = self.rgb_aggregator(rgb_BxTxD, mask_BxT, train=train)
+      check_output("aggregator", self.rgb_aggregator, video_BxV, B)
     if self.audio_aggregator is not None:
       audio_BxG = self.audio_aggregator(audio_BxTxA, mask_BxT, train=train)
+      check_output("aggregator", self.audio_aggregator, audio_BxG, B)
     fused_BxO = self.fusion(video_BxV, audio_BxG, train=train)
+    check_output("fusion", self.fusion, fused_BxO, B)
     return classify(self, fused_BxO, train)
+
+
+def check_output(kind: str, module: nn.Module, out, batch_size: int) -> None:
+  """ConfigError (at init, one line) unless a module gave one vector per video, [B, size]: an
+  aggregator that kept its frames, or a fusion that gave a [B, 1, O] block, failed deep in the
+  loss, or (the classifier flattening it) trained on without a word."""
+  shape = getattr(out, "shape", None)
+  if shape is None or len(shape) != 2 or shape[0] != batch_size:
+    got = f"shape {tuple(shape)}" if shape is not None else type(out).__name__
+    raise ConfigError(
+      f"{kind} {type(module).__name__} returned {got} for a batch of {batch_size}; a {kind} "
+      "returns one vector per video, [batch, size]"
+    )
 
 
 class FrameFusionClassifier(nn.Module):
@@ -108,6 +125,7 @@ class FrameFusionClassifier(nn.Module):
     train: bool = False,
   ) -> jax.Array:
     fused_BxO = self.fusion(rgb_BxTxD, audio_BxTxA, mask_BxT, train=train)
+    check_output("frame fusion", self.fusion, fused_BxO, rgb_BxTxD.shape[0])
     return classify(self, fused_BxO, train)
 
 
@@ -155,6 +173,21 @@ def _make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> n
     )
   for field, value in kwargs.items():
     _check_value(name, field, value)
+  given = set(kwargs) | set(extra)
+  required = [
+    f.name
+    for f in dataclasses.fields(cls)
+    if f.name in fields
+    and f.name not in given
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  ]
+  if required:
+    raise ConfigError(
+      f"config.model.{name}: {cls.__name__} needs a value for {', '.join(required)}, which has "
+      f"no default; add config.model.{name} = ml_collections.ConfigDict(dict({required[0]}=...)) "
+      "to configs/default.py"
+    )
   # Only modules that declare a dtype get one, so user modules need not.
   kwargs.update({k: v for k, v in extra.items() if k in fields})
   return cls(**kwargs)

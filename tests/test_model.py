@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -177,6 +178,51 @@ def test_count_command_prints_all_paper_cells(capsys):
   assert len(rows) == 15
   assert any(r.split()[:2] == ["netvlad,mfb", "57,556,540"] for r in rows)
   assert any(r.split()[:2] == ["dbof,mfb", "38,485,356"] for r in rows)
+
+
+class _Frames(flax.linen.Module):
+  """An aggregator that forgets to pool over frames."""
+
+  def __call__(self, x_BxTxF, mask_BxT, train=False):
+    return x_BxTxF
+
+
+class _Block(flax.linen.Module):
+  """A fusion that returns a [B, 1, O] block (the classifier would flatten it into 1 row)."""
+
+  def __call__(self, video_BxV, audio_BxA, train=False):
+    return jax.numpy.concatenate([video_BxV, audio_BxA], -1)[:, None, :]
+
+
+class _Sized(flax.linen.Module):
+  """A fusion with a field that has no default."""
+
+  dim: int
+
+  def __call__(self, video_BxV, audio_BxA, train=False):
+    return video_BxV[:, : self.dim]
+
+
+def test_a_new_module_that_breaks_the_contract_is_one_line(monkeypatch):
+  monkeypatch.setattr(model, "AGGREGATORS", {**model.AGGREGATORS, "frames": _Frames})
+  monkeypatch.setattr(model, "FUSIONS", {**model.FUSIONS, "block": _Block, "sized": _Sized})
+  inputs = make_batch()
+  for aggregator, fusion, message in [
+    ("frames", "concat", f"aggregator _Frames returned shape {(B, T, D)} for a batch of {B}; "),
+    ("avgpool", "block", f"fusion _Block returned shape {(B, 1, D + A)} for a batch of {B}; "),
+  ]:
+    net = model.build_model(small_config(aggregator, fusion))
+    with pytest.raises(ConfigError) as error:
+      init(net, *inputs)
+    assert (
+      str(error.value)
+      == message + f"a {message.split()[0]} returns one vector per video, [batch, size]"
+    )
+  with pytest.raises(ConfigError, match=r"config.model.sized: _Sized needs a value for dim, "):
+    model.build_model(small_config("avgpool", "sized"))
+  config = small_config("avgpool", "sized")
+  config.model.sized = {"dim": 2}
+  assert init(model.build_model(config), *inputs)["params"]  # Set: it builds and runs.
 
 
 @pytest.mark.parametrize(
