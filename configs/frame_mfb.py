@@ -22,7 +22,7 @@ Needs frame-level data (data.format='frame'; video-level records give one "frame
 
 import ml_collections
 
-from configs import default
+from configs import default, paper
 from mfb_jax.errors import ConfigError
 
 AGGREGATORS = ("avgpool", "dbof", "netvlad", "nextvlad")
@@ -32,9 +32,12 @@ ARGS = AGGREGATORS  # Every valid argument (tests/test_configs.py builds each).
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The paper's recipe with frame-level MFB and the aggregator `arg` ('AGG' or 'AGG,mfb')."""
   parts = [p.strip().lower() for p in (arg or "").split(",")]
-  if parts[0] not in AGGREGATORS or parts[1:] not in ([], ["mfb"]):
+  aggregators = AGGREGATORS
+  if parts[0] not in aggregators:
+    aggregators = paper.registered(AGGREGATORS, "AGGREGATORS")  # And those users added.
+  if parts[0] not in aggregators or parts[1:] not in ([], ["mfb"]):
     raise ConfigError(
-      f"configs/frame_mfb.py needs AGG (or AGG,mfb) with AGG in {{{', '.join(AGGREGATORS)}}}; "
+      f"configs/frame_mfb.py needs AGG (or AGG,mfb) with AGG in {{{', '.join(aggregators)}}}; "
       f"got {arg!r} (e.g. configs/frame_mfb.py:dbof)"
     )
   config = default.get_config()

@@ -153,10 +153,21 @@ BEYOND_ARGS = tuple(
 )
 
 
+def registered(known: tuple[str, ...], registry: str) -> tuple[str, ...]:
+  """`known`, then the other names in mfb_jax.model's `registry` (modules users added there;
+  imported only when a name is not among `known`: the import costs seconds)."""
+  from mfb_jax import model
+
+  return known + tuple(sorted(set(getattr(model, registry)) - set(known)))
+
+
 def _parse(arg: str | None) -> tuple[str, str]:
-  """Splits "AGG,FUSION" and checks both names."""
+  """Splits "AGG,FUSION" and checks both names (the paper's, ours, or any registered one)."""
   aggregators, fusions = AGGREGATORS + BEYOND_AGGREGATORS, FUSIONS + BEYOND_FUSIONS
   parts = [p.strip().lower() for p in (arg or "").split(",")]
+  if len(parts) == 2 and (parts[0] not in aggregators or parts[1] not in fusions):
+    aggregators = registered(aggregators, "AGGREGATORS")
+    fusions = registered(fusions, "FUSIONS")
   if len(parts) != 2 or parts[0] not in aggregators or parts[1] not in fusions:
     raise ConfigError(
       f"configs/paper.py needs AGG,FUSION with AGG in {{{', '.join(aggregators)}}} and "

@@ -11,7 +11,7 @@ import pathlib
 import jax
 import pytest
 
-from configs import default, paper
+from configs import default, frame_mfb, paper
 from mfb_jax import model
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -92,6 +92,16 @@ def test_paper_bad_argument_names_allowed_values(arg):
   assert "avgpool, netvlad, dbof" in message
   assert "audio, video, concat, fc_concat, mfb" in message
   assert repr(arg) in message
+
+
+def test_modules_users_register_are_accepted_by_the_paper_configs(monkeypatch):
+  monkeypatch.setattr(model, "AGGREGATORS", {**model.AGGREGATORS, "maxpool": object})
+  monkeypatch.setattr(model, "FUSIONS", {**model.FUSIONS, "hadamard": object})
+  config = paper.get_config("maxpool,hadamard")
+  assert (config.model.aggregator, config.model.fusion) == ("maxpool", "hadamard")
+  assert frame_mfb.get_config("maxpool").model.aggregator == "maxpool"
+  with pytest.raises(ValueError, match=r"AGG in \{avgpool, .*, nextvlad, maxpool\} and FUSION"):
+    paper.get_config("minpool,hadamard")
 
 
 def test_paper_argument_tolerates_spaces_and_case():
