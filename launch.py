@@ -129,12 +129,26 @@ def _report_error(e: Exception) -> None:
   _exit_after_error(1, f"{type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT))
 
 
+def _check_process_flags(num_processes: int | None, process_id: int | None) -> None:
+  """One line, before any start-up, for process numbers JAX would refuse seconds later."""
+  if num_processes is not None and num_processes < 1:
+    cli.fail(f"--num_processes={num_processes}: it must be at least 1")
+  if process_id is not None and process_id < 0:
+    cli.fail(f"--process_id={process_id}: it must be 0 or more")
+  if None not in (num_processes, process_id) and process_id >= num_processes:
+    cli.fail(
+      f"--process_id={process_id} with --num_processes={num_processes}: process ids run from 0 "
+      f"to {num_processes - 1}"
+    )
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
   cli.config(FLAGS)  # Loaded, and a ConfigDict.
   if not FLAGS.workdir and FLAGS.mode != "bench":
     cli.fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
+  _check_process_flags(FLAGS.num_processes, FLAGS.process_id)
 
   if not FLAGS.debug:
     runtime.quiet_library_logs()

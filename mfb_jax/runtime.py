@@ -208,7 +208,8 @@ def check_port_free(address: str, port: int) -> None:
       why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
       raise ConfigError(
         f"--coordinator_address={address}: port {port} {why} on this host, where process 0 "
-        "runs the coordinator; pick a free port for every process of the run"
+        "runs the coordinator (by another program, or by a process also given --process_id=0); "
+        "pick a free port for every process of the run"
       ) from e
 
 
