@@ -34,6 +34,12 @@ def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> N
     )
 
 
+def _fraction(config, field: str) -> None:
+  value = _get(config, field)
+  if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+    raise ConfigError(f"config.{field}={value!r} is invalid; it must be a number in [0, 1)")
+
+
 def _get(config, field: str):
   node = config
   for part in field.split("."):
@@ -45,6 +51,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   """Raises ConfigError on the first invalid value."""
   from mfb_jax import model as model_lib  # Deferred: the registries import flax.
 
+  _check_fields(config)
   _choice(config, "data.format", FORMATS)
   for field in ("data.num_classes", "data.max_frames", "data.rgb_size", "data.audio_size"):
     _positive(config, field)
@@ -55,7 +62,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _choice(config, "model.classifier", sorted(model_lib.CLASSIFIERS))
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "model.matmul_precision", MATMUL_PRECISIONS)
+  model_lib.build_model(config)  # The module sections' values and fields (no arrays made).
   _positive(config, "optim.learning_rate", 0, strict=True)
+  for field in ("optim.b1", "optim.b2"):
+    _fraction(config, field)
+  _positive(config, "optim.eps", 0, strict=True)
   _choice(config, "optim.schedule", SCHEDULES)
   _positive(config, "optim.warmup_steps", 0)
   _positive(config, "optim.grad_clip_norm", 0)
@@ -66,8 +77,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _positive(config, "train.num_steps", 0)
   _schedule_fits(config)
   seed = config.get("seed", 0)
-  if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-    raise ConfigError(f"config.seed={seed!r} is invalid; it must be an integer >= 0")
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+    raise ConfigError(f"config.seed={seed!r} is invalid; it must be an integer in [0, 2**63)")
   _positive(config, "eval.max_examples", 0)
   for field in ("eval.top_k", "predict.top_k"):
     _positive(config, field)
@@ -78,6 +89,39 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, "bench.steps")
     _positive(config, "bench.warmup_steps", 0)
   _check_patterns(config, mode)
+
+
+# Fields configs/default.py has that a config may leave out: the module sections (a missing one
+# means the class defaults), the seed, and the two model options added after the paper's models.
+OPTIONAL = ("seed", "model.fusion_level", "model.context_gating")
+
+
+def _check_fields(config) -> None:
+  """ConfigError naming the fields of configs/default.py a config lacks (one written for an
+  older mfb-jax, or built by hand): they were a KeyError deep in the run, exit 1."""
+  from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
+
+  reference = default.get_config()
+  missing = []
+  for section, fields in reference.items():
+    if not isinstance(fields, ml_collections.ConfigDict):
+      if section not in config and section not in OPTIONAL:
+        missing.append(section)
+      continue
+    if not isinstance(config.get(section), ml_collections.ConfigDict):
+      missing.append(section)
+      continue
+    for name, value in fields.items():
+      field = f"{section}.{name}"
+      module_section = section == "model" and isinstance(value, ml_collections.ConfigDict)
+      if name not in config[section] and not module_section and field not in OPTIONAL:
+        missing.append(field)
+  if missing:
+    raise ConfigError(
+      f"the config has no {', '.join(f'config.{f}' for f in missing[:5])}"
+      f"{' and more' if len(missing) > 5 else ''} (configs/default.py has every field; "
+      "a config written for an older version? build it from default.get_config())"
+    )
 
 
 def _schedule_fits(config) -> None:

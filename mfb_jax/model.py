@@ -16,6 +16,7 @@ sizes, O fused size, C classes.
 import argparse
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -156,8 +157,11 @@ def _check_value(name: str, field: str, value) -> None:
     raise ConfigError(f"{where} must be a positive integer, got {value!r}")
   if field == "dropout" and not 0.0 <= value < 1.0:
     raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
-  if field == "l2_penalty" and value < 0:
-    raise ConfigError(f"{where} must be >= 0, got {value!r}")
+  finite = isinstance(value, int | float) and math.isfinite(value)
+  if field in ("l2_penalty", "expected_labels") and not (finite and value >= 0):
+    raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
+  if field == "output_scale" and not (finite and value > 0):
+    raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
 
 
 def _make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> nn.Module:

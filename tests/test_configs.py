@@ -134,6 +134,17 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"optim.schedule": "cosine", "train.num_steps": 0}, r"train\.num_steps, which is 0"),
     # An infinite learning rate compiled and trained, then stopped at a NaN loss.
     ({"optim.learning_rate": float("inf")}, r"optim\.learning_rate=inf is invalid; .* finite"),
+    # The next ones trained on (NaN: stopped later with a hint at the learning rate), or failed
+    # only after TensorFlow's start-up, the workdir made.
+    ({"seed": 2**64 - 1}, r"config\.seed=18446744073709551615 is invalid; .* \[0, 2\*\*63\)"),
+    ({"optim.b2": float("nan")}, r"config\.optim\.b2=nan is invalid; .* in \[0, 1\)"),
+    ({"optim.b1": 1.0}, r"config\.optim\.b1=1\.0 is invalid"),
+    ({"optim.eps": -1.0}, r"config\.optim\.eps=-1\.0 is invalid; .* > 0"),
+    ({"model.fusion_level": "clip"}, r"config\.model\.fusion_level: got 'clip'"),
+    ({"model.moe.num_experts": 0}, r"config\.model\.moe\.num_experts must be a positive"),
+    ({"model.moe.l2_penalty": float("nan")}, r"moe\.l2_penalty must be a finite number >= 0"),
+    ({"model.moe.expected_labels": float("inf")}, r"moe\.expected_labels must be a finite"),
+    ({"model.mfb.output_scale": -1.0}, r"config\.model\.mfb\.output_scale must be a finite .* > 0"),
   ],
 )
 def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message):
@@ -150,10 +161,28 @@ def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message
     node[leaf] = value
   with pytest.raises(ConfigError, match=message):
     config_checks.validate(config, "train")
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
   config.optim.update(schedule="warmup_cosine", warmup_steps=10, learning_rate=2e-4)
-  config.update(seed=0)
   config.train.num_steps = 11  # One step after the warm-up is enough.
   config_checks.validate(config, "train")
+
+
+def test_a_config_without_some_fields_names_them():
+  """A config written for an older version lacked fields: a KeyError deep in the run, exit 1."""
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  del config.optim["b1"], config.model["matmul_precision"], config["bench"]
+  del config.model["nextvlad"], config.model["fusion_level"], config["seed"]  # May be left out.
+  with pytest.raises(ConfigError) as error:
+    config_checks.validate(config, "train")
+  assert str(error.value).startswith(
+    "the config has no config.bench, config.model.matmul_precision, config.optim.b1 "
+    "(configs/default.py has every field;"
+  )
 
 
 def test_tiny_argument_must_be_two_names():
