@@ -81,6 +81,25 @@ class MetricBuffer:
     return {k: float(np.mean([v[k] for v in values if k in v])) for k in keys}
 
 
+class StepRate:
+  """Steps per second between progress lines. The first window leaves out the first step, which
+  compiles (minutes for a paper model): its rate and ETA were those of compilation."""
+
+  def __init__(self, now: float, step: int):
+    self.started = self.last = (now, step)
+
+  def compiled(self, now: float, step: int) -> None:
+    """The first step has run: the next rate counts from here."""
+    self.last = (now, step)
+
+  def __call__(self, now: float, step: int) -> float:
+    if step == self.last[1]:  # Only the compiling step so far (a stop right after it).
+      self.last = self.started
+    then, before = self.last
+    self.last = (now, step)
+    return (step - before) / max(now - then, 1e-9)
+
+
 def _progress_line(step: int, total: int, loss: float, steps_per_sec: float, batch: int) -> str:
   eta = (total - step) / max(steps_per_sec, 1e-9)
   hours, rest = divmod(int(eta), 3600)
@@ -200,7 +219,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
   buffer, result = MetricBuffer(), None
   batches, check_labels = None, LabelCheck(config)
-  last_time, last_step = time.time(), start_step
+  rate = StepRate(time.time(), start_step)
 
   def run_eval(step: int) -> bool:
     """Evaluates the state at `step`; False where a stop request cut the evaluation short."""
@@ -248,13 +267,12 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       if step == start_step:
         jax.block_until_ready(step_metrics)
         deferral.enter_context(signals.deferred())
+        rate.compiled(time.time(), done)
       stopping = _stop_agreed()
 
       if done % train_cfg.log_every == 0 or is_last or stopping:
         means = buffer.flush()
-        now = time.time()
-        steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
-        last_time, last_step = now, done
+        steps_per_sec = rate(time.time(), done)
         means["steps_per_sec"] = steps_per_sec
         means["examples_per_sec"] = steps_per_sec * train_cfg.batch_size
         writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})

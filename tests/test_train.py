@@ -213,6 +213,16 @@ def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
   assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # The design figures are rounded.
 
 
+def test_the_step_rate_leaves_the_compiling_step_out():
+  rate = trainer.StepRate(now=1000.0, step=0)
+  rate.compiled(1060.0, 1)  # The first step compiled for a minute.
+  assert rate(1062.0, 3) == pytest.approx(1.0)  # Steps 2 and 3 in 2 s (not 3 steps in 62 s).
+  assert rate(1066.0, 5) == pytest.approx(0.5)
+  resumed = trainer.StepRate(now=0.0, step=10)
+  resumed.compiled(30.0, 11)
+  assert resumed(30.5, 11) == pytest.approx(1 / 30.5)  # Stopped after it: that step alone.
+
+
 def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
   buffer = trainer.MetricBuffer()
   buffer.add(1, {"loss": np.float32(1.0)})
