@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from mfb_jax import config_checks, flops, quantization, runtime
 from mfb_jax import train as train_lib
@@ -71,6 +72,7 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
   batches = [
     jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)
   ]
+  logging.info("bench: compiling the train step of %s (batch %d)", model_name(config), batch_size)
   start = time.perf_counter()
   state, _ = step_fn(state, batches[0])
   jax.block_until_ready(state)
@@ -80,6 +82,7 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
 def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
   """Median step time of the jitted train step after warm-up (single process)."""
   state, step_fn, batches, compile_s = first_train_step(config, num_batches)
+  _announce("bare step", config, compile_s)
   times = []
   for i in range(config.bench.warmup_steps + config.bench.steps):
     start = time.perf_counter()
@@ -123,6 +126,7 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
       fmt=config.data.format,
     )
     mesh, state, step_fn = fresh_train_step(config)
+    logging.info("bench: end to end: compiling again, then the same steps from those shards")
     batches = input_pipeline.make_train_iterator(
       config, os.path.join(data_dir, "train-*"), seed=0, local_batch_size=batch_size
     )
@@ -135,6 +139,17 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
         times.append(time.perf_counter() - start)
     del batches
   return statistics.median(times)
+
+
+def _announce(what: str, config: ml_collections.ConfigDict, first_s: float) -> None:
+  bench = config.bench
+  logging.info(
+    "bench: %s: first step %.1f s (compiling); now %d warm-up and %d timed steps",
+    what,
+    first_s,
+    bench.warmup_steps,
+    bench.steps,
+  )
 
 
 def _end_to_end_modules():
@@ -158,6 +173,9 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   batch_size = config.train.batch_size
   flops_per_example = flops.train_flops_per_example(config)
   peak_dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
+  logging.info(
+    "bench: step %.1f ms; measuring the %s matmul peak", 1e3 * timing["step_s"], peak_dtype
+  )
   peak_gflops = flops.measure_matmul_peak(peak_dtype)
   floor = peak_gflops * 1e9 / flops_per_example
   examples_per_sec = batch_size / timing["step_s"]
@@ -186,6 +204,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     "jax_version": jax.__version__,
   }
   if config.bench.end_to_end:
+    logging.info("bench: end to end: writing %d synthetic videos", 2 * batch_size)
     end_to_end_s = time_end_to_end(config)
     record["end_to_end_examples_per_sec"] = round(batch_size / end_to_end_s, 2)
     record["end_to_end_vs_bare_step"] = round(timing["step_s"] / end_to_end_s, 3)

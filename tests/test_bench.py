@@ -24,6 +24,15 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   assert 8000 / record["examples_per_sec"] == pytest.approx(record["step_ms"], abs=6e-4, rel=1e-4)
   assert record["train_flops_per_example"] > 0 and record["flop_floor_examples_per_sec"] > 0
   assert 0 < record["end_to_end_examples_per_sec"]
+  # Progress on stderr, in order: a paper model's bench is minutes of compiling and stepping.
+  progress = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] bench: " in line]
+  assert [line.split(":")[1].strip().split()[0] for line in progress] == [
+    "compiling",
+    "bare",
+    "step",
+    "end",
+    "end",
+  ], progress
   # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
   if metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON):
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
