@@ -24,8 +24,7 @@ from mfb_jax import (
   errors,
   input_pipeline,
   metrics,
-  records,
-  tfrecord_files,
+  tf_errors,
   vocabulary,
   workdir_files,
 )
@@ -149,25 +148,21 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
   return result
 
 
-def warn_if_unlabelled(config, path: str, count: int = 16) -> None:
-  """Warns, at a training run's start, when the first `count` videos of an eval file have no
-  labels (test shards?): its first evaluation would stop the run. Reading errors are left to the
-  evaluation, which names them."""
-  spec = records.RecordSpec.from_config(config)
-  try:
-    compression = tfrecord_files.compression_type(path)
-    for serialized_B in tf.data.TFRecordDataset(path, compression).take(count).batch(count):
-      names_B = tf.fill(tf.shape(serialized_B), path)
-      labels = records.parse_context(spec, serialized_B, names_B)[spec.labels_key]
-      if tf.size(labels.values) == 0:
-        logging.warning(
-          "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
-          "first evaluation will stop the run, since GAP needs labelled videos",
-          int(tf.size(serialized_B)),
-          path,
-        )
-  except tf.errors.OpError:
-    pass
+def check_eval_file(config, path: str, count: int = 16) -> None:
+  """At a training run's start, the first `count` videos of an eval file through the eval
+  pipeline's checks: another format, feature sizes or labels beyond num_classes raise the
+  DataError that the first evaluation, hours later, would. Warns when none has labels (test
+  shards?): that evaluation would stop the run."""
+  first = lambda p: input_pipeline.eval_dataset(config, [p], count, max_examples=count)
+  for batch in tf_errors.checked_batches(first(path), lambda: [path], first, decode_ids=False):
+    labels_BxC = batch["labels"][batch["valid"] > 0]
+    if not labels_BxC.any():
+      logging.warning(
+        "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
+        "first evaluation will stop the run, since GAP needs labelled videos",
+        len(labels_BxC),
+        path,
+      )
 
 
 def write_results(workdir: str, step: int, result: dict) -> dict:

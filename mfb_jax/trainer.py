@@ -173,7 +173,7 @@ def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFil
   train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   if config.data.eval_pattern:
     eval_files = input_pipeline.list_files(config.data.eval_pattern, index, count)
-    evaluate.warn_if_unlabelled(config, eval_files[0])
+    evaluate.check_eval_file(config, eval_files[0])
   return train_files
 
 

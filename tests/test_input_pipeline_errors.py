@@ -286,7 +286,10 @@ def test_invalid_data_config_is_a_config_error(tmp_path):
     input_pipeline.make_eval_iterator(config, path, 2)
 
 
-def test_an_unlabelled_eval_file_is_warned_about_at_start_up(tmp_path, monkeypatch):
+def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
+  tmp_path, monkeypatch
+):
+  """The first evaluation, hours into a run, used to be the first to read the eval files."""
   from mfb_jax import evaluate
 
   warnings = []
@@ -294,10 +297,17 @@ def test_an_unlabelled_eval_file_is_warned_about_at_start_up(tmp_path, monkeypat
   labelled = write(tmp_path / "a.tfrecord", [frame_record("a", *video(5), [3])])
   test_shard = [frame_record(f"b{i}", *video(5), []) for i in range(3)]
   unlabelled = write(tmp_path / "b.tfrecord", test_shard)
-  evaluate.warn_if_unlabelled(small_config(), labelled)
+  evaluate.check_eval_file(small_config(), labelled)
   assert warnings == []
-  evaluate.warn_if_unlabelled(small_config(), unlabelled)
+  evaluate.check_eval_file(small_config(), unlabelled)
   assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)
+  wide = write(tmp_path / "c.tfrecord", [frame_record("c", *video(5), [3, 12])])
+  with pytest.raises(DataError, match=r"c.tfrecord: video 'c': label 12 is outside \[0, 10\)"):
+    evaluate.check_eval_file(small_config(), wide)
+  with pytest.raises(
+    DataError, match=r"a.tfrecord: video 'a': no feature 'mean_rgb' \(is this video-level"
+  ):
+    evaluate.check_eval_file(small_config("video"), labelled)
 
 
 def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_path):
