@@ -260,6 +260,8 @@ def validate(
     (1 <= num_shards <= 99999, "num_shards", num_shards, "must be in [1, 99999]"),
     (1 <= num_eval_shards <= 99999, "num_eval_shards", num_eval_shards, "must be in [1, 99999]"),
     (num_classes >= len(KINDS), "num_classes", num_classes, f"must be >= {len(KINDS)}"),
+    # Each class that occurs has prototypes in memory (1e8 classes: 38 GiB); YouTube-8M: 4716.
+    (num_classes <= 1_000_000, "num_classes", num_classes, "must be <= 1000000"),
     (min_frames >= 1, "min_frames", min_frames, "must be >= 1"),
     (max_frames >= min_frames, "max_frames", max_frames, f"must be >= {min_frames}"),
     (max_frames <= 100_000, "max_frames", max_frames, "must be <= 100000"),

@@ -130,10 +130,13 @@ def make_world(seed: int, num_classes: int = 3862, params: Params | None = None)
     )
   if not 0.0 < params.active_fraction <= 1.0:
     raise errors.ConfigError(f"active_fraction={params.active_fraction}: must be in (0, 1]")
-  if params.labels_per_video < 1.0:
-    raise errors.ConfigError(f"labels_per_video={params.labels_per_video}: must be >= 1")
-  rng = np.random.default_rng([0x3F1D, seed])
   N = min(num_classes, max(params.min_active, round(params.active_fraction * num_classes)))
+  if not 1.0 <= params.labels_per_video <= N:  # NaN too: a traceback from numpy.
+    raise errors.ConfigError(
+      f"labels_per_video={params.labels_per_video}: must be in [1, {N}], {N} being the "
+      "number of classes that occur (active_fraction * num_classes, at least 16)"
+    )
+  rng = np.random.default_rng([0x3F1D, seed])
   class_N = np.sort(rng.choice(num_classes, size=N, replace=False)).astype(np.int64)
   kind_N = rng.permutation(_kind_counts(N, params.kind_shares))
   weight_N = (1.0 + rng.permutation(N)) ** -params.zipf_exponent

@@ -226,6 +226,10 @@ def test_command_line_writes_files_progress_and_world_json(tmp_path):
     ("--num_train=-1", "--num_train=-1: must be >= 0"),
     ("--max_frames=10", "--max_frames=10: must be >= 60"),
     ("--num_classes=abc", "--num_classes=abc"),
+    # A traceback (numpy's NaN probabilities, a 38 GiB allocation), or accepted (1000 > 193).
+    ("--labels_per_video=nan", "labels_per_video=nan: must be in [1, 193], 193 being the number"),
+    ("--labels_per_video=1000", "labels_per_video=1000.0: must be in [1, 193]"),
+    ("--num_classes=100000000", "--num_classes=100000000: must be <= 1000000"),
   ],
 )
 def test_bad_flag_is_one_line_and_nonzero_exit(tmp_path, bad, expected):
