@@ -17,8 +17,10 @@ NAME_COLUMNS = ("Name", "label_name")
 
 def load(path: str) -> dict[int, str]:
   """{label id: name}; ConfigError naming the file if it is missing or has neither layout."""
-  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+  if not tf.io.gfile.exists(path):
     raise ConfigError(f"config.predict.vocabulary: no such file {path}")
+  if tf.io.gfile.isdir(path):
+    raise ConfigError(f"config.predict.vocabulary: {path} is a directory, not a vocabulary file")
   try:
     return _read(path)
   except UnicodeDecodeError as e:

@@ -68,3 +68,13 @@ def test_a_row_with_the_end_to_end_figure():
   command = bench_table.row_command("python", "configs/paper.py:dbof,mfb", "bfloat16", ARGS)
   assert "--config.bench.end_to_end=True" in command  # An MFB row of the paper's grid.
   assert "--config.model.dtype=bfloat16" in command and "--config.train.batch_size=64" in command
+
+
+def test_impossible_limits_are_refused_before_any_row():
+  """--budget_s=-1 skipped every row and exited 0."""
+  for flag in ("--budget_s=-1", "--row_timeout_s=0", "--steps=-2"):
+    result = run_python(["scripts/bench_table.py", flag])
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+      result.stderr.strip().splitlines()[-1].endswith(" must be >= 0") or "> 0" in result.stderr
+    )

@@ -202,6 +202,10 @@ def test_a_vocabulary_that_is_not_utf8_is_named(tmp_path):
   path.write_bytes("Index,Name\n0,Caf\xe9\n".encode("latin-1"))
   with pytest.raises(ConfigError, match=r"vocab\.csv: not a UTF-8 text file"):
     vocabulary.load(str(path))
+  with pytest.raises(ConfigError, match=f"vocabulary: {tmp_path} is a directory, not a vocab"):
+    vocabulary.load(str(tmp_path))
+  with pytest.raises(ConfigError, match="vocabulary: no such file "):
+    vocabulary.load(str(tmp_path / "missing.csv"))
 
 
 def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
