@@ -149,12 +149,7 @@ class LabelCheck:
       self.seen += len(labelled_B)
       self.labelled += int(labelled_B.sum())
       if self.seen >= self.VIDEOS and not self.labelled:
-        data = self.config.data
-        raise errors.DataError(
-          f"none of the first {self.seen} training videos (to step {step}) has a label: "
-          f"data.train_pattern={data.train_pattern!r} looks unlabelled (test shards? "
-          f"data.labels_feature={data.labels_feature!r})"
-        )
+        raise self._unlabelled(step)
     if not self.warned and not labelled_B.all():
       self.warned = True
       logging.warning(
@@ -164,6 +159,20 @@ class LabelCheck:
         len(labelled_B),
         step,
       )
+
+  def before_save(self, step: int) -> None:
+    """A checkpoint due before VIDEOS videos were seen, none of them labelled: refused now,
+    else a corrected relaunch would resume from parameters trained towards all-zero labels."""
+    if self.seen < self.VIDEOS and self.seen and not self.labelled:
+      raise self._unlabelled(step)
+
+  def _unlabelled(self, step: int) -> errors.DataError:
+    data = self.config.data
+    return errors.DataError(
+      f"none of the first {self.seen} training videos (to step {step}) has a label: "
+      f"data.train_pattern={data.train_pattern!r} looks unlabelled (test shards? "
+      f"data.labels_feature={data.labels_feature!r})"
+    )
 
 
 def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
@@ -240,7 +249,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     return True
 
   def save(step: int) -> None:
-    buffer.flush()  # Never save a state whose loss went NaN/Inf.
+    buffer.flush()  # Never save a state whose loss went NaN/Inf...
+    check_labels.before_save(step)  # ...or one trained on unlabelled videos only.
     checkpointer.save(state, step)
 
   if _evaluation_missed(config, workdir, start_step):

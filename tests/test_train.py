@@ -120,6 +120,12 @@ def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
   with pytest.raises(DataError, match=refused):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
+  # A checkpoint due before 32 videos (step 3 of batch 8) is refused too: it was saved, and a
+  # corrected relaunch resumed from parameters trained towards all-zero labels.
+  tiny_config.train.checkpoint_every = 3
+  with pytest.raises(DataError, match=r"none of the first 24 training videos \(to step 3\)"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
 
 def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkeypatch):
