@@ -202,12 +202,12 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   cleanup.callback(checkpointer.close)
   # Before anything in the workdir is touched; if any process fails them, all stop.
   train_files = errors.agreed(lambda: _check_inputs(config, checkpointer, state_shapes))
-  workdir_files.write_config(workdir, config)
 
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state_shapes)
   else:
     state = train_lib.create_state(config, model, tx, mesh)
+  workdir_files.write_config(workdir, config)  # After the restore: a damaged step changes nothing.
   start_step = int(state.step)
   logging.info(
     "Training %s+%s+%s from step %d to %d on %d devices (%d processes); %d train files here",

@@ -187,9 +187,11 @@ def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdi
   data = trained_workdir / "checkpoints" / "6" / "default"
   largest = max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   os.truncate(largest, 0)
+  config_json = (trained_workdir / "config.json").read_text()
   for mode in ("eval", "train"):
     result = launch(trained_workdir, f"--mode={mode}", *tiny_args, "--config.train.num_steps=8")
     assert result.returncode == 2, result.stderr[-2000:]
+    assert (trained_workdir / "config.json").read_text() == config_json  # Not the failed run's.
     _assert_one_line_error(result, "cannot read checkpoint", "/6 (", "to resume from step 3")
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["3", "6"]  # Nothing replaced.
 
