@@ -82,21 +82,22 @@ class MetricBuffer:
 
 
 class StepRate:
-  """Steps per second between progress lines. The first window leaves out the first step, which
-  compiles (minutes for a paper model): its rate and ETA were those of compilation."""
+  """Steps per second between progress lines, leaving out the steps that compile (the first
+  step, and the first with parameter norms: each compiles its variant of the train step,
+  minutes for a paper model), unless a window holds nothing else."""
 
   def __init__(self, now: float, step: int):
-    self.started = self.last = (now, step)
+    self.last, self.skipped = (now, step), (0.0, 0)
 
-  def compiled(self, now: float, step: int) -> None:
-    """The first step has run: the next rate counts from here."""
-    self.last = (now, step)
+  def exclude(self, seconds: float) -> None:
+    """One step of the current window took `seconds` compiling and running."""
+    self.skipped = (self.skipped[0] + seconds, self.skipped[1] + 1)
 
   def __call__(self, now: float, step: int) -> float:
-    if step == self.last[1]:  # Only the compiling step so far (a stop right after it).
-      self.last = self.started
-    then, before = self.last
-    self.last = (now, step)
+    (then, before), (seconds, skipped) = self.last, self.skipped
+    self.last, self.skipped = (now, step), (0.0, 0)
+    if step - before > skipped:
+      return (step - before - skipped) / max(now - then - seconds, 1e-9)
     return (step - before) / max(now - then, 1e-9)
 
 
@@ -135,13 +136,14 @@ class LabelCheck:
   """Refuses training data without labels: none among a process's first VIDEOS training videos
   (unlabelled test shards, or a misnamed labels feature, would otherwise train every class
   towards 0 and exit 0). Decided on that many videos, not on one batch, so that a small local
-  batch of partly unlabelled data is not refused by chance. Warns once about batches with some
-  unlabelled videos."""
+  batch of partly unlabelled data is not refused by chance; periodic checkpoints wait until a
+  labelled video is seen (may_save). Warns once about batches with some unlabelled videos."""
 
   VIDEOS = 32
 
   def __init__(self, config):
     self.config, self.seen, self.labelled, self.warned = config, 0, 0, False
+    self.cleared = False  # Every process has seen a labelled video (may_save).
 
   def __call__(self, labels_BxC: np.ndarray, step: int) -> None:
     labelled_B = labels_BxC.any(axis=1)
@@ -160,11 +162,18 @@ class LabelCheck:
         step,
       )
 
-  def before_save(self, step: int) -> None:
-    """A checkpoint due before VIDEOS videos were seen, none of them labelled: refused now,
-    else a corrected relaunch would resume from parameters trained towards all-zero labels."""
-    if self.seen < self.VIDEOS and self.seen and not self.labelled:
-      raise self._unlabelled(step)
+  def may_save(self, step: int) -> bool:
+    """Whether a periodic checkpoint may be saved: not while some process has seen only
+    unlabelled videos, too few yet to decide (a corrected relaunch would resume from parameters
+    trained towards all-zero labels). Agreed among processes: a save is collective."""
+    if not self.cleared:
+      ok = self.labelled > 0
+      if jax.process_count() > 1:
+        ok = bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+      self.cleared = ok
+      if not ok:
+        logging.info("No checkpoint at step %d: no training video so far has a label", step)
+    return self.cleared
 
   def _unlabelled(self, step: int) -> errors.DataError:
     data = self.config.data
@@ -228,7 +237,6 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
   buffer, result = MetricBuffer(), None
   batches, check_labels = None, LabelCheck(config)
-  rate = StepRate(time.time(), start_step)
 
   def run_eval(step: int) -> bool:
     """Evaluates the state at `step`; False where a stop request cut the evaluation short."""
@@ -249,14 +257,14 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     return True
 
   def save(step: int) -> None:
-    buffer.flush()  # Never save a state whose loss went NaN/Inf...
-    check_labels.before_save(step)  # ...or one trained on unlabelled videos only.
+    buffer.flush()  # Never save a state whose loss went NaN/Inf.
     checkpointer.save(state, step)
 
   if _evaluation_missed(config, workdir, start_step):
     logging.info("Evaluating step %d first: the run that saved it stopped before that", start_step)
     run_eval(start_step)
 
+  rate, compiled = StepRate(time.time(), start_step), set()
   # SIGTERM/Ctrl-C stops at once until the first step has run (nothing new to save yet); from
   # then on the loop saves after the running step and stops (mfb_jax/signals.py).
   with contextlib.ExitStack() as deferral:
@@ -270,14 +278,19 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       done = step + 1
       is_last = done == train_cfg.num_steps
       # The parameter norms cost a pass over all parameters: only on steps that log metrics.
-      state, step_metrics = train_fn(
-        state, global_batch, done % train_cfg.log_every == 0 or is_last
-      )
+      with_norms = done % train_cfg.log_every == 0 or is_last
+      compiling = with_norms not in compiled
+      if compiling:  # Timed alone, so that the progress rates leave it out.
+        jax.block_until_ready(state)
+        began = time.time()
+      state, step_metrics = train_fn(state, global_batch, with_norms)
       buffer.add(done, step_metrics)
-      if step == start_step:
+      if compiling:
         jax.block_until_ready(step_metrics)
+        rate.exclude(time.time() - began)
+        compiled.add(with_norms)
+      if step == start_step:
         deferral.enter_context(signals.deferred())
-        rate.compiled(time.time(), done)
       stopping = _stop_agreed()
 
       if done % train_cfg.log_every == 0 or is_last or stopping:
@@ -291,7 +304,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
             done, train_cfg.num_steps, means["loss"], steps_per_sec, train_cfg.batch_size
           )
         )
-      saved = done % train_cfg.checkpoint_every == 0 or is_last or stopping
+      periodic = done % train_cfg.checkpoint_every == 0
+      saved = is_last or stopping or (periodic and check_labels.may_save(done))
       if saved:  # Before the evaluation, which can be long.
         save(done)
       if (done % train_cfg.eval_every == 0 or is_last) and not run_eval(done):

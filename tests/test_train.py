@@ -120,10 +120,10 @@ def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
   with pytest.raises(DataError, match=refused):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
-  # A checkpoint due before 32 videos (step 3 of batch 8) is refused too: it was saved, and a
-  # corrected relaunch resumed from parameters trained towards all-zero labels.
+  # A checkpoint due before 32 videos (step 3 of batch 8) waits for a labelled video: it was
+  # saved, and a corrected relaunch resumed from parameters trained towards all-zero labels.
   tiny_config.train.checkpoint_every = 3
-  with pytest.raises(DataError, match=r"none of the first 24 training videos \(to step 3\)"):
+  with pytest.raises(DataError, match=r"none of the first 32 training videos \(to step 4\)"):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
@@ -143,6 +143,19 @@ def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkey
     fresh = trainer.LabelCheck(tiny_config)
     for step in (1, 2, 3, 4):
       fresh(none, step)
+      assert not fresh.may_save(step)  # Periodic checkpoints wait for a labelled video.
+  assert check.may_save(5)
+
+
+def test_the_step_rate_leaves_compiling_steps_out():
+  rate = trainer.StepRate(now=1000.0, step=0)
+  rate.exclude(60.0)  # Step 1 compiled for a minute.
+  rate.exclude(50.0)  # So did step 4, the first with parameter norms.
+  assert rate(1112.0, 4) == pytest.approx(1.0)  # Steps 2 and 3 in the other 2 s.
+  assert rate(1116.0, 6) == pytest.approx(0.5)
+  alone = trainer.StepRate(now=0.0, step=10)
+  alone.exclude(30.0)
+  assert alone(30.0, 11) == pytest.approx(1 / 30)  # Only the compiling step: its own rate.
 
 
 def test_a_signal_after_a_saved_evaluation_stops_at_that_step(tiny_config, tmp_path, monkeypatch):
@@ -217,16 +230,6 @@ def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
   per_example = flops.train_flops_per_example(config)
   assert per_example / 1e6 == pytest.approx(mflops, rel=1e-3)
   assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # The design figures are rounded.
-
-
-def test_the_step_rate_leaves_the_compiling_step_out():
-  rate = trainer.StepRate(now=1000.0, step=0)
-  rate.compiled(1060.0, 1)  # The first step compiled for a minute.
-  assert rate(1062.0, 3) == pytest.approx(1.0)  # Steps 2 and 3 in 2 s (not 3 steps in 62 s).
-  assert rate(1066.0, 5) == pytest.approx(0.5)
-  resumed = trainer.StepRate(now=0.0, step=10)
-  resumed.compiled(30.0, 11)
-  assert resumed(30.5, 11) == pytest.approx(1 / 30.5)  # Stopped after it: that step alone.
 
 
 def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
