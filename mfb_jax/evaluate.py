@@ -153,6 +153,8 @@ def check_eval_file(config, path: str, count: int = 16) -> None:
   pipeline's checks: another format, feature sizes or labels beyond num_classes raise the
   DataError that the first evaluation, hours later, would. Warns when none has labels (test
   shards?): that evaluation would stop the run."""
+  if config.eval.max_examples > 0:  # Only the videos the evaluation will read.
+    count = min(count, -(-config.eval.max_examples // jax.process_count()))
   first = lambda p: input_pipeline.eval_dataset(config, [p], count, max_examples=count)
   for batch in tf_errors.checked_batches(first(path), lambda: [path], first, decode_ids=False):
     labels_BxC = batch["labels"][batch["valid"] > 0]

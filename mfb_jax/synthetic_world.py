@@ -134,7 +134,7 @@ def make_world(seed: int, num_classes: int = 3862, params: Params | None = None)
   if not 1.0 <= params.labels_per_video <= N:  # NaN too: a traceback from numpy.
     raise errors.ConfigError(
       f"labels_per_video={params.labels_per_video}: must be in [1, {N}], {N} being the "
-      "number of classes that occur (active_fraction * num_classes, at least 16)"
+      "number of classes that occur (active_fraction * num_classes, at least 16 or all)"
     )
   rng = np.random.default_rng([0x3F1D, seed])
   class_N = np.sort(rng.choice(num_classes, size=N, replace=False)).astype(np.int64)

@@ -115,7 +115,7 @@ def main() -> int:
   parser.add_argument("--out", default="", help="JSONL file the records are appended to")
   args = parser.parse_args()
   for name in ("budget_s", "row_timeout_s", "steps", "warmup_steps"):
-    if getattr(args, name) < 0 or (name == "row_timeout_s" and not args.row_timeout_s):
+    if not getattr(args, name) >= 0 or (name == "row_timeout_s" and not args.row_timeout_s):
       parser.error(
         f"--{name}={getattr(args, name):g} must be {'> 0' if name == 'row_timeout_s' else '>= 0'}"
       )

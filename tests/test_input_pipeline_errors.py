@@ -301,9 +301,13 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
   assert warnings == []
   evaluate.check_eval_file(small_config(), unlabelled)
   assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)
-  wide = write(tmp_path / "c.tfrecord", [frame_record("c", *video(5), [3, 12])])
+  good_then_wide = [frame_record("a", *video(5), [3]), frame_record("c", *video(5), [3, 12])]
+  wide = write(tmp_path / "c.tfrecord", good_then_wide)
   with pytest.raises(DataError, match=r"c.tfrecord: video 'c': label 12 is outside \[0, 10\)"):
     evaluate.check_eval_file(small_config(), wide)
+  config = small_config()
+  config.eval.max_examples = 1  # The evaluation reads only the first video: so does the check.
+  evaluate.check_eval_file(config, wide)
   with pytest.raises(
     DataError, match=r"a.tfrecord: video 'a': no feature 'mean_rgb' \(is this video-level"
   ):
