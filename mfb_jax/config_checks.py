@@ -51,7 +51,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   """Raises ConfigError on the first invalid value."""
   from mfb_jax import model as model_lib  # Deferred: the registries import flax.
 
-  _check_fields(config)
+  _check_fields(config, mode)
   _choice(config, "data.format", FORMATS)
   for field in ("data.num_classes", "data.max_frames", "data.rgb_size", "data.audio_size"):
     _positive(config, field)
@@ -96,7 +96,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
 OPTIONAL = ("seed", "model.fusion_level", "model.context_gating")
 
 
-def _check_fields(config) -> None:
+def _check_fields(config, mode: str) -> None:
   """ConfigError naming the fields of configs/default.py a config lacks (one written for an
   older mfb-jax, or built by hand): they were a KeyError deep in the run, exit 1."""
   from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
@@ -104,6 +104,8 @@ def _check_fields(config) -> None:
   reference = default.get_config()
   missing = []
   for section, fields in reference.items():
+    if section == "bench" and mode != "bench":  # Only the bench mode reads it.
+      continue
     if not isinstance(fields, ml_collections.ConfigDict):
       if section not in config and section not in OPTIONAL:
         missing.append(section)

@@ -178,11 +178,13 @@ def test_a_config_without_some_fields_names_them():
   del config.optim["b1"], config.model["matmul_precision"], config["bench"]
   del config.model["nextvlad"], config.model["fusion_level"], config["seed"]  # May be left out.
   with pytest.raises(ConfigError) as error:
-    config_checks.validate(config, "train")
+    config_checks.validate(config, "bench")
   assert str(error.value).startswith(
     "the config has no config.bench, config.model.matmul_precision, config.optim.b1 "
     "(configs/default.py has every field;"
   )
+  with pytest.raises(ConfigError, match=r"no config.model.matmul_precision, config.optim.b1 \("):
+    config_checks.validate(config, "train")  # Only the bench mode needs config.bench.
 
 
 def test_tiny_argument_must_be_two_names():
