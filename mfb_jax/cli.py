@@ -91,7 +91,10 @@ def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) 
     field, _, hint = cleaned.replace("\\n", " ").partition(" ")
     hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
     field = _override_path(argv, field)
-    return f"unknown config field {field!r}{hint} (configs/default.py lists the fields)"
+    where = "configs/default.py lists the fields"
+    if field.startswith("model.") and not hint:  # A section of a module the user added?
+      where += "; a new module's settings need a config.model.<name> section there first"
+    return f"unknown config field {field!r}{hint} ({where})"
   return message
 
 

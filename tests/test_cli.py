@@ -28,6 +28,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
       ["-m", "mfb_jax.step_profile", "--config=configs/tiny.py", "--config.train.batch_sise=3"],
       "unknown config field 'train.batch_sise'",
     ),
+    (
+      ["launch.py", "--config=configs/tiny.py", "--config.model.hadamard.dim=4"],
+      "unknown config field 'model.hadamard' (configs/default.py lists the fields; a new "
+      "module's settings need a config.model.<name> section there first)",
+    ),
     (["-m", "mfb_jax.bench_input", "--batch_size=0"], "--batch_size=0: must be >= 1"),
     (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
   ],
