@@ -21,7 +21,9 @@ from mfb_jax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".train.lock"
-SHARED_WAIT_S = 10.0  # How long a process looks for process 0's lock file in the workdir.
+# How long a process looks for process 0's lock file in the workdir (a slow network file system
+# may need more).
+SHARED_WAIT_S = float(os.environ.get("MFB_JAX_SHARED_WORKDIR_WAIT_S", "10"))
 
 
 class TrainingLock:

@@ -173,7 +173,11 @@ def test_processes_given_different_workdirs_stop_at_start_up(tiny_args, tmp_path
   """Each process's own folder (a local /tmp/run per host) saved checkpoints apart, and both
   hung in orbax's first save for good, deaf to SIGTERM."""
   own = ([], [f"--workdir={tmp_path / 'elsewhere'}"])
-  procs = _start_two(tmp_path / "work", tiny_args, own)
+  os.environ["MFB_JAX_SHARED_WORKDIR_WAIT_S"] = "1"  # Not 10 s of looking (the default).
+  try:
+    procs = _start_two(tmp_path / "work", tiny_args, own)
+  finally:
+    del os.environ["MFB_JAX_SHARED_WORKDIR_WAIT_S"]
   for p in procs:
     _, err = p.communicate(timeout=240)
     assert p.returncode == 2, err[-2000:]

@@ -122,14 +122,9 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, *tiny_args, "stray")
   assert result.returncode == 2
   _assert_one_line_error(result, "unexpected arguments: stray")
-  for flags, message in [
-    (["--num_processes=2", "--process_id=2"], "--process_id=2 with --num_processes=2: process "),
-    (["--num_processes=0"], "--num_processes=0: it must be at least 1"),
-    (["--process_id=-1"], "--process_id=-1: it must be 0 or more"),
-  ]:
-    result = launch(tmp_path, *tiny_args, *flags)
-    assert result.returncode == 2
-    _assert_one_line_error(result, message)
+  result = launch(tmp_path, *tiny_args, "--num_processes=2", "--process_id=2")
+  assert result.returncode == 2
+  _assert_one_line_error(result, "--process_id=2 with --num_processes=2: process ids run from 0")
   result = launch(tmp_path, f"--config={REPO / 'README.md'}")
   _assert_one_line_error(result, "README.md: a config is a Python file")
   result = launch(tmp_path, *tiny_args, "--config.model.aggregation=dbof")
