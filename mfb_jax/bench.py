@@ -82,7 +82,12 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
 def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
   """Median step time of the jitted train step after warm-up (single process)."""
   state, step_fn, batches, compile_s = first_train_step(config, num_batches)
-  _announce("bare step", config, compile_s)
+  logging.info(
+    "bench: bare step: first step %.1f s (compiling); now %d warm-up and %d timed steps",
+    compile_s,
+    config.bench.warmup_steps,
+    config.bench.steps,
+  )
   times = []
   for i in range(config.bench.warmup_steps + config.bench.steps):
     start = time.perf_counter()
@@ -139,17 +144,6 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
         times.append(time.perf_counter() - start)
     del batches
   return statistics.median(times)
-
-
-def _announce(what: str, config: ml_collections.ConfigDict, first_s: float) -> None:
-  bench = config.bench
-  logging.info(
-    "bench: %s: first step %.1f s (compiling); now %d warm-up and %d timed steps",
-    what,
-    first_s,
-    bench.warmup_steps,
-    bench.steps,
-  )
 
 
 def _end_to_end_modules():

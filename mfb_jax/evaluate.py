@@ -119,6 +119,11 @@ class Progress:
     return time.time() - self.start
 
 
+def _max_examples_here(config) -> int:
+  """This process's share of eval.max_examples, which counts videos over all processes (0: all)."""
+  return -(-config.eval.max_examples // jax.process_count())
+
+
 def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: False) -> dict:
   """Metrics of `state` over every video matched by `pattern` (GAP as a fraction).
 
@@ -127,9 +132,7 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
   """
   accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
   progress = Progress("evaluating")
-  # eval.max_examples counts videos over all processes: each scores its share of them.
-  per_process = -(-config.eval.max_examples // jax.process_count())
-  for batch in _local_batches(config, pattern, per_process, stop):
+  for batch in _local_batches(config, pattern, _max_examples_here(config), stop):
     summary = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, mesh)))
     valid = summary.pop("valid")
     accumulator.add(summary, valid)
@@ -154,7 +157,7 @@ def check_eval_file(config, path: str, count: int = 16) -> None:
   DataError that the first evaluation, hours later, would. Warns when none has labels (test
   shards?): that evaluation would stop the run."""
   if config.eval.max_examples > 0:  # Only the videos the evaluation will read.
-    count = min(count, -(-config.eval.max_examples // jax.process_count()))
+    count = min(count, _max_examples_here(config))
   first = lambda p: input_pipeline.eval_dataset(config, [p], count, max_examples=count)
   for batch in tf_errors.checked_batches(first(path), lambda: [path], first, decode_ids=False):
     labels_BxC = batch["labels"][batch["valid"] > 0]

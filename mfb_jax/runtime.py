@@ -234,7 +234,6 @@ def check_same_config(config) -> None:
   """Raises ConfigError on every process of a multi-process run whose processes were given
   different configs (a batch size or a model on one command line only): they trained on with
   unequal batches, or crashed in a collective without a word on why. Data paths may differ."""
-  import hashlib
 
   import jax
   import numpy as np
@@ -247,7 +246,7 @@ def check_same_config(config) -> None:
     return
   leaves = sorted(workdir_files.flat_hparams(config).items())
   leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
-  digest = lambda text: np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint8)
+  digest = lambda text: workdir_files.digest(text.encode())
   names = digest(repr([k for k, _ in leaves]))
   same_fields = multihost_utils.process_allgather(names)
   if (same_fields != same_fields[:1]).any():

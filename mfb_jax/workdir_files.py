@@ -62,7 +62,7 @@ class TrainingLock:
     wrote: processes given different workdirs, or a local folder of the same name on each host,
     saved their checkpoints apart and hung in orbax's save for good."""
     written = self._written if jax.process_index() == 0 else b""
-    wanted = multihost_utils.broadcast_one_to_all(_digest(written))
+    wanted = multihost_utils.broadcast_one_to_all(digest(written))
     sees = not wanted.any() or _read_within(self.path, wanted, SHARED_WAIT_S)
     seen = multihost_utils.process_allgather(np.int32(sees))
     blind = [i for i, s in enumerate(np.ravel(seen)) if not s]
@@ -113,21 +113,22 @@ class TrainingLock:
       self._fd = None
 
 
-def _digest(text: bytes) -> np.ndarray:
-  """8 bytes of text's SHA-256 as uint8 (all zeros for no text)."""
+def digest(text: bytes) -> np.ndarray:
+  """8 bytes of text's SHA-256 as uint8, for comparing texts across processes (all zeros for no
+  text)."""
   if not text:
     return np.zeros(8, np.uint8)
   return np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
 
 
-def _read_within(path: str, digest: np.ndarray, seconds: float) -> bool:
-  """Whether `path` holds the text of `digest`, retried for `seconds` (a network file system
-  may show another host's new file a moment late)."""
+def _read_within(path: str, wanted: np.ndarray, seconds: float) -> bool:
+  """Whether `path` holds the text whose digest is `wanted`, retried for `seconds` (a network
+  file system may show another host's new file a moment late)."""
   deadline = time.monotonic() + seconds
   while True:
     try:
       with open(path, "rb") as f:
-        if (_digest(f.read(4096)) == digest).all():
+        if (digest(f.read(4096)) == wanted).all():
           return True
     except OSError:
       pass

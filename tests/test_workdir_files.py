@@ -56,7 +56,7 @@ def test_every_process_must_see_process_0s_lock_file(tmp_path, monkeypatch):
     monkeypatch.setattr(workdir_files.jax, "process_count", lambda: 2)
     monkeypatch.setattr(workdir_files, "SHARED_WAIT_S", 0.0)
     # Process 0's side of the collectives: not refused, then its lock file's digest.
-    sent = [np.int32(0), workdir_files._digest(written)]
+    sent = [np.int32(0), workdir_files.digest(written)]
     utils = workdir_files.multihost_utils
     monkeypatch.setattr(utils, "broadcast_one_to_all", lambda x: sent[0 if x.ndim == 0 else 1])
     monkeypatch.setattr(utils, "process_allgather", lambda sees: np.array([1, int(sees)]))
