@@ -54,8 +54,12 @@ def _name(signum: int) -> str:
 
 
 def _unwind(signum: int) -> Interrupted:
-  """The Interrupted to raise for `signum`, marking the process as unwinding."""
+  """The Interrupted to raise for `signum`, marking the process as unwinding. A retry still
+  pending (_retry_soon) is called off: fired while this one unwinds, or inside sys.excepthook
+  before it reported, it raised a second Interrupted there, and the run ended with two
+  tracebacks and exit 1."""
   _state.unwinding = True
+  signal.setitimer(signal.ITIMER_REAL, 0)
   return Interrupted(signum)
 
 
@@ -79,8 +83,8 @@ def _retry_soon() -> None:
 
 def _raise_later(signum, frame) -> None:
   del signum
-  if _state.importing:  # Raised when that import has finished (_import).
-    return
+  if _state.importing or _state.unwinding:  # Raised when that import has finished (_import), or
+    return  # already raised.
   if _state.received is not None and not _state.deferring:
     if _inside_jax(frame):
       _retry_soon()
