@@ -107,9 +107,24 @@ def hide_gpus_from_tensorflow() -> None:
   if util.find_spec("tensorflow") is None:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
+  import_tensorflow().config.set_visible_devices([], "GPU")
 
-  tf.config.set_visible_devices([], "GPU")
+
+def import_tensorflow():
+  """`import tensorflow`, less the import of Keras that TensorFlow makes at its own import (only
+  to register Keras' optimizers for SavedModel loading; this project uses neither): about 1 s of
+  its 5 s on a 2-core CPU, in eval, predict and bench processes (training imports Keras later
+  anyway, through clu's TensorBoard writer). Keras stays importable afterwards, and is imported
+  as usual where TensorFlow was, or Keras' optimizers were, imported before."""
+  blocked = "tensorflow" not in sys.modules and "keras.src.optimizers" not in sys.modules
+  if blocked:  # TensorFlow's import_module() of it raises ImportError, which TensorFlow ignores.
+    sys.modules["keras.src.optimizers"] = None
+  try:
+    import tensorflow as tf
+  finally:
+    if blocked and sys.modules.get("keras.src.optimizers", False) is None:
+      del sys.modules["keras.src.optimizers"]
+  return tf
 
 
 def cloud_tpu_vm() -> bool:

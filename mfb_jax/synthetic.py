@@ -71,9 +71,9 @@ _SHARD_RE = re.compile(r"^(train|eval)-\d{5}-of-(\d{5})\.tfrecord$")
 
 def _tf():
   """TensorFlow, imported on first use: a bad flag fails fast, in one line, without TF's logs."""
-  import tensorflow as tf
+  from mfb_jax import runtime
 
-  return tf
+  return runtime.import_tensorflow()
 
 
 def frame_record(video_id: str, video: Video) -> bytes:

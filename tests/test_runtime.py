@@ -198,6 +198,16 @@ def test_a_busy_coordinator_port_is_refused_before_jax_starts(tmp_path):
   runtime.check_port_free(f"127.0.0.1:{port}", port)  # Free again.
 
 
+def test_tensorflow_is_imported_without_keras_which_stays_importable():
+  program = (
+    "import sys; from mfb_jax import runtime; tf = runtime.import_tensorflow(); "
+    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'keras')); "
+    "import keras; print(keras.optimizers.Adam.__name__, tf.data.Dataset.__name__)"
+  )
+  result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True)
+  assert result.stdout.splitlines() == ["[]", "Adam DatasetV2"], result.stderr[-2000:]
+
+
 def test_what_native_code_writes_on_stdout_goes_to_stderr():
   code = (
     "import os, sys; from mfb_jax import runtime; runtime.native_stdout_to_stderr(); "
