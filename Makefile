@@ -1,6 +1,7 @@
 # Two commands a new user needs (see README.md):
 #   make demo   # set up .venv, write synthetic shards, train + evaluate a paper model, print GAP@20
-#   make test   # set up .venv, lint, run the test suite
+#   make test   # set up .venv, lint, run the test suite (all but the tests marked slow)
+# make test-slow runs the slow ones (multi-process and long end-to-end runs); CI runs both.
 # Setup is idempotent: the virtualenv is rebuilt only when a requirements file changes.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/mfb_jax_demo
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-slow lint format bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@echo "[setup] creating $(VENV) with $$($(PYTHON) --version)"
@@ -30,7 +31,10 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -q -n auto --dist worksteal
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -n auto --dist worksteal -m slow
 
 demo: setup
 	@test -e $(DEMO_DIR)/data/train-00000-of-00008.tfrecord || \

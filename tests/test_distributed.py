@@ -40,6 +40,7 @@ def _first_step(pattern: str, env: dict | None = None) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_loss_as_one(tiny_data):
   one = _first_step(tiny_data["train"])
   eight = _first_step(tiny_data["train"], EIGHT_DEVICES)

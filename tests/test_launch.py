@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import PYTHON, REPO, last_line, launch, run_python
 
 from mfb_jax import workdir_files
@@ -278,6 +279,7 @@ def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
   assert launch(tmp_path, *tiny_args, "--mode=eval").returncode == 0
 
 
+@pytest.mark.slow
 def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
   process = _start(tmp_path, tiny_args, "--config.train.checkpoint_every=2")
   _wait_for_checkpoint(tmp_path, process)

@@ -282,6 +282,7 @@ def _tree_stamps(path) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_sweep_runs_skips_and_reports(sweep_data, tmp_path):
   first = _sweep(tmp_path, sweep_data, "concat,mfb")
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
