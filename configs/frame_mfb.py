@@ -17,7 +17,7 @@ Expected: no published GAP (the paper's future work). One aggregator over 256-wi
 replaces the two per-modality aggregators: parameters 6.1M (avgpool), 40.3M (dbof), 40.7M
 (netvlad), 41.0M (nextvlad), against 38.5M for the paper's dbof,mfb; training matmul cost per
 video 1.45 / 2.57 / 1.66 / 2.16 GFLOP against dbof,mfb's 2.98 (U and V run on all 300 frames).
-Needs frame-level data (data.format='frame'; video-level records give one "frame" per video).
+Needs frame-level data (data.format='frame'; data.format='video' is refused at start-up).
 """
 
 import ml_collections

@@ -145,6 +145,13 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"model.moe.l2_penalty": float("nan")}, r"moe\.l2_penalty must be a finite number >= 0"),
     ({"model.moe.expected_labels": float("inf")}, r"moe\.expected_labels must be a finite"),
     ({"model.mfb.output_scale": -1.0}, r"config\.model\.mfb\.output_scale must be a finite .* > 0"),
+    # Found when the model was first initialised, after TensorFlow's start-up (about 8 s in).
+    ({"model.aggregator": "nextvlad", "model.nextvlad.groups": 7}, r"not divisible by groups=7"),
+    # Trained without a word, on one "frame" per video.
+    (
+      {"model.fusion_level": "frame", "data.format": "video"},
+      r"fusion_level='frame' needs frame-level data \(data\.format='frame'\)",
+    ),
   ],
 )
 def test_values_that_failed_deep_inside_are_named_at_start_up(overrides, message):
