@@ -84,10 +84,26 @@ def compression_of_header(head: bytes) -> str:
   return NONE
 
 
+def _ends_its_stream(whole: bytes, kind: str) -> bool:
+  """The whole file is a complete GZIP or ZLIB stream (or starts with one)."""
+  stream = zlib.decompressobj(16 + zlib.MAX_WBITS if kind == GZIP else zlib.MAX_WBITS)
+  stream.decompress(whole)
+  return stream.eof
+
+
 def compression_type(path: str) -> str:
-  """NONE, GZIP or ZLIB for the tfrecord file at `path` (local or any tf.io.gfile path)."""
+  """NONE, GZIP or ZLIB for the tfrecord file at `path` (local or any tf.io.gfile path). A short
+  compressed file (read whole) that ends inside its stream raises DataError: cut within the first
+  bytes, TensorFlow's reader took it for an empty file, and it was reported as holding no record."""
   with tf.io.gfile.GFile(path, "rb") as f:
-    return compression_of_header(f.read(_HEAD_BYTES))
+    head = f.read(_HEAD_BYTES)
+  kind = compression_of_header(head)
+  if kind != NONE and len(head) < _HEAD_BYTES and not _ends_its_stream(head, kind):
+    raise DataError(
+      f"{path}: corrupt or truncated {kind}-compressed tfrecord file (its {len(head)} bytes end "
+      "inside the compressed stream)"
+    )
+  return kind
 
 
 def compression_types(paths: list[str]) -> list[str]:

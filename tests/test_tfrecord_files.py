@@ -108,6 +108,25 @@ def test_damaged_compressed_file_is_named(tmp_path, compression):
   )
 
 
+@pytest.mark.parametrize("compression", ["GZIP", "ZLIB"])
+@pytest.mark.parametrize("kept", [6, 15, -1])
+def test_a_compressed_file_cut_near_its_start_is_named(tmp_path, compression, kept):
+  # Cut inside the GZIP header, it read as an empty file ("no records"); an empty but complete
+  # stream (kept=-1: nothing cut) is a file without records, not a damaged one.
+  path = write(tmp_path / "part-0.tfrecord", [] if kept == -1 else videos(0, 3), compression)
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:kept] if kept > 0 else data)
+  if kept == -1:
+    assert tfrecord_files.compression_type(path) == compression
+    return
+  with pytest.raises(DataError) as error:
+    list(input_pipeline.make_eval_iterator(small_config(), f"{tmp_path}/part-*", 2))
+  assert str(error.value) == (
+    f"{path}: corrupt or truncated {compression}-compressed tfrecord file (its {kept} bytes end "
+    "inside the compressed stream)"
+  )
+
+
 def test_tfds_builder_reads_gzip_shards(tmp_path):
   rng = np.random.default_rng(1)
   rgb, audio = rng.integers(0, 256, (2, 1024), np.uint8), rng.integers(0, 256, (2, 128), np.uint8)
