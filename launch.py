@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 
-from mfb_jax import cli, runtime, signals
+from mfb_jax import cli, cluster, runtime, signals
 
 if __name__ == "__main__":
   signals.install()  # First: a Ctrl-C even during the imports below ends with one line.
@@ -162,11 +162,11 @@ def main(argv) -> None:
     if FLAGS.workdir:
       workdir_files.check_workdir(FLAGS.workdir, inference=FLAGS.mode in ("eval", "predict"))
     runtime.hide_gpus_from_tensorflow()
-    runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cluster.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.
-    runtime.check_same_config(FLAGS.config)
+    cluster.check_same_config(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-    runtime.leave_cluster()  # The one wait left (for the other processes) while signals still act.
+    cluster.leave_cluster()  # The one wait left (for the other processes) while signals still act.
     signals.ignore_until_exit()
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:  # The traceback first, then the same line and exit code as without.

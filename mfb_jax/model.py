@@ -267,9 +267,11 @@ def input_shapes(
 
 
 def variable_shapes(config: ml_collections.ConfigDict) -> dict:
-  """The model's variables as ShapeDtypeStructs (traced with jax.eval_shape: nothing allocated)."""
+  """The model's variables as ShapeDtypeStructs (traced with jax.eval_shape: nothing allocated,
+  and JAX's backend is not started, so launch.py's start-up checks can call it before
+  jax.distributed.initialize, which must come first)."""
   init = functools.partial(build_model(config).init, train=False)
-  return jax.eval_shape(init, jax.random.key(0), *input_shapes(config))
+  return jax.eval_shape(lambda *inputs: init(jax.random.key(0), *inputs), *input_shapes(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:

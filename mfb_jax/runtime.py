@@ -1,4 +1,4 @@
-"""Process set-up that must happen before JAX or TensorFlow start: allocator, devices, clusters.
+"""Process set-up that must happen before JAX or TensorFlow start: allocator, XLA flags, devices.
 
 This module imports nothing heavy at import time: launch.py calls preload_tcmalloc() first.
 """
@@ -6,16 +6,13 @@ This module imports nothing heavy at import time: launch.py calls preload_tcmall
 import os
 import re
 import sys
+import threading
 
 TCMALLOC_CANDIDATES = (
   "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
   "/usr/lib64/libtcmalloc_minimal.so.4",
 )
-# Environment variables that show a multi-process cluster jax.distributed.initialize() can detect.
-CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
-# How long processes started with --coordinator_address wait for each other (JAX's default).
-INIT_TIMEOUT_S = 300
 
 
 def tcmalloc_library() -> str | None:
@@ -127,107 +124,6 @@ def import_tensorflow():
   return tf
 
 
-def cloud_tpu_vm() -> bool:
-  """Whether this looks like a Cloud TPU VM: libtpu installed and TPU chips present (/dev/accel*
-  on v2-v4, /dev/vfio on v5 and later). There jax.distributed.initialize() finds the other hosts
-  itself, through the VM's metadata server."""
-  import glob
-  from importlib import util
-
-  if util.find_spec("libtpu") is None:
-    return False
-  return bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
-
-
-def cluster_detected() -> bool:
-  """Whether the environment describes a multi-process job (SLURM, MPI, Cloud TPU)."""
-  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-    return True
-  return any(os.environ.get(k) for k in CLUSTER_ENV if k != "SLURM_NTASKS") or cloud_tpu_vm()
-
-
-def init_distributed(
-  coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> None:
-  """Starts JAX's multi-process runtime when asked to (flags) or when a cluster is detected."""
-  import jax
-
-  explicit = coordinator_address or (num_processes or 1) > 1
-  if not explicit and not cluster_detected():
-    return
-  # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if not explicit:
-    jax.distributed.initialize()
-    return
-  if coordinator_address and process_id is not None and num_processes is not None:
-    port = coordinator_port(coordinator_address)
-    if process_id == 0:  # Process 0 runs the coordinator: JAX crashed (exit 139) on a busy port.
-      check_port_free(coordinator_address, port)
-    from absl import logging
-
-    logging.info(
-      "Process %d of %d: connecting to the coordinator at %s (JAX waits up to %d s for all)",
-      process_id,
-      num_processes,
-      coordinator_address,
-      INIT_TIMEOUT_S,
-    )
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address,
-    num_processes=num_processes,
-    process_id=process_id,
-    initialization_timeout=INIT_TIMEOUT_S,
-  )
-
-
-def leave_cluster() -> None:
-  """jax.distributed.shutdown() where it was initialized (else nothing): its barrier waits for
-  every process to finish; it would otherwise run at the interpreter's exit."""
-  import jax
-
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
-
-
-def coordinator_port(address: str) -> int:
-  """The port of --coordinator_address=HOST:PORT; ConfigError if it has none."""
-  from mfb_jax.errors import ConfigError
-
-  host, _, port = address.rpartition(":")
-  if not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ConfigError(
-      f"--coordinator_address={address}: expected HOST:PORT with a port in 1..65535 "
-      "(process 0 runs the coordinator there), e.g. --coordinator_address=host0:1234"
-    )
-  return int(port)
-
-
-def check_port_free(address: str, port: int) -> None:
-  """ConfigError if this host cannot listen on `port` (JAX's coordinator binds every interface)."""
-  import errno
-  import socket
-
-  from mfb_jax.errors import ConfigError
-
-  family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
-  try:
-    probe = socket.socket(family, socket.SOCK_STREAM)
-  except OSError:  # No IPv6 on this host after all.
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  with probe:
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As gRPC: TIME_WAIT is fine.
-    try:
-      probe.bind(("::" if probe.family == socket.AF_INET6 else "", port))
-    except OSError as e:
-      why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
-      raise ConfigError(
-        f"--coordinator_address={address}: port {port} {why} on this host, where process 0 "
-        "runs the coordinator (by another program, or by a process also given --process_id=0); "
-        "pick a free port for every process of the run"
-      ) from e
-
-
 def native_stdout_to_stderr() -> None:
   """Points file descriptor 1 at stderr, with sys.stdout kept on the real stdout.
 
@@ -243,38 +139,6 @@ def native_stdout_to_stderr() -> None:
   os.dup2(2, 1)
   encoding, errors = sys.stdout.encoding, sys.stdout.errors
   sys.stdout = os.fdopen(ours, "w", buffering=1, encoding=encoding, errors=errors)
-
-
-def check_same_config(config) -> None:
-  """Raises ConfigError on every process of a multi-process run whose processes were given
-  different configs (a batch size or a model on one command line only): they trained on with
-  unequal batches, or crashed in a collective without a word on why. Data paths may differ."""
-
-  import jax
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  from mfb_jax import workdir_files
-  from mfb_jax.errors import ConfigError
-
-  if jax.process_count() == 1:
-    return
-  leaves = sorted(workdir_files.flat_hparams(config).items())
-  leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
-  digest = lambda text: workdir_files.digest(text.encode())
-  names = digest(repr([k for k, _ in leaves]))
-  same_fields = multihost_utils.process_allgather(names)
-  if (same_fields != same_fields[:1]).any():
-    raise ConfigError("the processes of this run were given configs with different fields")
-  values = np.stack([digest(repr(v)) for _, v in leaves])
-  all_values = multihost_utils.process_allgather(values)  # [processes, fields, 8]
-  differs = (all_values != all_values[:1]).any(axis=(0, 2))
-  if differs.any():
-    fields = ", ".join(f"config.{k}" for (k, _), d in zip(leaves, differs, strict=True) if d)
-    raise ConfigError(
-      f"the processes of this run were given different values of {fields}: every "
-      "process needs the same --config and overrides"
-    )
 
 
 # INFO lines from these libraries (orbax's per-save chatter, clu's echo of every metric, jax's
@@ -308,7 +172,6 @@ def _without_closed_loop_noise(previous):
   them to orbax's asyncio loop, closed by then: each printed a bare traceback, in 3 of 5 runs,
   around the run's one-line error.
   """
-  import threading
 
   def hook(unraisable) -> None:
     closed_loop = isinstance(unraisable.exc_value, RuntimeError) and (

@@ -10,6 +10,7 @@ import pathlib
 
 import jax
 import pytest
+from conftest import run_python
 
 from configs import default, frame_mfb, paper
 from mfb_jax import model
@@ -240,3 +241,16 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
   config.data.num_classes = 8  # Names beyond the model's classes (the other way round).
   with pytest.raises(ConfigError, match=r"names label id 11, but data.num_classes=8"):
     config_checks.validate(config, "predict")
+
+
+def test_start_up_checks_leave_jax_unstarted_for_jax_distributed():
+  # They trace the model; with a concrete key that started JAX's backend, and every multi-process
+  # run then failed in jax.distributed.initialize ("must be called before any JAX calls").
+  program = (
+    "from configs import paper; from mfb_jax import config_checks; "
+    "from jax._src import xla_bridge; config = paper.get_config('nextvlad,mfb'); "
+    "config.data.update(train_pattern='/data/train*', eval_pattern=''); "
+    "config_checks.validate(config, 'train'); print(xla_bridge.backends_are_initialized())"
+  )
+  result = run_python(["-c", program], timeout=120)
+  assert result.stdout.split() == ["False"], result.stderr[-2000:]

@@ -2,16 +2,14 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
-from conftest import REPO, last_line, launch
+from conftest import REPO
 
 from mfb_jax import runtime
-from mfb_jax.errors import ConfigError
 
 VERIFIED = metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON)
 needs_verified_jaxlib = pytest.mark.skipif(
@@ -126,36 +124,6 @@ def test_matmul_precision_reaches_every_product_of_the_train_step(precision, dty
   assert all(f == expected for f in found), {frozenset(f) for f in found}
 
 
-def test_clusters_are_detected_from_their_environment(monkeypatch):
-  for key in runtime.CLUSTER_ENV:
-    monkeypatch.delenv(key, raising=False)
-  monkeypatch.setattr(runtime, "cloud_tpu_vm", lambda: False)
-  assert not runtime.cluster_detected()
-  monkeypatch.setenv("SLURM_NTASKS", "1")  # A one-task SLURM job is no cluster.
-  assert not runtime.cluster_detected()
-  monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert runtime.cluster_detected()
-  monkeypatch.delenv("SLURM_NTASKS")
-  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-  assert runtime.cluster_detected()
-  monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
-  monkeypatch.setattr(runtime, "cloud_tpu_vm", lambda: True)
-  assert runtime.cluster_detected()
-
-
-@pytest.mark.parametrize(
-  "has_libtpu, devices, expected",
-  [(False, ["/dev/accel0"], False), (True, [], False), (True, ["/dev/accel0"], True)],
-)
-def test_a_cloud_tpu_vm_needs_libtpu_and_tpu_devices(monkeypatch, has_libtpu, devices, expected):
-  import glob
-  from importlib import util
-
-  monkeypatch.setattr(util, "find_spec", lambda name: object() if has_libtpu else None)
-  monkeypatch.setattr(glob, "glob", lambda pattern: list(devices))
-  assert runtime.cloud_tpu_vm() is expected
-
-
 def test_closed_event_loop_noise_from_library_threads_is_dropped():
   # After a failed checkpoint read, tensorstore's threads hand late results to orbax's closed
   # asyncio loop; each printed a bare traceback around the run's one-line error.
@@ -172,30 +140,6 @@ def test_closed_event_loop_noise_from_library_threads_is_dropped():
   assert seen == [other]
   hook(noise)  # In the main thread it is this program's own error: kept.
   assert seen == [other, noise]
-
-
-def test_a_coordinator_address_needs_a_port():
-  assert runtime.coordinator_port("host0:1234") == 1234
-  assert runtime.coordinator_port("[::1]:80") == 80
-  for bad in ("host0", "host0:", ":1234", "host0:0", "host0:65536", "host0:http"):
-    with pytest.raises(ConfigError, match="expected HOST:PORT"):
-      runtime.coordinator_port(bad)
-
-
-def test_a_busy_coordinator_port_is_refused_before_jax_starts(tmp_path):
-  with socket.socket() as busy:  # Another program listening there, on one interface only.
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
-    with pytest.raises(ConfigError, match=f"port {port} is in use on this host"):
-      runtime.check_port_free(f"127.0.0.1:{port}", port)
-    # Through launch.py: JAX's coordinator crashed on it (exit 139).
-    args = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"]
-    result = launch(tmp_path, "--config=configs/tiny.py", "--mode=bench", *args)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert last_line(result.stderr).startswith("error: --coordinator_address=127.0.0.1:")
-  assert "Traceback" not in result.stderr
-  runtime.check_port_free(f"127.0.0.1:{port}", port)  # Free again.
 
 
 def test_tensorflow_is_imported_without_keras_which_stays_importable():

@@ -1,0 +1,190 @@
+"""Multi-process runs: starting JAX's distributed runtime (flags or a detected cluster), the
+start-up time-out, the coordinator's port, the same-config check, and leaving the cluster.
+
+Like runtime.py, nothing heavy is imported at import time.
+"""
+
+import contextlib
+import os
+import sys
+import threading
+
+# Environment variables that show a multi-process cluster jax.distributed.initialize() can detect.
+CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+# How long the processes of a run wait for each other at start-up (JAX's default);
+# MFB_JAX_INIT_TIMEOUT_S changes it (a scheduler that starts them minutes apart needs more).
+INIT_TIMEOUT_S = 300
+
+
+def cloud_tpu_vm() -> bool:
+  """Whether this looks like a Cloud TPU VM: libtpu installed and TPU chips present (/dev/accel*
+  on v2-v4, /dev/vfio on v5 and later). There jax.distributed.initialize() finds the other hosts
+  itself, through the VM's metadata server."""
+  import glob
+  from importlib import util
+
+  if util.find_spec("libtpu") is None:
+    return False
+  return bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
+
+
+def cluster_detected() -> bool:
+  """Whether the environment describes a multi-process job (SLURM, MPI, Cloud TPU)."""
+  if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  return any(os.environ.get(k) for k in CLUSTER_ENV if k != "SLURM_NTASKS") or cloud_tpu_vm()
+
+
+def init_distributed(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+  """Starts JAX's multi-process runtime when asked to (flags) or when a cluster is detected."""
+  import jax
+
+  explicit = coordinator_address or (num_processes or 1) > 1
+  if not explicit and not cluster_detected():
+    return
+  timeout = init_timeout_s()
+  # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not explicit:
+    with _connect_watchdog(timeout, "the coordinator"):
+      jax.distributed.initialize(initialization_timeout=timeout)
+    return
+  if coordinator_address and process_id is not None and num_processes is not None:
+    port = coordinator_port(coordinator_address)
+    if process_id == 0:  # Process 0 runs the coordinator: JAX crashed (exit 139) on a busy port.
+      check_port_free(coordinator_address, port)
+    from absl import logging
+
+    logging.info(
+      "Process %d of %d: connecting to the coordinator at %s (JAX waits up to %d s for all)",
+      process_id,
+      num_processes,
+      coordinator_address,
+      timeout,
+    )
+  where = f"the coordinator at {coordinator_address}" if coordinator_address else "the coordinator"
+  with _connect_watchdog(timeout, where):
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=timeout,
+    )
+
+
+def init_timeout_s() -> int:
+  """Seconds the processes wait for each other at start-up: MFB_JAX_INIT_TIMEOUT_S or 300."""
+  from mfb_jax.errors import ConfigError
+
+  value = os.environ.get("MFB_JAX_INIT_TIMEOUT_S", str(INIT_TIMEOUT_S))
+  if not value.isdigit() or int(value) < 5:
+    raise ConfigError(f"MFB_JAX_INIT_TIMEOUT_S={value!r} must be a whole number of seconds >= 5")
+  return int(value)
+
+
+@contextlib.contextmanager
+def _connect_watchdog(timeout: int, where: str):
+  """Ends the process with one line (exit 1) if jax.distributed.initialize has not returned 1 s
+  before its own time-out: a partner that never connects (killed at start-up, a --process_id
+  given twice, a wrong address) ended it with JAX's fatal-error dump (exit 134), which Python
+  cannot catch. Nothing has been written by then: the workdir is only checked before this."""
+
+  def give_up():
+    message = (
+      f"error: not every process of this run reached {where} within {timeout} s: start all "
+      "of them with the same --coordinator_address and --num_processes, each with its own "
+      "--process_id (MFB_JAX_INIT_TIMEOUT_S=SECONDS waits longer)"
+    )
+    with contextlib.suppress(Exception):
+      sys.stdout.flush()
+      print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+  watchdog = threading.Timer(timeout - 1, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    yield
+  finally:
+    watchdog.cancel()
+
+
+def leave_cluster() -> None:
+  """jax.distributed.shutdown() where it was initialized (else nothing): its barrier waits for
+  every process to finish; it would otherwise run at the interpreter's exit."""
+  import jax
+
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+def coordinator_port(address: str) -> int:
+  """The port of --coordinator_address=HOST:PORT; ConfigError if it has none."""
+  from mfb_jax.errors import ConfigError
+
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(
+      f"--coordinator_address={address}: expected HOST:PORT with a port in 1..65535 "
+      "(process 0 runs the coordinator there), e.g. --coordinator_address=host0:1234"
+    )
+  return int(port)
+
+
+def check_port_free(address: str, port: int) -> None:
+  """ConfigError if this host cannot listen on `port` (JAX's coordinator binds every interface)."""
+  import errno
+  import socket
+
+  from mfb_jax.errors import ConfigError
+
+  family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+  try:
+    probe = socket.socket(family, socket.SOCK_STREAM)
+  except OSError:  # No IPv6 on this host after all.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  with probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As gRPC: TIME_WAIT is fine.
+    try:
+      probe.bind(("::" if probe.family == socket.AF_INET6 else "", port))
+    except OSError as e:
+      why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+      raise ConfigError(
+        f"--coordinator_address={address}: port {port} {why} on this host, where process 0 "
+        "runs the coordinator (by another program, or by a process also given --process_id=0); "
+        "pick a free port for every process of the run"
+      ) from e
+
+
+def check_same_config(config) -> None:
+  """Raises ConfigError on every process of a multi-process run whose processes were given
+  different configs (a batch size or a model on one command line only): they trained on with
+  unequal batches, or crashed in a collective without a word on why. Data paths may differ."""
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from mfb_jax import workdir_files
+  from mfb_jax.errors import ConfigError
+
+  if jax.process_count() == 1:
+    return
+  leaves = sorted(workdir_files.flat_hparams(config).items())
+  leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
+  digest = lambda text: workdir_files.digest(text.encode())
+  names = digest(repr([k for k, _ in leaves]))
+  same_fields = multihost_utils.process_allgather(names)
+  if (same_fields != same_fields[:1]).any():
+    raise ConfigError("the processes of this run were given configs with different fields")
+  values = np.stack([digest(repr(v)) for _, v in leaves])
+  all_values = multihost_utils.process_allgather(values)  # [processes, fields, 8]
+  differs = (all_values != all_values[:1]).any(axis=(0, 2))
+  if differs.any():
+    fields = ", ".join(f"config.{k}" for (k, _), d in zip(leaves, differs, strict=True) if d)
+    raise ConfigError(
+      f"the processes of this run were given different values of {fields}: every "
+      "process needs the same --config and overrides"
+    )

@@ -1,0 +1,90 @@
+"""Multi-process start-up: cluster detection, the coordinator's address and port, and the
+time-out for partners that never connect."""
+
+import socket
+
+import pytest
+from conftest import free_port, last_line, launch
+
+from mfb_jax import cluster
+from mfb_jax.errors import ConfigError
+
+
+def test_clusters_are_detected_from_their_environment(monkeypatch):
+  for key in cluster.CLUSTER_ENV:
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setattr(cluster, "cloud_tpu_vm", lambda: False)
+  assert not cluster.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # A one-task SLURM job is no cluster.
+  assert not cluster.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert cluster.cluster_detected()
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+  assert cluster.cluster_detected()
+  monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+  monkeypatch.setattr(cluster, "cloud_tpu_vm", lambda: True)
+  assert cluster.cluster_detected()
+
+
+@pytest.mark.parametrize(
+  "has_libtpu, devices, expected",
+  [(False, ["/dev/accel0"], False), (True, [], False), (True, ["/dev/accel0"], True)],
+)
+def test_a_cloud_tpu_vm_needs_libtpu_and_tpu_devices(monkeypatch, has_libtpu, devices, expected):
+  import glob
+  from importlib import util
+
+  monkeypatch.setattr(util, "find_spec", lambda name: object() if has_libtpu else None)
+  monkeypatch.setattr(glob, "glob", lambda pattern: list(devices))
+  assert cluster.cloud_tpu_vm() is expected
+
+
+def test_a_coordinator_address_needs_a_port():
+  assert cluster.coordinator_port("host0:1234") == 1234
+  assert cluster.coordinator_port("[::1]:80") == 80
+  for bad in ("host0", "host0:", ":1234", "host0:0", "host0:65536", "host0:http"):
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+      cluster.coordinator_port(bad)
+
+
+def test_a_busy_coordinator_port_is_refused_before_jax_starts(tmp_path):
+  with socket.socket() as busy:  # Another program listening there, on one interface only.
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"port {port} is in use on this host"):
+      cluster.check_port_free(f"127.0.0.1:{port}", port)
+    # Through launch.py: JAX's coordinator crashed on it (exit 139).
+    args = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"]
+    result = launch(tmp_path, "--config=configs/tiny.py", "--mode=bench", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert last_line(result.stderr).startswith("error: --coordinator_address=127.0.0.1:")
+  assert "Traceback" not in result.stderr
+  cluster.check_port_free(f"127.0.0.1:{port}", port)  # Free again.
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_partner_that_never_connects_is_one_line_at_the_time_out(tmp_path, process_id):
+  # Alone, each side waited 300 s in jax.distributed.initialize, then JAX aborted (exit 134).
+  address = f"127.0.0.1:{free_port()}"
+  args = [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={process_id}"]
+  env = {"MFB_JAX_INIT_TIMEOUT_S": "5"}
+  result = launch(tmp_path, "--config=configs/tiny.py", "--mode=bench", *args, env=env)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert last_line(result.stderr) == (
+    f"error: not every process of this run reached the coordinator at {address} within 5 s: "
+    "start all of them with the same --coordinator_address and --num_processes, each with its "
+    "own --process_id (MFB_JAX_INIT_TIMEOUT_S=SECONDS waits longer)"
+  )
+
+
+def test_the_start_up_time_out_is_checked(monkeypatch):
+  monkeypatch.delenv("MFB_JAX_INIT_TIMEOUT_S", raising=False)
+  assert cluster.init_timeout_s() == cluster.INIT_TIMEOUT_S == 300
+  monkeypatch.setenv("MFB_JAX_INIT_TIMEOUT_S", "900")
+  assert cluster.init_timeout_s() == 900
+  for bad in ("abc", "2", "-5", ""):
+    monkeypatch.setenv("MFB_JAX_INIT_TIMEOUT_S", bad)
+    with pytest.raises(ConfigError, match=f"MFB_JAX_INIT_TIMEOUT_S='{bad}' must be a whole"):
+      cluster.init_timeout_s()
