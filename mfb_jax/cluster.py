@@ -48,8 +48,9 @@ def init_distributed(
   # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if not explicit:
-    with _connect_watchdog(timeout, "the coordinator"):
-      jax.distributed.initialize(initialization_timeout=timeout)
+    hint = "every process the cluster's job (SLURM, MPI, TPU VM) describes must start"
+    with _connect_watchdog(timeout, "the coordinator", hint):
+      jax.distributed.initialize(initialization_timeout=timeout + 5)
     return
   if coordinator_address and process_id is not None and num_processes is not None:
     port = coordinator_port(coordinator_address)
@@ -65,12 +66,16 @@ def init_distributed(
       timeout,
     )
   where = f"the coordinator at {coordinator_address}" if coordinator_address else "the coordinator"
-  with _connect_watchdog(timeout, where):
+  hint = (
+    "start all of them with the same --coordinator_address and --num_processes, each with its "
+    "own --process_id"
+  )
+  with _connect_watchdog(timeout, where, hint):
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
       process_id=process_id,
-      initialization_timeout=timeout,
+      initialization_timeout=timeout + 5,  # Ours (the watchdog) comes first.
     )
 
 
@@ -85,29 +90,36 @@ def init_timeout_s() -> int:
 
 
 @contextlib.contextmanager
-def _connect_watchdog(timeout: int, where: str):
-  """Ends the process with one line (exit 1) if jax.distributed.initialize has not returned 1 s
-  before its own time-out: a partner that never connects (killed at start-up, a --process_id
-  given twice, a wrong address) ended it with JAX's fatal-error dump (exit 134), which Python
-  cannot catch. Nothing has been written by then: the workdir is only checked before this."""
+def _connect_watchdog(timeout: int, where: str, hint: str):
+  """Ends the process with one line (exit 1) if jax.distributed.initialize has not returned after
+  `timeout` s (JAX's own time-out is set 5 s later): a partner that never connects (killed at
+  start-up, a --process_id given twice, a wrong address) ended it with JAX's fatal-error dump
+  (exit 134), which Python cannot catch. Nothing has been written by then: the workdir is only
+  checked before this."""
+  lock, returned = threading.Lock(), []
 
   def give_up():
-    message = (
-      f"error: not every process of this run reached {where} within {timeout} s: start all "
-      "of them with the same --coordinator_address and --num_processes, each with its own "
-      "--process_id (MFB_JAX_INIT_TIMEOUT_S=SECONDS waits longer)"
-    )
-    with contextlib.suppress(Exception):
-      sys.stdout.flush()
-      print(message, file=sys.stderr, flush=True)
-    os._exit(1)
+    with lock:  # Held to the exit: an initialize that returns now waits for it, and vice versa.
+      if returned:
+        return
+      with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        print(
+          f"error: not every process of this run reached {where} within {timeout} s: {hint} "
+          "(MFB_JAX_INIT_TIMEOUT_S=SECONDS waits longer)",
+          file=sys.stderr,
+          flush=True,
+        )
+      os._exit(1)
 
-  watchdog = threading.Timer(timeout - 1, give_up)
+  watchdog = threading.Timer(timeout, give_up)
   watchdog.daemon = True
   watchdog.start()
   try:
     yield
   finally:
+    with lock:
+      returned.append(True)
     watchdog.cancel()
 
 

@@ -67,10 +67,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
       "config.model.fusion_level='frame' needs frame-level data (data.format='frame'): a "
       "video-level record holds one mean vector per video, no frames to fuse"
     )
-  # The module sections' values and fields, and the shapes the modules make of the inputs (a
-  # NeXtVLAD whose groups do not divide its width, an aggregator or fusion that breaks the
-  # [batch, size] contract): traced with jax.eval_shape, no arrays made, ~0.1-0.3 s.
-  model_lib.variable_shapes(config)
+  model_lib.build_model(config)  # The module sections' values and fields (no arrays made).
   _positive(config, "optim.learning_rate", 0, strict=True)
   for field in ("optim.b1", "optim.b2"):
     _fraction(config, field)
@@ -97,6 +94,25 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, "bench.steps")
     _positive(config, "bench.warmup_steps", 0)
   _check_patterns(config, mode)
+
+
+def check_model_shapes(config: ml_collections.ConfigDict) -> None:
+  """Traces the model's init on inputs of the shapes the pipeline gives it (jax.eval_shape: no
+  arrays made, 0.1-0.3 s for the paper's models): a NeXtVLAD whose groups do not divide its
+  width, or an aggregator or fusion that breaks the [batch, size] contract, is one line before
+  the workdir is written (it was found at the first init, about 8 s in). Tracing may start JAX's
+  backend (DBoF asks for the device count), so launch.py calls this after
+  jax.distributed.initialize, not in validate()."""
+  import functools
+
+  import jax
+
+  from mfb_jax import model as model_lib
+
+  frames = config.data.max_frames if config.data.format == "frame" else 1
+  init = functools.partial(model_lib.build_model(config).init, train=False)
+  inputs = model_lib.input_shapes(config, batch_size=2, num_frames=frames)  # As train.init_state.
+  jax.eval_shape(lambda *arrays: init(jax.random.key(0), *arrays), *inputs)
 
 
 # Fields configs/default.py has that a config may leave out: the module sections (a missing one

@@ -8,7 +8,9 @@ import functools
 import importlib
 import pathlib
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 from conftest import run_python
 
@@ -146,8 +148,6 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"model.moe.l2_penalty": float("nan")}, r"moe\.l2_penalty must be a finite number >= 0"),
     ({"model.moe.expected_labels": float("inf")}, r"moe\.expected_labels must be a finite"),
     ({"model.mfb.output_scale": -1.0}, r"config\.model\.mfb\.output_scale must be a finite .* > 0"),
-    # Found when the model was first initialised, after TensorFlow's start-up (about 8 s in).
-    ({"model.aggregator": "nextvlad", "model.nextvlad.groups": 7}, r"not divisible by groups=7"),
     # Trained without a word, on one "frame" per video.
     (
       {"model.fusion_level": "frame", "data.format": "video"},
@@ -244,13 +244,50 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
 
 
 def test_start_up_checks_leave_jax_unstarted_for_jax_distributed():
-  # They trace the model; with a concrete key that started JAX's backend, and every multi-process
-  # run then failed in jax.distributed.initialize ("must be called before any JAX calls").
+  # Every stock config: with the model traced in validate(), DBoF's device count started JAX's
+  # backend, and every multi-process run failed in jax.distributed.initialize ("must be called
+  # before any JAX calls").
   program = (
-    "from configs import paper; from mfb_jax import config_checks; "
-    "from jax._src import xla_bridge; config = paper.get_config('nextvlad,mfb'); "
-    "config.data.update(train_pattern='/data/train*', eval_pattern=''); "
-    "config_checks.validate(config, 'train'); print(xla_bridge.backends_are_initialized())"
+    "from configs import default, frame_mfb, paper, tiny; from mfb_jax import config_checks; "
+    "from jax._src import xla_bridge; "
+    "configs = [paper.get_config(a) for a in paper.ARGS + paper.BEYOND_ARGS]; "
+    "configs += [frame_mfb.get_config(a) for a in frame_mfb.ARGS]; "
+    "configs += [default.get_config(), tiny.get_config(), tiny.get_config('dbof,mfb')]; "
+    "[c.data.update(train_pattern='/data/train*', eval_pattern='') for c in configs]; "
+    "[config_checks.validate(c, 'train') for c in configs]; "
+    "print(len(configs), xla_bridge.backends_are_initialized())"
   )
   result = run_python(["-c", program], timeout=120)
-  assert result.stdout.split() == ["False"], result.stderr[-2000:]
+  assert result.stdout.split()[-1:] == ["False"], result.stderr[-2000:]
+  assert int(result.stdout.split()[0]) >= 25
+
+
+class _PairPool(nn.Module):
+  """A user's aggregator that needs an even number of frames: it averages them in pairs."""
+
+  @nn.compact
+  def __call__(self, x_BxTxF, mask_BxT, train: bool = False):
+    B, T, F = x_BxTxF.shape
+    pairs_BxPxF = x_BxTxF.reshape(B, T // 2, 2, F).mean(2)
+    mask_BxP = mask_BxT.reshape(B, T // 2, 2).max(2)
+    summed_BxF = (nn.Dense(8)(pairs_BxPxF) * mask_BxP[..., None]).sum(1)
+    return summed_BxF / jnp.maximum(mask_BxP.sum(1, keepdims=True), 1)
+
+
+def test_the_model_is_traced_on_the_pipelines_shapes(monkeypatch):
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  # Found when the model was first initialised, after TensorFlow's start-up (about 8 s in).
+  config = paper.get_config("nextvlad,mfb")
+  config.model.nextvlad.groups = 7
+  with pytest.raises(ConfigError, match=r"= 2048 is not divisible by groups=7"):
+    config_checks.check_model_shapes(config)
+  # Traced on data.max_frames frames, as the first init: with one frame this module failed.
+  monkeypatch.setitem(model.AGGREGATORS, "pairpool", _PairPool)
+  config = default.get_config()
+  config.model.aggregator, config.data.max_frames = "pairpool", 16
+  config_checks.check_model_shapes(config)
+  config.data.max_frames = 15
+  with pytest.raises(TypeError, match="cannot reshape"):
+    config_checks.check_model_shapes(config)
