@@ -14,6 +14,7 @@ then reports it as corrupt.
 import concurrent.futures
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from typing import TypeVar
@@ -28,6 +29,7 @@ _HEADER_BYTES = 12
 RECORD_FRAMING_BYTES = 16  # Per record besides its data: the 12-byte header, the data's CRC.
 _HEAD_BYTES = 256  # Read from each file: the record header, or enough of a stream to decode.
 _CRC_MASK_DELTA = 0xA282EAD8
+_CHUNK_BYTES = 16 << 20  # Read and inflated at a time by inflated_length.
 _THREADS = 16  # Concurrent header reads: many remote (gs://) files are many round trips.
 T = TypeVar("T")
 
@@ -106,6 +108,43 @@ def compression_type(path: str) -> str:
   return kind
 
 
+def inflated_length(path: str, kind: str) -> int:
+  """The bytes of records a GZIP or ZLIB file holds (every GZIP member; a ZLIB file's one
+  stream), inflated 16 MB at a time. DataError where the file ends inside its stream, or where
+  bytes follow a ZLIB stream: TensorFlow's reader stops at the first ZLIB stream's end, so the
+  records of a second one (two ZLIB files joined with cat) were dropped without a word."""
+  wbits = 16 + zlib.MAX_WBITS if kind == GZIP else zlib.MAX_WBITS
+  stream, total, read = zlib.decompressobj(wbits), 0, 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read(_CHUNK_BYTES)
+    read += len(data)
+    while data:
+      if stream.eof:  # Another GZIP member follows (TensorFlow reads them all), or bytes follow.
+        if kind == ZLIB:
+          extra = len(data) + tf.io.gfile.stat(path).length - read
+          raise DataError(
+            f"{path}: {extra} bytes follow the end of its ZLIB stream, and TensorFlow's reader "
+            "ignores them (ZLIB files joined with cat?): write the records as one stream"
+          )
+        stream = zlib.decompressobj(wbits)
+      try:
+        total += len(stream.decompress(data, _CHUNK_BYTES))
+        while stream.unconsumed_tail:
+          total += len(stream.decompress(stream.unconsumed_tail, _CHUNK_BYTES))
+      except zlib.error as e:
+        raise DataError(f"{path}: corrupt {kind}-compressed tfrecord file ({e})") from None
+      data = stream.unused_data if stream.eof else b""
+      if not data:
+        data = f.read(_CHUNK_BYTES)
+        read += len(data)
+  if not stream.eof:
+    raise DataError(
+      f"{path}: corrupt or truncated {kind}-compressed tfrecord file (it ends inside its "
+      "compressed stream)"
+    )
+  return total
+
+
 def compression_types(paths: list[str]) -> list[str]:
   """compression_type of each path, in order (the headers are read concurrently)."""
   return map_paths(compression_type, paths)
@@ -141,17 +180,21 @@ def unreadable_directory(glob: str) -> str:
 
 
 class FileEnds:
-  """Checks that each uncompressed file read in order ends where its last record does.
+  """Checks that each file read in order ends where its last record does.
 
   TensorFlow's reader takes a file cut inside a record's 12-byte header for one that ends there,
   and drops that record without a word. Where files are read once, in order (evaluation,
   prediction, scoring), the batches carry each record's file and size: once a file's records
-  are past, their sizes and framing must add up to the file's length.
+  are past, their sizes and framing must add up to the file's length, a compressed file's once
+  inflated (inflated_length: a second read of a compressed file, in a background thread started
+  with its first record, so that it overlaps TensorFlow's reading; zlib releases the GIL).
   """
 
   def __init__(self, paths: list[str], lengths: list[int], types: list[str], last_whole=True):
     """last_whole: the last file read is read to its end (not when a reader stops early)."""
     self._lengths = {p: n for p, n, t in zip(paths, lengths, types, strict=True) if t == NONE}
+    self._compressed = {p: t for p, t in zip(paths, types, strict=True) if t != NONE}
+    self._inflating: _InBackground | None = None
     self._last_whole = last_whole
     self._path, self._end = "", 0
 
@@ -164,6 +207,9 @@ class FileEnds:
       if path != self._path:
         self._check()
         self._path, self._end = path, 0
+        if path in self._compressed:
+          kind = self._compressed[path]
+          self._inflating = _InBackground(lambda p=path, k=kind: inflated_length(p, k))
       self._end += int(size) + RECORD_FRAMING_BYTES
 
   def finish(self) -> None:
@@ -173,16 +219,42 @@ class FileEnds:
 
   def _check(self) -> None:
     length = self._lengths.get(self._path)
+    inflated = ""
+    if self._path in self._compressed and self._inflating is not None:
+      length, inflated = self._inflating.result(), " inflated"
     if length is not None and self._end < length:
       raise DataError(
         f"{self._path}: truncated tfrecord file (its records end at byte {self._end} of its "
-        f"{length} bytes; cut short?)"
+        f"{length}{inflated} bytes; cut short, or followed by other bytes?)"
       )
     if length is not None and self._end > length:
       raise DataError(
         f"{self._path}: its records end at byte {self._end}, after the {length} bytes it had "
         "when listed: was it written to while being read?"
       )
+
+
+class _InBackground:
+  """fn() in a daemon thread (the interpreter's exit does not wait for it); result() waits for
+  it and returns its value or raises its exception."""
+
+  def __init__(self, fn: Callable[[], T]):
+    self._done, self._outcome = threading.Event(), None
+    threading.Thread(target=self._run, args=(fn,), daemon=True).start()
+
+  def _run(self, fn) -> None:
+    try:
+      self._outcome = (True, fn())
+    except Exception as e:  # noqa: BLE001 - raised again in the waiting thread.
+      self._outcome = (False, e)
+    self._done.set()
+
+  def result(self):
+    self._done.wait()
+    ok, value = self._outcome
+    if not ok:
+      raise value
+    return value
 
 
 def without_aliases(files: list[str]) -> list[str]:

@@ -142,7 +142,7 @@ def test_a_file_cut_inside_its_last_record_header_is_named(tmp_path):
   for message in (eval_error(small_config(), pattern), first_error(ids)):
     assert message == (
       f"{path}: truncated tfrecord file (its records end at byte {last_record} of its "
-      f"{last_record + 5} bytes; cut short?)"
+      f"{last_record + 5} bytes; cut short, or followed by other bytes?)"
     )
   # A last file that is cut is found too; one cut off by eval.max_examples is not damaged.
   one = str(path)

@@ -127,6 +127,47 @@ def test_a_compressed_file_cut_near_its_start_is_named(tmp_path, compression, ke
   )
 
 
+def _eval_ids(directory) -> list[str]:
+  batches = input_pipeline.make_eval_iterator(small_config(), f"{directory}/part-*", 4)
+  return [i for b in batches for i, v in zip(b["id"].tolist(), b["valid"], strict=True) if v]
+
+
+def test_joined_gzip_members_are_read_and_joined_zlib_streams_refused(tmp_path):
+  # TensorFlow reads every member of a GZIP file (cat a.gz b.gz), but only the first stream of
+  # a ZLIB file: the second one's videos were left out of GAP and predictions.csv silently.
+  for compression in ("GZIP", "ZLIB"):
+    directory = tmp_path / compression
+    directory.mkdir()
+    first = open(write(tmp_path / "a", videos(0, 3), compression), "rb").read()
+    second = open(write(tmp_path / "b", videos(10, 2), compression), "rb").read()
+    (directory / "part-0.tfrecord").write_bytes(first + second)
+    if compression == "GZIP":
+      assert _eval_ids(directory) == ["v0", "v1", "v2", "v10", "v11"]
+      continue
+    with pytest.raises(DataError) as error:
+      _eval_ids(directory)
+    assert str(error.value) == (
+      f"{directory}/part-0.tfrecord: {len(second)} bytes follow the end of its ZLIB stream, and "
+      "TensorFlow's reader ignores them (ZLIB files joined with cat?): write the records as one "
+      "stream"
+    )
+
+
+@pytest.mark.parametrize("compression", ["GZIP", "ZLIB"])
+def test_a_compressed_file_without_its_last_bytes_is_named(tmp_path, compression):
+  # The records are whole, only the stream's end (a GZIP trailer's CRC and size, a ZLIB
+  # Adler-32) is cut: it was read without a word.
+  path = write(tmp_path / "part-0.tfrecord", videos(0, 3), compression)
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:-3])
+  with pytest.raises(DataError) as error:
+    _eval_ids(tmp_path)
+  assert str(error.value) == (
+    f"{path}: corrupt or truncated {compression}-compressed tfrecord file (it ends inside its "
+    "compressed stream)"
+  )
+
+
 def test_tfds_builder_reads_gzip_shards(tmp_path):
   rng = np.random.default_rng(1)
   rgb, audio = rng.integers(0, 256, (2, 1024), np.uint8), rng.integers(0, 256, (2, 128), np.uint8)
