@@ -103,16 +103,11 @@ def check_model_shapes(config: ml_collections.ConfigDict) -> None:
   the workdir is written (it was found at the first init, about 8 s in). Tracing may start JAX's
   backend (DBoF asks for the device count), so launch.py calls this after
   jax.distributed.initialize, not in validate()."""
-  import functools
-
-  import jax
-
   from mfb_jax import model as model_lib
+  from mfb_jax import train as train_lib
 
-  frames = config.data.max_frames if config.data.format == "frame" else 1
-  init = functools.partial(model_lib.build_model(config).init, train=False)
-  inputs = model_lib.input_shapes(config, batch_size=2, num_frames=frames)  # As train.init_state.
-  jax.eval_shape(lambda *arrays: init(jax.random.key(0), *arrays), *inputs)
+  # The sizes of train.init_state's first init.
+  model_lib.variable_shapes(config, batch_size=2, num_frames=train_lib.frames_per_example(config))
 
 
 # Fields configs/default.py has that a config may leave out: the module sections (a missing one

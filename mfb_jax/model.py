@@ -266,12 +266,15 @@ def input_shapes(
   )
 
 
-def variable_shapes(config: ml_collections.ConfigDict) -> dict:
-  """The model's variables as ShapeDtypeStructs (traced with jax.eval_shape: nothing allocated,
-  and JAX's backend is not started, so launch.py's start-up checks can call it before
-  jax.distributed.initialize, which must come first)."""
+def variable_shapes(
+  config: ml_collections.ConfigDict, batch_size: int = 1, num_frames: int = 1
+) -> dict:
+  """The model's variables as ShapeDtypeStructs, its init traced on inputs of these sizes (with
+  jax.eval_shape: nothing allocated; the key is made inside the trace, so JAX's backend starts
+  only where a module asks for the devices, as DBoF does for their count)."""
   init = functools.partial(build_model(config).init, train=False)
-  return jax.eval_shape(lambda *inputs: init(jax.random.key(0), *inputs), *input_shapes(config))
+  inputs = input_shapes(config, batch_size, num_frames)
+  return jax.eval_shape(lambda *arrays: init(jax.random.key(0), *arrays), *inputs)
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:

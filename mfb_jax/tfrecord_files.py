@@ -24,6 +24,7 @@ import tensorflow as tf
 from mfb_jax.errors import DataError
 
 NONE, GZIP, ZLIB = "", "GZIP", "ZLIB"  # TFRecordDataset's compression_type values.
+_WBITS = {GZIP: 16 + zlib.MAX_WBITS, ZLIB: zlib.MAX_WBITS}  # zlib's window bits for each.
 _GZIP_MAGIC = b"\x1f\x8b\x08"  # ID1, ID2, CM = deflate.
 _HEADER_BYTES = 12
 RECORD_FRAMING_BYTES = 16  # Per record besides its data: the 12-byte header, the data's CRC.
@@ -77,18 +78,18 @@ def compression_of_header(head: bytes) -> str:
     (crc,) = struct.unpack("<I", head[8:12])
     if crc == masked_crc32c(head[:8]):
       return NONE
-  if head[:3] == _GZIP_MAGIC and _inflates(head, 16 + zlib.MAX_WBITS):
+  if head[:3] == _GZIP_MAGIC and _inflates(head, _WBITS[GZIP]):
     return GZIP
   # ZLIB (RFC 1950): method 8 (deflate), window at most 32K, and the 16-bit header divides by 31.
   if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7:
-    if (head[0] << 8 | head[1]) % 31 == 0 and _inflates(head, zlib.MAX_WBITS):
+    if (head[0] << 8 | head[1]) % 31 == 0 and _inflates(head, _WBITS[ZLIB]):
       return ZLIB
   return NONE
 
 
 def _ends_its_stream(whole: bytes, kind: str) -> bool:
   """The whole file is a complete GZIP or ZLIB stream (or starts with one)."""
-  stream = zlib.decompressobj(16 + zlib.MAX_WBITS if kind == GZIP else zlib.MAX_WBITS)
+  stream = zlib.decompressobj(_WBITS[kind])
   stream.decompress(whole)
   return stream.eof
 
@@ -113,8 +114,7 @@ def inflated_length(path: str, kind: str) -> int:
   stream), inflated 16 MB at a time. DataError where the file ends inside its stream, or where
   bytes follow a ZLIB stream: TensorFlow's reader stops at the first ZLIB stream's end, so the
   records of a second one (two ZLIB files joined with cat) were dropped without a word."""
-  wbits = 16 + zlib.MAX_WBITS if kind == GZIP else zlib.MAX_WBITS
-  stream, total, read = zlib.decompressobj(wbits), 0, 0
+  stream, total, read = zlib.decompressobj(_WBITS[kind]), 0, 0
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read(_CHUNK_BYTES)
     read += len(data)
@@ -126,7 +126,7 @@ def inflated_length(path: str, kind: str) -> int:
             f"{path}: {extra} bytes follow the end of its ZLIB stream, and TensorFlow's reader "
             "ignores them (ZLIB files joined with cat?): write the records as one stream"
           )
-        stream = zlib.decompressobj(wbits)
+        stream = zlib.decompressobj(_WBITS[kind])
       try:
         total += len(stream.decompress(data, _CHUNK_BYTES))
         while stream.unconsumed_tail:
@@ -207,9 +207,9 @@ class FileEnds:
       if path != self._path:
         self._check()
         self._path, self._end = path, 0
-        if path in self._compressed:
-          kind = self._compressed[path]
-          self._inflating = _InBackground(lambda p=path, k=kind: inflated_length(p, k))
+        kind = self._compressed.get(path)
+        inflate = lambda p=path, k=kind: inflated_length(p, k)
+        self._inflating = _InBackground(inflate) if kind else None
       self._end += int(size) + RECORD_FRAMING_BYTES
 
   def finish(self) -> None:
@@ -220,7 +220,7 @@ class FileEnds:
   def _check(self) -> None:
     length = self._lengths.get(self._path)
     inflated = ""
-    if self._path in self._compressed and self._inflating is not None:
+    if self._inflating:  # This file is compressed.
       length, inflated = self._inflating.result(), " inflated"
     if length is not None and self._end < length:
       raise DataError(
