@@ -126,6 +126,9 @@ def _report_error(e: Exception) -> None:
     _exit_after_error(1, f"another process of this run stopped (its error says why): {first}")
   if isinstance(e, UserError | ValueError | FileNotFoundError):
     _exit_after_error(2, " ".join(str(e).split()) or type(e).__name__)
+  if "RESOURCE_EXHAUSTED" in first:  # Out of memory past mfb_jax/memory.py's estimate.
+    first += " (the batch or model is too large for this device: lower train.batch_size, "
+    first += "eval.batch_size or data.max_frames)"
   _exit_after_error(1, f"{type(e).__name__}: {first}" + ("" if FLAGS.debug else _DEBUG_HINT))
 
 

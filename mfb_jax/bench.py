@@ -42,16 +42,6 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
   }
 
 
-def model_name(config: ml_collections.ConfigDict) -> str:
-  m = config.model
-  name = f"{m.aggregator}+{m.fusion}+{m.classifier}"
-  if m.get("fusion_level", "video") == "frame":
-    name = f"frame-{m.fusion}+{m.aggregator}+{m.classifier}"
-  if m.get("context_gating", False):
-    name += "+cg"
-  return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
-
-
 def fresh_train_step(config: ml_collections.ConfigDict):
   """(mesh, freshly initialized state, jitted train step) of the configured model."""
   mesh = train_lib.make_mesh()
@@ -72,8 +62,11 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
   batches = [
     jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)
   ]
-  logging.info("bench: compiling the train step of %s (batch %d)", model_name(config), batch_size)
+  logging.info(
+    "bench: compiling the train step of %s (batch %d)", train_lib.model_name(config), batch_size
+  )
   start = time.perf_counter()
+  train_lib.check_memory(config, step_fn, (state, batches[0]), "train")
   state, _ = step_fn(state, batches[0])
   jax.block_until_ready(state)
   return state, step_fn, batches, time.perf_counter() - start
@@ -174,7 +167,7 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   floor = peak_gflops * 1e9 / flops_per_example
   examples_per_sec = batch_size / timing["step_s"]
   record = {
-    "model": model_name(config),
+    "model": train_lib.model_name(config),
     "examples_per_sec": round(examples_per_sec, 2),
     # Microseconds: a tiny model's step can take well under a millisecond.
     "step_ms": round(1e3 * timing["step_s"], 3),

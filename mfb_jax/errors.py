@@ -21,6 +21,10 @@ class WorkdirError(UserError):
   """A workdir that cannot be used: not writable, or held by another training run."""
 
 
+class ResourceError(UserError):
+  """A config whose step needs more memory than its devices have (mfb_jax/memory.py)."""
+
+
 class TrainingError(UserError):
   """Training cannot go on (e.g. a NaN loss); no broken state was saved."""
 

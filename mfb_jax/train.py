@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import metrics
+from mfb_jax import errors, memory, metrics
 from mfb_jax import model as model_lib
 
 # Probabilities are clipped away from 0 and 1 by this much inside the log (as the starter code).
@@ -249,6 +249,29 @@ def local_rows(global_array: jax.Array) -> np.ndarray:
       seen.add(start)
       unique.append(np.asarray(shard.data))
   return np.concatenate(unique, axis=0)
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+  """The model as bench rows and messages name it: "netvlad+mfb+moe", "dbof+mfb+moe/bfloat16"."""
+  m = config.model
+  name = f"{m.aggregator}+{m.fusion}+{m.classifier}"
+  if m.get("fusion_level", "video") == "frame":
+    name = f"frame-{m.fusion}+{m.aggregator}+{m.classifier}"
+  if m.get("context_gating", False):
+    name += "+cg"
+  return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
+
+
+def check_memory(config: ml_collections.ConfigDict, jitted, args: tuple, step: str) -> None:
+  """Compiles `jitted(*args)`, the "train", "eval" or "predict" step, and refuses it (a
+  ResourceError on every process alike) where it needs more memory than the devices have left."""
+  field = "train.batch_size" if step == "train" else "eval.batch_size"
+  settings = field + (" or data.max_frames" if config.data.format == "frame" else "")
+  if step == "train" and config.model.dtype == "float32":
+    settings += ", or set model.dtype=bfloat16"
+  size = config.train.batch_size if step == "train" else config.eval.batch_size
+  what = f"the {step} step of {model_name(config)} at batch {size}"
+  errors.agreed(lambda: memory.check_fits(jitted, args, what, settings))
 
 
 def build(config: ml_collections.ConfigDict):

@@ -283,6 +283,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       if compiling:  # Timed alone, so that the progress rates leave it out.
         jax.block_until_ready(state)
         began = time.time()
+        train_lib.check_memory(config, train_fn, (state, global_batch, with_norms), "train")
       state, step_metrics = train_fn(state, global_batch, with_norms)
       buffer.add(done, step_metrics)
       if compiling:

@@ -311,3 +311,17 @@ def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
   assert last_line(result.stderr) == (
     f"error: another process of this run stopped (its error says why): {lost}"
   )
+
+
+def test_running_out_of_memory_names_the_settings_to_lower():
+  # Past mfb_jax/memory.py's estimate (or where a backend gives none): XLA's own error, with what
+  # to change.
+  text = "RESOURCE_EXHAUSTED: Out of memory allocating 5442485080 bytes."
+  flags = "launch.FLAGS(['launch.py', '--config=configs/tiny.py'])"
+  program = f"import launch; {flags}; launch._report_error(RuntimeError({text!r}))"
+  result = run_python(["-c", program], timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert last_line(result.stderr) == (
+    f"error: RuntimeError: {text} (the batch or model is too large for this device: lower "
+    "train.batch_size, eval.batch_size or data.max_frames) (rerun with --debug for the traceback)"
+  )

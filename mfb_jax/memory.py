@@ -1,0 +1,115 @@
+"""Whether a compiled step fits in the memory its devices have left, checked before it first runs.
+
+A batch too large for the machine otherwise ends badly: on a CPU, XLA takes the step's
+temporaries from the host with an allocation the kernel grants lazily, so the process is killed by
+the kernel's out-of-memory killer part-way through the step (no message; sometimes another process
+goes with it); on an accelerator, XLA raises RESOURCE_EXHAUSTED, which names no setting.
+`check_fits` compiles the step ahead (the jitted function then runs that same executable, from
+JAX's cache) and compares XLA's own estimate of what the step allocates beyond its arguments
+(temporaries, and outputs not written in place) with what the devices have available.
+"""
+
+import jax
+from absl import logging
+
+from mfb_jax.errors import ResourceError
+
+_GB = 1e9
+_MEMINFO = "/proc/meminfo"
+_CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1.
+  ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def _amount(num_bytes: float) -> str:
+  return f"{num_bytes / _GB:.1f} GB" if num_bytes >= 0.1 * _GB else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _meminfo_available() -> int | None:
+  """The host's MemAvailable (bytes), or None where /proc/meminfo is not readable."""
+  try:
+    with open(_MEMINFO) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def _read_int(path: str) -> int | None:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+    return None if text == "max" else int(text)
+  except (OSError, ValueError):
+    return None
+
+
+def _cgroup_available() -> int | None:
+  """What this process's memory cgroup allows beyond its current use (v2, else v1), if limited."""
+  for limit, usage in _CGROUP_FILES:
+    cap, used = _read_int(limit), _read_int(usage)
+    if cap is not None and used is not None and cap < 1 << 60:  # v1 writes ~2^63 for "none".
+      return max(cap - used, 0)
+  return None
+
+
+def host_available() -> int | None:
+  """Bytes the host can still give this process: MemAvailable, capped by a cgroup limit."""
+  known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
+  return min(known) if known else None
+
+
+def device_available(device) -> int | None:
+  """Bytes left on `device`: the host's for a CPU, else the allocator's limit less its use."""
+  if device.platform == "cpu":
+    return host_available()
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - a backend without memory statistics: nothing to check.
+    return None
+  if "bytes_limit" not in stats:
+    return None
+  return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def step_needs(compiled) -> int | None:
+  """Bytes one device's execution of `compiled` allocates beyond its arguments (XLA's estimate),
+  or None where the backend gives no estimate."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it.
+    return None
+  if stats is None:
+    return None
+  extra_outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return stats.temp_size_in_bytes + max(extra_outputs, 0)
+
+
+def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
+  """Compiles `jitted(*args)` and raises ResourceError, one line naming `what` (e.g. "the train
+  step of netvlad+mfb+moe at batch 128") and the `settings` that lower its memory, where XLA's
+  estimate exceeds what the devices have left. A CPU's devices share the host's memory."""
+  compiled = jitted.lower(*args).compile()
+  per_device = step_needs(compiled)
+  local = jax.local_devices()
+  if per_device is None or not local:
+    return
+  device = local[0]
+  sharing = len(local) if device.platform == "cpu" else 1
+  needs, available = per_device * sharing, device_available(device)
+  where = "the host" if device.platform == "cpu" else f"each {device.device_kind}"
+  logging.info(
+    "%s: needs about %s beyond its inputs (XLA's estimate); %s has %s available",
+    what,
+    _amount(needs),
+    where,
+    "an unknown amount" if available is None else _amount(available),
+  )
+  if available is not None and needs > available:
+    raise ResourceError(
+      f"{what} needs about {_amount(needs)} of memory beyond its parameters and inputs (XLA's "
+      f"estimate), but {where} has {_amount(available)} available: lower {settings}"
+    )
