@@ -9,6 +9,8 @@ JAX's cache) and compares XLA's own estimate of what the step allocates beyond i
 (temporaries, and outputs not written in place) with what the devices have available.
 """
 
+import ctypes
+
 import jax
 from absl import logging
 
@@ -56,8 +58,22 @@ def _cgroup_available() -> int | None:
   return None
 
 
+def release_free_memory() -> None:
+  """Hands the memory this process's allocator keeps from freed buffers back to the system, so
+  that the host's count includes it: tcmalloc keeps gigabytes of a step's freed temporaries for
+  the next step; glibc keeps the top of its heap."""
+  process = ctypes.CDLL(None)
+  for name in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):  # tcmalloc, else glibc.
+    release = getattr(process, name, None)
+    if release is not None:
+      release(*([0] if name == "malloc_trim" else []))
+      return
+
+
 def host_available() -> int | None:
-  """Bytes the host can still give this process: MemAvailable, capped by a cgroup limit."""
+  """Bytes the host can still give this process: MemAvailable (after handing back what the
+  allocator keeps), capped by a cgroup limit."""
+  release_free_memory()
   known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
   return min(known) if known else None
 

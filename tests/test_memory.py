@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import run_python
 
-from mfb_jax import evaluate, memory, trainer
+from mfb_jax import evaluate, memory, runtime, trainer
 from mfb_jax.errors import ResourceError
 
 MB = 1_000_000
@@ -94,3 +95,29 @@ def test_eval_and_predict_that_do_not_fit_name_eval_batch_size(
   with pytest.raises(ResourceError, match=r"the predict step of .* lower eval.batch_size or data"):
     evaluate.run_predict(tiny_config, str(trained_workdir))
   assert not (trained_workdir / evaluate.PREDICTIONS_FILE).exists()
+
+
+_RELEASE = """
+import numpy as np
+from mfb_jax import memory, runtime
+
+def resident():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * 4096
+
+assert runtime.tcmalloc_loaded()
+for _ in range(3):  # Freed buffers of a step's sizes, which tcmalloc keeps for reuse.
+  buffers = [np.ones(25_000_000 + 1000 * i, np.float32) for i in range(20)]
+  del buffers
+kept = resident()
+memory.release_free_memory()
+print((kept - resident()) / 1e9)
+"""
+
+
+@pytest.mark.skipif(runtime.tcmalloc_library() is None, reason="tcmalloc is not installed")
+def test_memory_tcmalloc_keeps_from_freed_buffers_is_counted_as_available():
+  library = runtime.tcmalloc_library()
+  result = run_python(["-c", _RELEASE], env={"LD_PRELOAD": library}, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(result.stdout.split()[-1]) > 1.0  # Of the last round's 2 GB, kept until released.
