@@ -132,9 +132,10 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
   """
   accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
   progress = Progress("evaluating")
-  for i, batch in enumerate(_local_batches(config, pattern, _max_examples_here(config), stop)):
+  batches = _local_batches(config, pattern, _max_examples_here(config), stop)
+  for count, batch in enumerate(batches):
     global_batch = input_pipeline.to_global(batch, mesh)
-    if i == 0:
+    if count == 0:
       train_lib.check_memory(config, eval_fn, (state, global_batch), "eval")
     summary = jax.device_get(eval_fn(state, global_batch))
     valid = summary.pop("valid")
@@ -234,9 +235,9 @@ def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int
   with tf.io.gfile.GFile(part, "w") as f:
     writer = csv.writer(f, lineterminator="\n")
     # Labels outside num_classes (another dataset version's) do not matter to predictions.
-    for i, batch in enumerate(_local_batches(config, pattern, check_labels=False)):
+    for count, batch in enumerate(_local_batches(config, pattern, check_labels=False)):
       global_batch = input_pipeline.to_global(batch, mesh)
-      if i == 0:
+      if count == 0:
         train_lib.check_memory(config, predict_fn, (state, global_batch), "predict")
       scores, classes = predict_fn(state, global_batch)
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
