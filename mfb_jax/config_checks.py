@@ -1,5 +1,6 @@
 """Start-up validation of config values: each bad value fails with one line naming the field."""
 
+import difflib
 import math
 
 import ml_collections
@@ -142,6 +143,35 @@ def _check_fields(config, mode: str) -> None:
       f"the config has no {', '.join(f'config.{f}' for f in missing[:5])}"
       f"{' and more' if len(missing) > 5 else ''} (configs/default.py has every field; "
       "a config written for an older version? build it from default.get_config())"
+    )
+  _check_unknown(config, reference)
+
+
+def _check_unknown(config, reference) -> None:
+  """ConfigError naming a field a config file sets that configs/default.py does not have (`c.train.
+  batchsize = 3` in a config file was silently unused; a `--config.x` override is checked by
+  the config's lock). A new section under config.model is a user module's settings: allowed,
+  and build_model checks its fields against the module's."""
+  known = {}
+  for section, fields in reference.items():
+    known[section] = None if not isinstance(fields, ml_collections.ConfigDict) else set(fields)
+  unknown = []
+  for section, fields in config.items():
+    if section not in known:
+      unknown.append(section)
+    elif known[section] is not None and isinstance(fields, ml_collections.ConfigDict):
+      for name, value in fields.items():
+        user_module = section == "model" and isinstance(value, ml_collections.ConfigDict)
+        if name not in known[section] and not user_module:
+          unknown.append(f"{section}.{name}")
+  if unknown:
+    field = unknown[0]
+    section, _, name = field.rpartition(".")
+    names = sorted(known[section]) if section else sorted(known)
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+    raise ConfigError(
+      f"config.{field} is not a config field ({hint}configs/default.py lists every field)"
     )
 
 

@@ -195,6 +195,39 @@ def test_a_config_without_some_fields_names_them():
     config_checks.validate(config, "train")  # Only the bench mode needs config.bench.
 
 
+def test_a_config_file_setting_a_field_default_lacks_names_it():
+  """`c.train.batchsize = 3` in a config file was silently unused (a 250k-step run at batch 128);
+  an override of it is refused by the config's lock, a field set in the file was not."""
+  import ml_collections
+
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  def config_with(section: str, name: str, value):
+    config = default.get_config()
+    config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+    (config[section] if section else config)[name] = value
+    return config
+
+  for section, name, message in [
+    (
+      "train",
+      "batchsize",
+      "config.train.batchsize is not a config field (did you mean "
+      "train.batch_size? configs/default.py lists every field)",
+    ),
+    ("model", "hidden_size", "config.model.hidden_size is not a config field (configs/"),
+    ("", "optimizer", "config.optimizer is not a config field (did you mean optim?"),
+  ]:
+    with pytest.raises(ConfigError) as error:
+      config_checks.validate(config_with(section, name, 3), "train")
+    assert str(error.value).startswith(message)
+  # A section under config.model is a user module's settings (README, "Add your own fusion").
+  config_checks.validate(
+    config_with("model", "my_fusion", ml_collections.ConfigDict({"dim": 8})), "train"
+  )
+
+
 def test_tiny_argument_must_be_two_names():
   from configs import tiny
   from mfb_jax.errors import ConfigError
