@@ -59,9 +59,9 @@ def run(config, workdir: str, mode: str) -> None:
 
     _report(config, workdir, evaluate.run_eval(config, workdir))
   elif mode == "predict":
-    from mfb_jax import evaluate
+    from mfb_jax import predict
 
-    path = evaluate.run_predict(config, workdir)
+    path = predict.run_predict(config, workdir)
     _print(f"wrote {path}")
   else:
     from mfb_jax import bench

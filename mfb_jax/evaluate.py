@@ -1,4 +1,4 @@
-"""Evaluation over a whole split and Kaggle-format prediction, on one or many processes.
+"""Evaluation over a whole split, on one or many processes (prediction: mfb_jax/predict.py).
 
 Every video is seen exactly once: each process reads its own files, the last batch is padded and
 masked, and processes that run out of data early feed all-padding batches until every process is
@@ -6,7 +6,6 @@ done, so all of them run the same number of (collective) steps.
 """
 
 import contextlib
-import csv
 import json
 import os
 import time
@@ -25,14 +24,11 @@ from mfb_jax import (
   input_pipeline,
   metrics,
   tf_errors,
-  vocabulary,
   workdir_files,
 )
 from mfb_jax import train as train_lib
 from mfb_jax.errors import DataError
 
-PREDICTIONS_FILE = "predictions.csv"
-NAMED_PREDICTIONS_FILE = "predictions_named.csv"  # With predict.vocabulary: label names.
 RESULTS_FILE = "eval_results.json"
 HISTORY_FILE = "eval_history.jsonl"  # One line per evaluation, for GAP-vs-step curves.
 
@@ -62,7 +58,7 @@ def lockstep(
     yield batch if batch is not None else empty
 
 
-def _local_batches(
+def local_batches(
   config, pattern: str, max_examples: int = 0, stop=lambda: False, check_labels: bool = True
 ) -> Iterator[dict]:
   local_batch = config_checks.check_batch_split(
@@ -132,7 +128,7 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
   """
   accumulator = metrics.MetricsAccumulator(config.data.num_classes, config.eval.top_k)
   progress = Progress("evaluating")
-  batches = _local_batches(config, pattern, _max_examples_here(config), stop)
+  batches = local_batches(config, pattern, _max_examples_here(config), stop)
   for count, batch in enumerate(batches):
     global_batch = input_pipeline.to_global(batch, mesh)
     if count == 0:
@@ -199,72 +195,6 @@ def evaluated_steps(workdir: str) -> set[int]:
   return steps
 
 
-def _format_row(video_id: str, classes_K: np.ndarray, scores_K: np.ndarray) -> list[str]:
-  pairs = " ".join(f"{int(c)} {s:.6f}" for c, s in zip(classes_K, scores_K, strict=True))
-  return [video_id, pairs]
-
-
-def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -> str:
-  """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path.
-
-  Each process writes its videos to a part file, merged by process 0. A failed or empty pass
-  leaves no part file, and an earlier predictions.csv as it was."""
-  part = os.path.join(workdir, f"{PREDICTIONS_FILE}.part-{jax.process_index():05d}")
-  try:
-    written = _write_part(config, state, predict_fn, mesh, pattern, part)
-    if jax.process_count() > 1:
-      written = int(np.sum(multihost_utils.process_allgather(np.array([written]))))
-    if written == 0:  # Every process agrees: no CSV of a header alone.
-      raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
-  except BaseException:
-    if tf.io.gfile.exists(part):
-      tf.io.gfile.remove(part)
-    raise
-  multihost_utils.sync_global_devices("predictions written")
-  path = os.path.join(workdir, PREDICTIONS_FILE)
-  if jax.process_index() == 0:
-    _merge_parts(path, jax.process_count())
-  multihost_utils.sync_global_devices("predictions merged")
-  return path
-
-
-def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int:
-  """This process's rows of the predictions CSV, written to `part`; returns how many."""
-  progress = Progress("predicting")
-  written = 0
-  with tf.io.gfile.GFile(part, "w") as f:
-    writer = csv.writer(f, lineterminator="\n")
-    # Labels outside num_classes (another dataset version's) do not matter to predictions.
-    for count, batch in enumerate(_local_batches(config, pattern, check_labels=False)):
-      global_batch = input_pipeline.to_global(batch, mesh)
-      if count == 0:
-        train_lib.check_memory(config, predict_fn, (state, global_batch), "predict")
-      scores, classes = predict_fn(state, global_batch)
-      scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
-      for i in np.flatnonzero(batch["valid"] > 0):
-        if not batch["id"][i]:
-          raise DataError(
-            f"a video in {pattern!r} has no id (data.id_feature={config.data.id_feature!r}; "
-            "'auto' reads 'id', else 'video_id')"
-          )
-        writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
-        written += 1
-      progress.update(int((batch["valid"] > 0).sum()))
-  return written
-
-
-def _merge_parts(path: str, num_parts: int) -> None:
-  """PATH from the processes' PATH.part-* files under one header (then removed)."""
-  parts = [f"{path}.part-{i:05d}" for i in range(num_parts)]
-  with workdir_files.atomic_file(path) as out:
-    out.write("VideoId,LabelConfidencePairs\n")
-    for part in parts:
-      with tf.io.gfile.GFile(part) as f:
-        out.write(f.read())
-  for part in parts:
-    tf.io.gfile.remove(part)
-
-
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   """(mesh, model, abstract state, restored state) of the workdir's latest checkpoint."""
   from mfb_jax import checkpoint as checkpoint_lib
@@ -286,16 +216,3 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = train_lib.jit_eval_step(config, model, mesh, abstract)
   result = evaluate_split(config, state, eval_fn, mesh, config.data.eval_pattern)
   return write_results(workdir, int(state.step), result)
-
-
-def run_predict(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=predict: the latest checkpoint's top-k labels for every video, as a Kaggle CSV."""
-  mesh, model, abstract, state = restore_for_inference(config, workdir)
-  predict_fn = train_lib.jit_predict_step(config, model, mesh, abstract)
-  pattern = config.data.predict_pattern or config.data.eval_pattern
-  path = predict_split(config, state, predict_fn, mesh, pattern, workdir)
-  if config.predict.vocabulary and jax.process_index() == 0:
-    named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
-    vocabulary.name_predictions(path, config.predict.vocabulary, named)
-    logging.info("wrote %s (label names from %s)", named, config.predict.vocabulary)
-  return path

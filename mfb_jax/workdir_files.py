@@ -188,14 +188,28 @@ def atomic_file(path: str):
 
   tf.io.gfile.makedirs(os.path.dirname(path) or ".")
   tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+  in_body = False
   try:
     with tf.io.gfile.GFile(tmp, "w") as f:
+      in_body = True
       yield f
+      in_body = False
     tf.io.gfile.rename(tmp, path, overwrite=True)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(Exception):
       tf.io.gfile.remove(tmp)
+    # Writing, closing or renaming the file failed (not the caller's own code): name PATH.
+    if isinstance(e, tf.errors.OpError | OSError) and (not in_body or tmp in str(e)):
+      raise _write_error(path, e) from e
     raise
+
+
+def _write_error(path: str, e: Exception) -> WorkdirError:
+  reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
+  return WorkdirError(
+    f"writing {path} failed ({reason.split(';')[-1].strip()}: a directory or a read-only file "
+    "in its place, or a full disk?)"
+  )
 
 
 def write_text(path: str, text: str) -> None:
@@ -211,10 +225,13 @@ def append_line(path: str, line: str) -> None:
   import tensorflow as tf  # Deferred, as in check_workdir.
 
   if not is_url(path):
-    with open(path, "ab+") as f:
-      size = f.seek(0, os.SEEK_END)
-      cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
-      f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
+    try:
+      with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
+        f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
+    except OSError as e:
+      raise _write_error(path, e) from e
     return
   old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
   write_text(path, old + ("\n" if old and not old.endswith("\n") else "") + line + "\n")

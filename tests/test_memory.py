@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import run_python
 
-from mfb_jax import evaluate, memory, runtime, trainer
+from mfb_jax import evaluate, memory, predict, runtime, trainer
 from mfb_jax.errors import ResourceError
 
 MB = 1_000_000
@@ -93,8 +93,8 @@ def test_eval_and_predict_that_do_not_fit_name_eval_batch_size(
   with pytest.raises(ResourceError, match=r"the eval step of .* lower eval.batch_size or data"):
     evaluate.run_eval(tiny_config, str(trained_workdir))
   with pytest.raises(ResourceError, match=r"the predict step of .* lower eval.batch_size or data"):
-    evaluate.run_predict(tiny_config, str(trained_workdir))
-  assert not (trained_workdir / evaluate.PREDICTIONS_FILE).exists()
+    predict.run_predict(tiny_config, str(trained_workdir))
+  assert not (trained_workdir / predict.PREDICTIONS_FILE).exists()
 
 
 _RELEASE = """

@@ -1,4 +1,4 @@
-"""The workdir lock: one training run per workdir, never a stale lock after a kill."""
+"""The workdir: its training lock (one run per workdir, never stale after a kill) and files."""
 
 import errno
 import fcntl
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mfb_jax import checkpoint, evaluate, vocabulary, workdir_files
+from mfb_jax import checkpoint, evaluate, predict, vocabulary, workdir_files
 from mfb_jax.errors import WorkdirError
 
 HOLD = """
@@ -114,10 +114,11 @@ def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
   tf.io.gfile.remove(f"{workdir}/cut.jsonl")
 
   path = f"{workdir}/predictions.csv"
-  for i, row in enumerate(["v1,3 0.900000 1 0.100000\n", "v2,2 0.500000\n"]):
-    with tf.io.gfile.GFile(f"{path}.part-{i:05d}", "w") as f:
+  parts = [f"{path}.0badcafe.part-{i:05d}" for i in range(2)]
+  for part, row in zip(parts, ["v1,3 0.900000 1 0.100000\n", "v2,2 0.500000\n"], strict=True):
+    with tf.io.gfile.GFile(part, "w") as f:
       f.write(row)
-  evaluate._merge_parts(path, 2)
+  predict._merge_parts(path, parts)
   assert tf.io.gfile.GFile(path).read() == (
     "VideoId,LabelConfidencePairs\nv1,3 0.900000 1 0.100000\nv2,2 0.500000\n"
   )
@@ -225,3 +226,21 @@ def test_two_writers_of_one_file_do_not_mix(tmp_path):
     assert json.load(open(path)) == {"step": 20}
   assert json.load(open(path)) == {"step": 10}  # The last rename wins, whole.
   assert os.listdir(tmp_path) == ["eval_results.json"]  # No .tmp file left.
+
+
+def test_a_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+  # A directory where eval_results.json or predictions.csv goes used to end with exit 1 and the
+  # text of a failed rename, naming the writer's .tmp file.
+  for name in ("eval_results.json", "eval_history.jsonl"):
+    (tmp_path / name).mkdir()
+    path = str(tmp_path / name)
+    write = workdir_files.write_text if name.endswith(".json") else workdir_files.append_line
+    with pytest.raises(WorkdirError) as raised:
+      write(path, '{"step": 10}')
+    assert str(raised.value).startswith(f"writing {path} failed (")
+    assert ".tmp" not in str(raised.value)
+  assert sorted(os.listdir(tmp_path)) == ["eval_history.jsonl", "eval_results.json"]
+  # The caller's own errors inside the block pass through as they are.
+  with pytest.raises(tf.errors.NotFoundError), workdir_files.atomic_file(str(tmp_path / "x")):
+    tf.io.gfile.GFile(str(tmp_path / "missing")).read()
+  assert sorted(os.listdir(tmp_path)) == ["eval_history.jsonl", "eval_results.json"]

@@ -1,0 +1,114 @@
+"""Kaggle-format predictions (`--mode=predict`): every video's top-k labels, on one or many
+processes; each process writes its share of the videos, process 0 merges them."""
+
+import contextlib
+import csv
+import os
+import secrets
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mfb_jax import evaluate, input_pipeline, vocabulary, workdir_files
+from mfb_jax import train as train_lib
+from mfb_jax.errors import DataError
+
+PREDICTIONS_FILE = "predictions.csv"
+NAMED_PREDICTIONS_FILE = "predictions_named.csv"  # With predict.vocabulary: label names.
+
+
+def run_predict(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=predict: the latest checkpoint's top-k labels for every video, as a Kaggle CSV."""
+  mesh, model, abstract, state = evaluate.restore_for_inference(config, workdir)
+  predict_fn = train_lib.jit_predict_step(config, model, mesh, abstract)
+  pattern = config.data.predict_pattern or config.data.eval_pattern
+  path = predict_split(config, state, predict_fn, mesh, pattern, workdir)
+  if config.predict.vocabulary and jax.process_index() == 0:
+    named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
+    vocabulary.name_predictions(path, config.predict.vocabulary, named)
+    logging.info("wrote %s (label names from %s)", named, config.predict.vocabulary)
+  return path
+
+
+def _format_row(video_id: str, classes_K: np.ndarray, scores_K: np.ndarray) -> list[str]:
+  pairs = " ".join(f"{int(c)} {s:.6f}" for c, s in zip(classes_K, scores_K, strict=True))
+  return [video_id, pairs]
+
+
+def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -> str:
+  """Writes the top-k predictions of every video to WORKDIR/predictions.csv; returns its path.
+
+  Each process writes its videos to a part file of this run's own (a second predict run on the
+  workdir writes others), merged by process 0. A failed, stopped or empty pass leaves no part
+  file of its process, and an earlier predictions.csv as it was."""
+  token = _run_token()
+  part = _part_path(workdir, token, jax.process_index())
+  path = os.path.join(workdir, PREDICTIONS_FILE)
+  try:
+    written = _write_part(config, state, predict_fn, mesh, pattern, part)
+    if jax.process_count() > 1:
+      written = int(np.sum(multihost_utils.process_allgather(np.array([written]))))
+    if written == 0:  # Every process agrees: no CSV of a header alone.
+      raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
+    multihost_utils.sync_global_devices("predictions written")
+    if jax.process_index() == 0:
+      _merge_parts(path, [_part_path(workdir, token, i) for i in range(jax.process_count())])
+    multihost_utils.sync_global_devices("predictions merged")
+  except BaseException:  # A signal too (errors.Interrupted).
+    with contextlib.suppress(Exception):
+      if tf.io.gfile.exists(part):
+        tf.io.gfile.remove(part)
+    raise
+  return path
+
+
+def _run_token() -> str:
+  """A name part of this predict run's own, the same on every process (process 0's)."""
+  token = np.array(secrets.randbits(31), np.int32)
+  if jax.process_count() > 1:
+    token = multihost_utils.broadcast_one_to_all(token)
+  return f"{int(token):08x}"
+
+
+def _part_path(workdir: str, token: str, process: int) -> str:
+  return os.path.join(workdir, f"{PREDICTIONS_FILE}.{token}.part-{process:05d}")
+
+
+def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int:
+  """This process's rows of the predictions CSV, written to `part`; returns how many."""
+  progress = evaluate.Progress("predicting")
+  written = 0
+  with tf.io.gfile.GFile(part, "w") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    # Labels outside num_classes (another dataset version's) do not matter to predictions.
+    for count, batch in enumerate(evaluate.local_batches(config, pattern, check_labels=False)):
+      global_batch = input_pipeline.to_global(batch, mesh)
+      if count == 0:
+        train_lib.check_memory(config, predict_fn, (state, global_batch), "predict")
+      scores, classes = predict_fn(state, global_batch)
+      scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
+      for i in np.flatnonzero(batch["valid"] > 0):
+        if not batch["id"][i]:
+          raise DataError(
+            f"a video in {pattern!r} has no id (data.id_feature={config.data.id_feature!r}; "
+            "'auto' reads 'id', else 'video_id')"
+          )
+        writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
+        written += 1
+      progress.update(int((batch["valid"] > 0).sum()))
+  return written
+
+
+def _merge_parts(path: str, parts: list[str]) -> None:
+  """PATH from the processes' part files under one header (then removed)."""
+  with workdir_files.atomic_file(path) as out:
+    out.write("VideoId,LabelConfidencePairs\n")
+    for part in parts:
+      with tf.io.gfile.GFile(part) as f:
+        out.write(f.read())
+  for part in parts:
+    tf.io.gfile.remove(part)

@@ -1,0 +1,58 @@
+"""--mode=predict's CSV, in-process on the tiny trained workdir: whole, or not there at all."""
+
+import signal
+
+import pytest
+
+from mfb_jax import predict
+from mfb_jax.errors import Interrupted
+
+HEADER = "VideoId,LabelConfidencePairs"
+
+
+def _rows(workdir) -> list[str]:
+  lines = (workdir / predict.PREDICTIONS_FILE).read_text().splitlines()
+  assert lines[0] == HEADER
+  return lines[1:]
+
+
+def _leftovers(workdir) -> list[str]:
+  return sorted(p.name for p in workdir.iterdir() if ".part-" in p.name or p.suffix == ".tmp")
+
+
+def test_a_second_predict_run_during_one_leaves_both_csvs_whole(
+  tiny_config, trained_workdir, monkeypatch
+):
+  # Both runs used to write WORKDIR/predictions.csv.part-00000: the second truncated the first's
+  # part and removed it, and the first failed (exit 1) after a garbled merge.
+  format_row, calls = predict._format_row, []
+
+  def a_whole_second_run_after_the_first_row(*args):
+    calls.append(args)
+    if len(calls) == 2:  # The first run's part file exists (TensorFlow creates it at a write).
+      predict.run_predict(tiny_config, str(trained_workdir))
+      assert len(_rows(trained_workdir)) == 40
+    return format_row(*args)
+
+  monkeypatch.setattr(predict, "_format_row", a_whole_second_run_after_the_first_row)
+  predict.run_predict(tiny_config, str(trained_workdir))
+  rows = _rows(trained_workdir)
+  assert len(rows) == 40 and len({row.split(",")[0] for row in rows}) == 40
+  assert len(calls) == 80 and _leftovers(trained_workdir) == []  # Both runs wrote 40 rows.
+
+
+def test_a_signal_while_merging_leaves_no_part_and_the_earlier_csv(
+  tiny_config, trained_workdir, monkeypatch
+):
+  predict.run_predict(tiny_config, str(trained_workdir))
+  earlier = (trained_workdir / predict.PREDICTIONS_FILE).read_text()
+
+  def signalled(path, parts):
+    assert all((trained_workdir / part).exists() for part in parts)
+    raise Interrupted(signal.SIGTERM)
+
+  monkeypatch.setattr(predict, "_merge_parts", signalled)
+  with pytest.raises(Interrupted):
+    predict.run_predict(tiny_config, str(trained_workdir))
+  assert (trained_workdir / predict.PREDICTIONS_FILE).read_text() == earlier
+  assert _leftovers(trained_workdir) == []
