@@ -145,12 +145,13 @@ class LabelCheck:
     self.config, self.seen, self.labelled, self.warned = config, 0, 0, False
     self.cleared = False  # Every process has seen a labelled video (may_save).
 
-  def __call__(self, labels_BxC: np.ndarray, step: int) -> None:
+  def __call__(self, labels_BxC: np.ndarray, step: int, last: bool = False) -> None:
+    """`last`: the run's last step, where it decides on however many videos it has seen."""
     labelled_B = labels_BxC.any(axis=1)
     if self.seen < self.VIDEOS:
       self.seen += len(labelled_B)
       self.labelled += int(labelled_B.sum())
-      if self.seen >= self.VIDEOS and not self.labelled:
+      if (self.seen >= self.VIDEOS or last) and not self.labelled:
         raise self._unlabelled(step)
     if not self.warned and not labelled_B.all():
       self.warned = True
@@ -178,7 +179,8 @@ class LabelCheck:
   def _unlabelled(self, step: int) -> errors.DataError:
     data = self.config.data
     return errors.DataError(
-      f"none of the first {self.seen} training videos (to step {step}) has a label: "
+      f"none of the {'first ' if self.seen >= self.VIDEOS else ''}{self.seen} training videos "
+      f"(to step {step}) has a label: "
       f"data.train_pattern={data.train_pattern!r} looks unlabelled (test shards? "
       f"data.labels_feature={data.labels_feature!r})"
     )
@@ -273,10 +275,10 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         batches = None  # Release the previous segment's tf.data threads first.
         batches = train_files.batches(config, segment_seed(config, step), local_batch)
       local = next(batches)
-      check_labels(local["labels"], step + 1)
-      global_batch = input_pipeline.to_global(local, mesh)
       done = step + 1
       is_last = done == train_cfg.num_steps
+      check_labels(local["labels"], done, is_last)
+      global_batch = input_pipeline.to_global(local, mesh)
       # The parameter norms cost a pass over all parameters: only on steps that log metrics.
       with_norms = done % train_cfg.log_every == 0 or is_last
       compiling = with_norms not in compiled

@@ -126,6 +126,12 @@ def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
   with pytest.raises(DataError, match=r"none of the first 32 training videos \(to step 4\)"):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
+  # A run shorter than 32 videos decides at its last step: it ended with exit 0 and no
+  # checkpoint (the end's save waited for a label that never came).
+  tiny_config.train.num_steps = 2
+  with pytest.raises(DataError, match=r"^none of the 16 training videos \(to step 2\) has a"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
 
 def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkeypatch):
