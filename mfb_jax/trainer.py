@@ -21,9 +21,16 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from mfb_jax import checkpoint as checkpoint_lib
-from mfb_jax import config_checks, errors, evaluate, input_pipeline, signals, workdir_files
+from mfb_jax import (
+  config_checks,
+  errors,
+  evaluate,
+  input_pipeline,
+  progress,
+  signals,
+  workdir_files,
+)
 from mfb_jax import train as train_lib
-from mfb_jax.errors import TrainingError
 
 
 def _stop_agreed() -> bool:
@@ -36,78 +43,6 @@ def _stop_agreed() -> bool:
 def segment_seed(config: ml_collections.ConfigDict, step: int) -> int:
   """The training-stream seed of the segment starting at `step` (see the module docstring)."""
   return int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
-
-
-# Train steps dispatched beyond the one running. Without a bound the loop runs ahead of a CPU's
-# steps by dozens (JAX's dispatch is asynchronous), each queued step keeping its batch alive
-# (177 MB per paper-sized float32 batch): a NetVLAD+MFB run (batch 128, 300 frames, 2-core Zen 5)
-# peaked at 10.0-10.4 GB of host memory, against 4.6-4.9 GB with this bound, at the same speed
-# once running and twice its speed over the first 50 steps.
-STEPS_AHEAD = 1
-
-
-class MetricBuffer:
-  """Train metrics kept on device until the next log/checkpoint, then checked for NaN/Inf.
-
-  Adding a step's metrics waits for the step STEPS_AHEAD before it to finish: the next batch is
-  still read while a step runs, but batches never pile up behind the running step.
-  """
-
-  def __init__(self):
-    self.pending: list[tuple[int, dict]] = []
-
-  def add(self, step: int, step_metrics: dict) -> None:
-    self.pending.append((step, step_metrics))
-    if len(self.pending) > STEPS_AHEAD:
-      jax.block_until_ready(self.pending[-1 - STEPS_AHEAD][1]["loss"])
-
-  def flush(self) -> dict[str, float]:
-    """Means of the pending metrics; raises TrainingError at the first non-finite loss.
-
-    A metric only some steps report (the parameter norms of logged steps) is averaged over those.
-    """
-    if not self.pending:
-      return {}
-    steps, values = zip(*self.pending, strict=True)
-    values = jax.device_get(list(values))
-    self.pending = []
-    for step, v in zip(steps, values, strict=True):
-      if not np.isfinite(v["loss"]):
-        raise TrainingError(
-          f"the training loss is {float(v['loss'])} at step {step}; stopping without saving this "
-          "state (lower optim.learning_rate or set optim.grad_clip_norm)"
-        )
-    keys = dict.fromkeys(k for v in values for k in v)
-    return {k: float(np.mean([v[k] for v in values if k in v])) for k in keys}
-
-
-class StepRate:
-  """Steps per second between progress lines, leaving out the steps that compile (the first
-  step, and the first with parameter norms: each compiles its variant of the train step,
-  minutes for a paper model), unless a window holds nothing else."""
-
-  def __init__(self, now: float, step: int):
-    self.last, self.skipped = (now, step), (0.0, 0)
-
-  def exclude(self, seconds: float) -> None:
-    """One step of the current window took `seconds` compiling and running."""
-    self.skipped = (self.skipped[0] + seconds, self.skipped[1] + 1)
-
-  def __call__(self, now: float, step: int) -> float:
-    (then, before), (seconds, skipped) = self.last, self.skipped
-    self.last, self.skipped = (now, step), (0.0, 0)
-    if step - before > skipped:
-      return (step - before - skipped) / max(now - then - seconds, 1e-9)
-    return (step - before) / max(now - then, 1e-9)
-
-
-def _progress_line(step: int, total: int, loss: float, steps_per_sec: float, batch: int) -> str:
-  eta = (total - step) / max(steps_per_sec, 1e-9)
-  hours, rest = divmod(int(eta), 3600)
-  return (
-    f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%) loss {loss:.4f} "
-    f"{steps_per_sec:.2f} steps/s {steps_per_sec * batch:.0f} ex/s ETA {hours}h{rest // 60:02d}m"
-  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -237,7 +172,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
 
   train_fn = train_lib.jit_train_step(config, model, tx, mesh, state_shapes)
   eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
-  buffer, result = MetricBuffer(), None
+  buffer, result = progress.MetricBuffer(), None
   batches, check_labels = None, LabelCheck(config)
 
   def run_eval(step: int) -> bool:
@@ -266,7 +201,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     logging.info("Evaluating step %d first: the run that saved it stopped before that", start_step)
     run_eval(start_step)
 
-  rate, compiled = StepRate(time.time(), start_step), set()
+  rate, compiled = progress.StepRate(time.time(), start_step), set()
   # SIGTERM/Ctrl-C stops at once until the first step has run (nothing new to save yet); from
   # then on the loop saves after the running step and stops (mfb_jax/signals.py).
   with contextlib.ExitStack() as deferral:
@@ -303,7 +238,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         means["examples_per_sec"] = steps_per_sec * train_cfg.batch_size
         writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
         logging.info(
-          _progress_line(
+          progress.progress_line(
             done, train_cfg.num_steps, means["loss"], steps_per_sec, train_cfg.batch_size
           )
         )
@@ -311,7 +246,11 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       saved = is_last or stopping or (periodic and check_labels.may_save(done))
       if saved:  # Before the evaluation, which can be long.
         save(done)
-      if (done % train_cfg.eval_every == 0 or is_last) and not run_eval(done):
+      evaluating = done % train_cfg.eval_every == 0 or is_last
+      if evaluating:  # Its time is left out of the progress rates, as compiling is.
+        jax.block_until_ready(state)
+        eval_began = time.time()
+      if evaluating and not run_eval(done):
         stopping = True  # Every process gave up the evaluation at the same batch.
         if not saved:
           save(done)
@@ -319,6 +258,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
         # than train one more step (and resume exactly, from a periodic checkpoint).
         stopping = _stop_agreed()
+      if evaluating:
+        rate.exclude(time.time() - eval_began, steps=0)
       if stopping:
         checkpointer.wait()  # A further signal is ignored until the save is complete.
         logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
