@@ -162,7 +162,7 @@ def map_paths(fn: Callable[[str], T], paths: list[str]) -> list[T]:
 def unreadable_directory(glob: str) -> str:
   """' (directory D cannot be read ...)' where the fixed part of a local glob's directory, or a
   directory above it, cannot be read (a glob sees no files there, which TensorFlow does not tell
-  apart from none), else ''."""
+  apart from none), ' (D does not exist)' for the first of them that is missing, else ''."""
   if "://" in glob:
     return ""
   fixed = os.path.dirname(os.path.abspath(glob))
@@ -173,7 +173,8 @@ def unreadable_directory(glob: str) -> str:
     chain.append(os.path.dirname(chain[-1]))
   for directory in reversed(chain):  # From the root down: each must be searchable.
     if not os.path.isdir(directory):
-      break
+      what = "is not a directory" if os.path.exists(directory) else "does not exist"
+      return f" ({os.path.normpath(directory)} {what})"
     if not os.access(directory, os.X_OK | (os.R_OK if directory == fixed else 0)):
       return f" (directory {directory} cannot be read: permission denied)"
   return ""

@@ -48,7 +48,8 @@ def test_the_metrics_cli_error_comes_without_tensorflow_notices(tmp_path):
   predictions = tmp_path / "p.csv"
   predictions.write_text("VideoId,LabelConfidencePairs\nv1,3 0.5\n")
   result = _run(["-m", "mfb_jax.metrics", f"--predictions={predictions}", "--labels=/no/l-*"])
-  assert (result.returncode, result.stderr) == (1, "error: no file matches '/no/l-*'\n")
+  expected = "error: no file matches '/no/l-*' (/no does not exist)\n"
+  assert (result.returncode, result.stderr) == (1, expected)
 
 
 @pytest.mark.parametrize("program", [["launch.py"], ["-m", "mfb_jax.sweep"]])

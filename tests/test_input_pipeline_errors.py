@@ -90,6 +90,21 @@ def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
     input_pipeline.list_files(f"{tmp_path}/nothing-*")
 
 
+def test_a_glob_in_a_missing_directory_names_it(tmp_path):
+  # A config's default data directory absent in this checkout (configs/yt8m_2017_sample.py
+  # outside its usual place) read as a glob that matched nothing.
+  (tmp_path / "a_file").write_text("")
+  for pattern, named in [
+    (f"{tmp_path}/gone/deeper/x-*.tfrecord", f"{tmp_path}/gone does not exist"),
+    (f"{tmp_path}/a_file/sub/x", f"{tmp_path}/a_file is not a directory"),
+  ]:
+    with pytest.raises(DataError) as error:
+      input_pipeline.list_files(pattern)
+    assert str(error.value) == f"no file matches {pattern!r} ({named})"
+  with pytest.raises(DataError, match=r"'$"):  # A directory that is itself a glob: no claim.
+    input_pipeline.list_files(f"{tmp_path}/gone[0-9]/x")
+
+
 def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
   import gzip
 
@@ -325,8 +340,8 @@ def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_pa
   os.symlink(first, tmp_path / "link.tfrecord")
   aliases = f"{first},{tmp_path}/sub/../a.tfrecord,{tmp_path}/link.tfrecord"
   assert input_pipeline.list_files(aliases) == [first]
-  ids = [i for b in evaluate._local_batches(config, aliases) for i in b["id"][b["valid"] > 0]]
+  ids = [i for b in evaluate.local_batches(config, aliases) for i in b["id"][b["valid"] > 0]]
   assert ids == [f"v{i}" for i in range(6)]
   write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two of the videos.
   with pytest.raises(DataError, match=r"video id 'v4' appears twice in the files matching"):
-    list(evaluate._local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))
+    list(evaluate.local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))

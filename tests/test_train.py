@@ -301,7 +301,7 @@ def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeyp
     asked.append(max_examples)
     return iter(())
 
-  monkeypatch.setattr(evaluate, "_local_batches", local_batches)
+  monkeypatch.setattr(evaluate, "local_batches", local_batches)
   for processes, max_examples, per_process in [(1, 5, 5), (2, 5, 3), (4, 8, 2), (2, 0, 0)]:
     monkeypatch.setattr(evaluate.jax, "process_count", lambda n=processes: n)
     tiny_config.eval.max_examples = max_examples
