@@ -99,12 +99,16 @@ def _validate_cell(config, cell: str, steps: int, eval_every: int, train: str, e
     raise ConfigError(f"cell {cell}: {e}") from e
 
 
-def _check_pattern(pattern: str, what: str) -> None:
+def _check_pattern(pattern: str, what: str, from_flag: bool) -> None:
   if not pattern:
     raise ConfigError(f"no {what} data: pass --{what}_pattern=GLOB (or set it in the config)")
+  source = f"--{what}_pattern" if from_flag else f"the config's data.{what}_pattern"
   for part in pattern.split(","):
     if "://" not in part and not glob.glob(os.path.expanduser(part.strip())):
-      raise ConfigError(f"--{what}_pattern: no files match {part.strip()!r}")
+      from mfb_jax import tfrecord_files  # Deferred (TensorFlow): only to say why.
+
+      where = tfrecord_files.unreadable_directory(part.strip())
+      raise ConfigError(f"{source}: no files match {part.strip()!r}{where}")
 
 
 @dataclasses.dataclass
@@ -161,8 +165,8 @@ class Sweep:
       raise ConfigError(f"--steps={steps} and --eval_every={eval_every} must be >= 1")
     train_pattern = flags.train_pattern or first.data.train_pattern
     eval_pattern = flags.eval_pattern or first.data.eval_pattern
-    _check_pattern(train_pattern, "train")
-    _check_pattern(eval_pattern, "eval")
+    _check_pattern(train_pattern, "train", bool(flags.train_pattern))
+    _check_pattern(eval_pattern, "eval", bool(flags.eval_pattern))
     for (agg, fusion), config in configs.items():  # Each cell's launch.py would refuse it.
       _validate_cell(config, f"{agg},{fusion}", steps, eval_every, train_pattern, eval_pattern)
     return cls(

@@ -155,8 +155,14 @@ def test_launch_args_of_a_cell(tmp_path):
   ]
   with pytest.raises(ConfigError, match="--steps"):
     sweep_config.Sweep.from_flags(_flags(tmp_path, set=["train.num_steps=5"]), "cmd")
-  with pytest.raises(ConfigError, match="no files match"):
+  missing = r"no files match '/nonexistent/e-\*' \(/nonexistent does not exist\)$"
+  with pytest.raises(ConfigError, match="^--eval_pattern: " + missing):
     sweep_config.Sweep.from_flags(_flags(tmp_path, eval_pattern="/nonexistent/e-*"), "cmd")
+  # A pattern from the config is named as the config's: the sweep had blamed a flag not given.
+  with pytest.raises(ConfigError, match="^the config's data.eval_pattern: " + missing):
+    overrides = ["data.num_classes=32", "data.eval_pattern=/nonexistent/e-*"]
+    flags = _flags(tmp_path, eval_pattern=None, set=overrides)
+    sweep_config.Sweep.from_flags(flags, "cmd")
   with pytest.raises(ConfigError, match="no such config"):
     sweep_config.Sweep.from_flags(_flags(tmp_path, config="configs/nope.py"), "cmd")
   # What each cell's launch.py would refuse stops the sweep before it trains anything.
