@@ -38,6 +38,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   config_file, _, config_arg = (config_args[-1] if config_args else "").partition(":")
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
+  wants_help = any(a.lstrip("-").startswith("help") for a in argv[1:])
+  if is_config_file and not config_args and not wants_help:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
+    given = f" ({overrides[0]} changes a field of it)" if overrides else ""
+    fail(f"--config=FILE is required{given}: e.g. --config=configs/default.py")
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
   if is_config_file and config_file and not config_file.endswith(".py"):
@@ -95,6 +100,8 @@ def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) 
     if field.startswith("model.") and not hint:  # A section of a module the user added?
       where += "; a new module's settings need a config.model.<name> section there first"
     return f"unknown config field {field!r}{hint} ({where})"
+  if config_file and not isinstance(e, flags.Error) and config_file not in message:
+    return f"{config_file}: {type(e).__name__}: {message}"  # The config file's own error.
   return message
 
 

@@ -34,6 +34,13 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
       "module's settings need a config.model.<name> section there first)",
     ),
     (["-m", "mfb_jax.bench_input", "--batch_size=0"], "--batch_size=0: must be >= 1"),
+    # Overrides without --config read as an unknown flag 'config.data.train_pattern'.
+    (
+      ["launch.py", "--workdir=/tmp/w", "--config.data.train_pattern=/x"],
+      "error: --config=FILE is required (--config.data.train_pattern changes a field of it): "
+      "e.g. --config=configs/default.py",
+    ),
+    (["launch.py", "--workdir=/tmp/w"], "error: --config=FILE is required: e.g. --config="),
     (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
   ],
 )
@@ -42,6 +49,14 @@ def test_bad_input_is_one_line_and_exit_2(args, error):
   assert result.returncode == 2, result.stderr
   assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
   assert error in result.stderr
+
+
+def test_a_config_files_own_error_names_the_file(tmp_path):
+  config = tmp_path / "mine.py"
+  config.write_text("def get_config():\n  return undefined_name\n")
+  result = _run(["launch.py", f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+  assert result.returncode == 2, result.stderr
+  assert result.stderr == f"error: {config}: NameError: name 'undefined_name' is not defined\n"
 
 
 def test_the_metrics_cli_error_comes_without_tensorflow_notices(tmp_path):
