@@ -44,6 +44,20 @@ def init_distributed(
   explicit = coordinator_address or (num_processes or 1) > 1
   if not explicit and not cluster_detected():
     return
+  flags = {
+    "--coordinator_address": coordinator_address,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
+  missing = [flag for flag, value in flags.items() if value is None]
+  if explicit and missing and not cluster_detected():  # JAX said "should be defined", unnamed.
+    from mfb_jax.errors import ConfigError
+
+    raise ConfigError(
+      f"{' and '.join(missing)} missing: a run of several processes needs --coordinator_address="
+      "HOST:PORT and --num_processes=N on every process, each with its own --process_id (no "
+      "SLURM, MPI or TPU VM cluster was detected to give them)"
+    )
   timeout = init_timeout_s()
   # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

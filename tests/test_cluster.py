@@ -88,3 +88,14 @@ def test_the_start_up_time_out_is_checked(monkeypatch):
     monkeypatch.setenv("MFB_JAX_INIT_TIMEOUT_S", bad)
     with pytest.raises(ConfigError, match=f"MFB_JAX_INIT_TIMEOUT_S='{bad}' must be a whole"):
       cluster.init_timeout_s()
+
+
+def test_flags_of_a_several_process_run_left_out_are_named(monkeypatch):
+  # JAX's own lines ("coordinator_address should be defined.") named no flag of ours.
+  monkeypatch.setattr(cluster, "cluster_detected", lambda: False)
+  with pytest.raises(ConfigError, match=r"^--coordinator_address and --process_id missing: "):
+    cluster.init_distributed(None, 2, None)
+  with pytest.raises(ConfigError, match=r"^--num_processes and --process_id missing: "):
+    cluster.init_distributed("127.0.0.1:1234", None, None)
+  cluster.init_distributed(None, None, None)  # One process: nothing to start, nothing missing.
+  cluster.init_distributed(None, 1, None)
