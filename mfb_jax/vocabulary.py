@@ -38,12 +38,21 @@ def _read(path: str) -> dict[int, str]:
         f"{path}: not a vocabulary CSV (needs columns Index/Name or label_id/label_name; "
         f"found {', '.join(header[:6])})"
       )
-    try:
-      return {int(row[id_col]): row[name_col] for row in reader}
-    except UnicodeDecodeError:  # load() names it.
-      raise
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
+    names = {}
+    for row in reader:
+      try:
+        label = int(row[id_col])
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
+      if label < 0:
+        raise ConfigError(f"{path}: label id {label} in line {reader.line_num} is negative")
+      if label in names:  # Which of two names a prediction got depended on the row order.
+        raise ConfigError(
+          f"{path}: label id {label} named twice ({names[label]!r}, then {row[name_col]!r} in "
+          f"line {reader.line_num})"
+        )
+      names[label] = row[name_col]
+    return names
 
 
 def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str) -> int:

@@ -251,6 +251,22 @@ def test_a_vocabulary_that_is_not_utf8_is_named(tmp_path):
     vocabulary.load(str(tmp_path / "missing.csv"))
 
 
+def test_a_vocabulary_naming_an_id_twice_or_a_negative_one_is_refused(tmp_path):
+  # Both were read silently: the later name won, and -3 was warned about as a class count.
+  from mfb_jax import vocabulary
+  from mfb_jax.errors import ConfigError
+
+  path = tmp_path / "vocab.csv"
+  path.write_text("label_id,label_name\n0,zero\n1,one\n0,dup\n")
+  with pytest.raises(ConfigError, match=r"label id 0 named twice \('zero', then 'dup' in line 4\)"):
+    vocabulary.load(str(path))
+  path.write_text("label_id,label_name\n0,zero\n-3,neg\n")
+  with pytest.raises(ConfigError, match=r"vocab\.csv: label id -3 in line 3 is negative$"):
+    vocabulary.load(str(path))
+  path.write_text("label_id,label_name\n0,zero\n3,three\n")
+  assert vocabulary.load(str(path)) == {0: "zero", 3: "three"}
+
+
 def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
   tmp_path, monkeypatch
 ):
