@@ -83,6 +83,8 @@ def _row(agg: str, fusion: str, cell_dir: str, steps: int | None, outcome: dict 
   target = steps if steps is not None else config.get("train", {}).get("num_steps")
   if outcome is not None:
     status = outcome["status"]
+    if status == "failed":  # What its directory holds is not this sweep's result.
+      result = None
   elif result is not None and result.get("step") == target:
     status = "done"
   else:

@@ -82,6 +82,20 @@ def test_markdown_table_of_fake_results():
     assert fragment in text
 
 
+def test_a_failed_cell_shows_no_earlier_result(tmp_path):
+  # A rerun with a smaller --steps fails a cell already trained further ("already trained to step
+  # 4 > --steps=2"): its row said failed while its table row and the ranking used step 4's GAP.
+  (tmp_path / "eval_results.json").write_text(json.dumps(dict(_result(4, 0.5), hit_at_1=0.5)))
+  failed = {"status": "failed", "error": "already trained to step 4 > --steps=2"}
+  row = sweep_report._row("avgpool", "concat", str(tmp_path), 2, failed)
+  assert (row["status"], row["result"]) == ("failed", None)
+  text = sweep_report.format_markdown([row, _fake_row("avgpool", "mfb", "done", 0.3)], META)
+  none = sweep_report._NO_VALUE
+  assert _table_row(text, "Avgpooling + Concatenation")[:4] == ["failed", "74.2", none, none]
+  assert "- Avgpooling: ours mfb; paper" in text
+  assert sweep_report._row("avgpool", "concat", str(tmp_path), 4, None)["result"]["gap"] == 0.5
+
+
 def test_history_last_line_wins_and_cut_lines_are_skipped(tmp_path):
   lines = [_result(2, 0.1), _result(4, 0.3), _result(2, 0.2)]
   with open(tmp_path / "eval_history.jsonl", "w") as f:
