@@ -85,10 +85,14 @@ def _report(config, workdir: str, result: dict | None) -> None:
     )
   import tensorflow as tf  # tf.io.gfile: the workdir may be a URL (gs://...).
 
-  results = f"{workdir}/eval_results.json"
-  # A run stopped by a signal before its first evaluation has none yet.
-  where = f"results: {results}  " if tf.io.gfile.exists(results) else ""
-  _print(f"{where}checkpoints: {workdir}/checkpoints")
+  results, checkpoints = f"{workdir}/eval_results.json", f"{workdir}/checkpoints"
+  # A run stopped by a signal before its first evaluation has none yet; one of 0 steps, no
+  # checkpoint.
+  where = [f"results: {results}"] if tf.io.gfile.exists(results) else []
+  if tf.io.gfile.exists(checkpoints) and tf.io.gfile.listdir(checkpoints):
+    where.append(f"checkpoints: {checkpoints}")
+  if where:
+    _print("  ".join(where))
   _print(f"TensorBoard: tensorboard --logdir {workdir}")
 
 

@@ -325,3 +325,15 @@ def test_running_out_of_memory_names_the_settings_to_lower():
     f"error: RuntimeError: {text} (the batch or model is too large for this device: lower "
     "train.batch_size, eval.batch_size or data.max_frames) (rerun with --debug for the traceback)"
   )
+
+
+def test_the_summary_names_only_files_that_exist(tiny_args, tiny_trained, tmp_path):
+  # A run of 0 steps evaluates the initial model and saves nothing: its summary named a
+  # checkpoints folder that was not there.
+  lines = tiny_trained["stdout"].splitlines()
+  work = tiny_trained["workdir"]
+  assert f"results: {work}/eval_results.json  checkpoints: {work}/checkpoints" in lines
+  result = launch(tmp_path / "w", *tiny_args, "--config.train.num_steps=0")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"results: {tmp_path / 'w'}/eval_results.json" in result.stdout.splitlines()
+  assert "checkpoints: " not in result.stdout
