@@ -10,6 +10,7 @@ JAX's cache) and compares XLA's own estimate of what the step allocates beyond i
 """
 
 import ctypes
+import os
 
 import jax
 from absl import logging
@@ -18,10 +19,8 @@ from mfb_jax.errors import ResourceError
 
 _GB = 1e9
 _MEMINFO = "/proc/meminfo"
-_CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1.
-  ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-)
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_MOUNT = "/sys/fs/cgroup"
 
 
 def _amount(num_bytes: float) -> str:
@@ -49,12 +48,48 @@ def _read_int(path: str) -> int | None:
     return None
 
 
+def _stat(path: str, key: str) -> int:
+  """A `key value` line of a cgroup's memory.stat (0 where missing)."""
+  try:
+    with open(path) as f:
+      for line in f:
+        name, _, value = line.partition(" ")
+        if name == key:
+          return int(value)
+  except (OSError, ValueError):
+    pass
+  return 0
+
+
+def _cgroup_dirs() -> list[tuple[str, str, str, str]]:
+  """(directory, limit file, usage file, inactive-cache key) of this process's memory cgroup, v2
+  ('0::/path') or v1 ('N:...memory...:/path'), as /proc/self/cgroup names it."""
+  found = []
+  try:
+    with open(_PROC_CGROUP) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return found
+  for line in lines:
+    number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    if number == "0" and controllers == "":
+      found.append((f"{_CGROUP_MOUNT}{path}", "memory.max", "memory.current", "inactive_file"))
+    elif "memory" in controllers.split(","):
+      where = f"{_CGROUP_MOUNT}/memory{path}"
+      found.append((where, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+  return found
+
+
 def _cgroup_available() -> int | None:
-  """What this process's memory cgroup allows beyond its current use (v2, else v1), if limited."""
-  for limit, usage in _CGROUP_FILES:
-    cap, used = _read_int(limit), _read_int(usage)
+  """What this process's memory cgroup allows beyond its current use, if it has a limit. The
+  usage counts the page cache, of which the inactive part is reclaimed before anything is
+  killed: a container that has read more tfrecords than its limit sits at its limit."""
+  for directory, limit, usage, inactive in _cgroup_dirs():
+    cap = _read_int(os.path.join(directory, limit))
+    used = _read_int(os.path.join(directory, usage))
     if cap is not None and used is not None and cap < 1 << 60:  # v1 writes ~2^63 for "none".
-      return max(cap - used, 0)
+      cache = _stat(os.path.join(directory, "memory.stat"), inactive)
+      return max(cap - max(used - cache, 0), 0)
   return None
 
 

@@ -21,32 +21,52 @@ def test_an_output_not_written_in_place_counts_and_a_donated_one_does_not():
   assert 4 * MB <= memory.step_needs(jax.jit(lambda a: a @ a + 1.0).lower(x).compile()) <= 8 * MB
 
 
-def _files(tmp_path, meminfo_kb: int, cgroup: tuple[str, str] | None):
+def _fake_system(tmp_path, monkeypatch, meminfo_kb: int, cgroup) -> None:
+  """/proc/meminfo, /proc/self/cgroup and the cgroup mount, as files under tmp_path. cgroup:
+  None, or (version, limit, usage, inactive page cache) of this process's cgroup /job/42."""
   meminfo = tmp_path / "meminfo"
   meminfo.write_text(f"MemTotal:  99999999 kB\nMemFree:  1 kB\nMemAvailable:  {meminfo_kb} kB\n")
-  limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-  if cgroup is not None:
-    limit.write_text(cgroup[0] + "\n")
-    usage.write_text(cgroup[1] + "\n")
-  return str(meminfo), ((str(limit), str(usage)),)
+  monkeypatch.setattr(memory, "_MEMINFO", str(meminfo))
+  monkeypatch.setattr(memory, "_CGROUP_MOUNT", str(tmp_path / "cg"))
+  proc = tmp_path / "proc_self_cgroup"
+  monkeypatch.setattr(memory, "_PROC_CGROUP", str(proc))
+  if cgroup is None:
+    proc.write_text("0::/\n")  # The root of a cgroup v2 hierarchy: no limit files.
+    return
+  version, limit, usage, inactive = cgroup
+  if version == 2:
+    proc.write_text("0::/job/42\n")
+    directory, names = tmp_path / "cg" / "job" / "42", ("memory.max", "memory.current")
+    stat = f"anon 5\ninactive_file {inactive}\nactive_file 7\n"
+  else:
+    proc.write_text("12:pids:/job/42\n4:memory:/job/42\n")
+    directory = tmp_path / "cg" / "memory" / "job" / "42"
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    stat = f"cache 9\ninactive_file 1\ntotal_inactive_file {inactive}\n"
+  directory.mkdir(parents=True)
+  (directory / names[0]).write_text(f"{limit}\n")
+  (directory / names[1]).write_text(f"{usage}\n")
+  (directory / "memory.stat").write_text(stat)
 
 
 @pytest.mark.parametrize(
   "meminfo_kb, cgroup, expected",
   [
-    (1000, None, 1_024_000),  # No cgroup files: the host's MemAvailable.
-    (1000, ("max", "5"), 1_024_000),  # A cgroup without a limit.
-    (1000, ("500000", "100000"), 400_000),  # A cgroup limit below MemAvailable.
-    (100, ("500000", "100000"), 102_400),  # MemAvailable below the cgroup's room.
-    (1000, ("100", "500"), 0),  # Over its limit already.
+    (1000, None, 1_024_000),  # No cgroup limit: the host's MemAvailable.
+    (1000, (2, "max", "5", 0), 1_024_000),  # A cgroup without a limit.
+    (1000, (2, "500000", "100000", 0), 400_000),  # A cgroup limit below MemAvailable.
+    (100, (2, "500000", "100000", 0), 102_400),  # MemAvailable below the cgroup's room.
+    (1000, (2, "100", "500", 0), 0),  # Over its limit already.
+    # At its limit after reading files: the inactive page cache is reclaimed first.
+    (1000, (2, "500000", "500000", 300000), 300_000),
+    (1000, (1, "500000", "500000", 300000), 300_000),
+    (1000, (1, str(2**63 - 4096), "500000", 0), 1_024_000),  # v1's "no limit".
   ],
 )
 def test_the_host_has_what_meminfo_and_the_cgroup_both_allow(
   tmp_path, monkeypatch, meminfo_kb, cgroup, expected
 ):
-  meminfo, cgroup_files = _files(tmp_path, meminfo_kb, cgroup)
-  monkeypatch.setattr(memory, "_MEMINFO", meminfo)
-  monkeypatch.setattr(memory, "_CGROUP_FILES", cgroup_files)
+  _fake_system(tmp_path, monkeypatch, meminfo_kb, cgroup)
   assert memory.host_available() == expected
 
 
