@@ -120,8 +120,11 @@ def _max_examples_here(config) -> int:
   return -(-config.eval.max_examples // jax.process_count())
 
 
-def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: False) -> dict:
-  """Metrics of `state` over every video matched by `pattern` (GAP as a fraction).
+def evaluate_split(
+  config, state, eval_fn, mesh, pattern: str, stop=lambda: False, check_memory: bool = True
+) -> dict:
+  """Metrics of `state` over every video matched by `pattern` (GAP as a fraction); with
+  `check_memory`, eval_fn's memory needs are checked before its first batch (train.check_memory).
 
   `stop()` is asked before every batch: once it is true on any process, every process raises
   StoppedError (the training loop's evaluations give up at a signal instead of finishing the split).
@@ -131,7 +134,7 @@ def evaluate_split(config, state, eval_fn, mesh, pattern: str, stop=lambda: Fals
   batches = local_batches(config, pattern, _max_examples_here(config), stop)
   for count, batch in enumerate(batches):
     global_batch = input_pipeline.to_global(batch, mesh)
-    if count == 0:
+    if count == 0 and check_memory:
       train_lib.check_memory(config, eval_fn, (state, global_batch), "eval")
     summary = jax.device_get(eval_fn(state, global_batch))
     valid = summary.pop("valid")

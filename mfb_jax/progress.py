@@ -59,7 +59,7 @@ class StepRate:
 
   def exclude(self, seconds: float, steps: int = 1) -> None:
     """`steps` steps of the current window took `seconds` compiling and running (0 steps: an
-    evaluation or a save between steps took them)."""
+    evaluation between steps took them)."""
     self.skipped = (self.skipped[0] + seconds, self.skipped[1] + steps)
 
   def __call__(self, now: float, step: int) -> float:

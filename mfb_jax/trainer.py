@@ -183,7 +183,13 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       return True
     try:
       res = evaluate.evaluate_split(
-        config, state, eval_fn, mesh, config.data.eval_pattern, stop=signals.requested
+        config,
+        state,
+        eval_fn,
+        mesh,
+        config.data.eval_pattern,
+        stop=signals.requested,
+        check_memory=result is None,  # Its first evaluation in this run.
       )
     except evaluate.StoppedError:
       logging.warning("Evaluation at step %d given up; it runs first when training resumes", step)
