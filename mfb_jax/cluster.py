@@ -44,8 +44,8 @@ def init_distributed(
   explicit = coordinator_address or (num_processes or 1) > 1
   if not explicit and not cluster_detected():
     return
-  flags = {
-    "--coordinator_address": coordinator_address,
+  flags = {  # JAX also reads the coordinator's address from JAX_COORDINATOR_ADDRESS.
+    "--coordinator_address": coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
     "--num_processes": num_processes,
     "--process_id": process_id,
   }

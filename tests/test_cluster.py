@@ -97,5 +97,9 @@ def test_flags_of_a_several_process_run_left_out_are_named(monkeypatch):
     cluster.init_distributed(None, 2, None)
   with pytest.raises(ConfigError, match=r"^--num_processes and --process_id missing: "):
     cluster.init_distributed("127.0.0.1:1234", None, None)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")  # Read by JAX itself.
+  with pytest.raises(ConfigError, match=r"^--process_id missing: "):
+    cluster.init_distributed(None, 2, None)
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
   cluster.init_distributed(None, None, None)  # One process: nothing to start, nothing missing.
   cluster.init_distributed(None, 1, None)
