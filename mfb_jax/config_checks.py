@@ -150,19 +150,24 @@ def _check_fields(config, mode: str) -> None:
 def _check_unknown(config, reference) -> None:
   """ConfigError naming a field a config file sets that configs/default.py does not have (`c.train.
   batchsize = 3` in a config file was silently unused; a `--config.x` override is checked by
-  the config's lock). A new section under config.model is a user module's settings: allowed,
-  and build_model checks its fields against the module's."""
+  the config's lock). A new section under config.model is a registered module's settings
+  (a user's module, registered by the time the config is checked): allowed, and build_model
+  checks its fields against the module's; under another name it would never be read."""
+  from mfb_jax import model as model_lib  # Deferred: the registries import flax.
+
   known = {}
   for section, fields in reference.items():
     known[section] = None if not isinstance(fields, ml_collections.ConfigDict) else set(fields)
+  modules = [*model_lib.AGGREGATORS, *model_lib.FUSIONS, *model_lib.CLASSIFIERS]
+  modules += [f"frame_{name}" for name in model_lib.FRAME_FUSIONS]
   unknown = []
   for section, fields in config.items():
     if section not in known:
       unknown.append(section)
     elif known[section] is not None and isinstance(fields, ml_collections.ConfigDict):
       for name, value in fields.items():
-        user_module = section == "model" and isinstance(value, ml_collections.ConfigDict)
-        if name not in known[section] and not user_module:
+        module = section == "model" and isinstance(value, ml_collections.ConfigDict)
+        if name not in known[section] and not (module and name in modules):
           unknown.append(f"{section}.{name}")
   if unknown:
     field = unknown[0]
@@ -170,6 +175,13 @@ def _check_unknown(config, reference) -> None:
     names = sorted(known[section]) if section else sorted(known)
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+    if section == "model" and isinstance(config.model[name], ml_collections.ConfigDict):
+      close = difflib.get_close_matches(name, modules, n=1)
+      hint = f"did you mean model.{close[0]}? " if close else ""
+      raise ConfigError(
+        f"config.model.{name} names no registered module, so nothing would read it ({hint}"
+        f"modules: {', '.join(sorted(modules))})"
+      )
     raise ConfigError(
       f"config.{field} is not a config field ({hint}configs/default.py lists every field)"
     )

@@ -107,7 +107,7 @@ def _check_pattern(pattern: str, what: str, from_flag: bool) -> None:
     if "://" not in part and not glob.glob(os.path.expanduser(part.strip())):
       from mfb_jax import tfrecord_files  # Deferred (TensorFlow): only to say why.
 
-      where = tfrecord_files.unreadable_directory(part.strip())
+      where = tfrecord_files.unreadable_directory(os.path.expanduser(part.strip()))
       raise ConfigError(f"{source}: no files match {part.strip()!r}{where}")
 
 

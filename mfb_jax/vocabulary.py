@@ -46,7 +46,7 @@ def _read(path: str) -> dict[int, str]:
         raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
       if label < 0:
         raise ConfigError(f"{path}: label id {label} in line {reader.line_num} is negative")
-      if label in names:  # Which of two names a prediction got depended on the row order.
+      if names.get(label, row[name_col]) != row[name_col]:  # Which name won hung on the order.
         raise ConfigError(
           f"{path}: label id {label} named twice ({names[label]!r}, then {row[name_col]!r} in "
           f"line {reader.line_num})"

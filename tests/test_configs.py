@@ -195,7 +195,7 @@ def test_a_config_without_some_fields_names_them():
     config_checks.validate(config, "train")  # Only the bench mode needs config.bench.
 
 
-def test_a_config_file_setting_a_field_default_lacks_names_it():
+def test_a_config_file_setting_a_field_default_lacks_names_it(monkeypatch):
   """`c.train.batchsize = 3` in a config file was silently unused (a 250k-step run at batch 128);
   an override of it is refused by the config's lock, a field set in the file was not."""
   import ml_collections
@@ -222,10 +222,15 @@ def test_a_config_file_setting_a_field_default_lacks_names_it():
     with pytest.raises(ConfigError) as error:
       config_checks.validate(config_with(section, name, 3), "train")
     assert str(error.value).startswith(message)
-  # A section under config.model is a user module's settings (README, "Add your own fusion").
-  config_checks.validate(
-    config_with("model", "my_fusion", ml_collections.ConfigDict({"dim": 8})), "train"
-  )
+  # A section under config.model is a registered module's settings (README, "Add your own
+  # fusion"); under another name nothing reads it.
+  settings = ml_collections.ConfigDict({"dim": 8})
+  with pytest.raises(ConfigError, match=r"^config.model.my_fusion names no registered module"):
+    config_checks.validate(config_with("model", "my_fusion", settings), "train")
+  with pytest.raises(ConfigError, match=r"names no registered .*did you mean model.netvlad\?"):
+    config_checks.validate(config_with("model", "netvald", settings), "train")
+  monkeypatch.setitem(model.FUSIONS, "my_fusion", model.FUSIONS["concat"])
+  config_checks.validate(config_with("model", "my_fusion", settings), "train")
 
 
 def test_tiny_argument_must_be_two_names():
@@ -263,7 +268,7 @@ def test_a_vocabulary_naming_an_id_twice_or_a_negative_one_is_refused(tmp_path):
   path.write_text("label_id,label_name\n0,zero\n-3,neg\n")
   with pytest.raises(ConfigError, match=r"vocab\.csv: label id -3 in line 3 is negative$"):
     vocabulary.load(str(path))
-  path.write_text("label_id,label_name\n0,zero\n3,three\n")
+  path.write_text("label_id,label_name\n0,zero\n3,three\n3,three\n")  # A repeated row: harmless.
   assert vocabulary.load(str(path)) == {0: "zero", 3: "three"}
 
 
