@@ -35,10 +35,15 @@ def load_config(config_path: str, arg: str) -> ml_collections.ConfigDict:
   name = "_sweep_config_" + Path(config_path).stem
   spec = importlib.util.spec_from_file_location(name, config_path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not inspect.signature(module.get_config).parameters:  # E.g. configs/default.py.
-    raise ConfigError(f"--config={config_path}: its get_config() takes no AGG,FUSION argument")
-  return module.get_config(arg)
+  try:
+    spec.loader.exec_module(module)
+    if not inspect.signature(module.get_config).parameters:  # E.g. configs/default.py.
+      raise ConfigError(f"--config={config_path}: its get_config() takes no AGG,FUSION argument")
+    return module.get_config(arg)
+  except ValueError:  # ConfigError too: the config's own line about a bad value or argument.
+    raise
+  except Exception as e:  # noqa: BLE001 - the config file's own error: a traceback, exit 1.
+    raise ConfigError(f"--config={config_path}: {type(e).__name__}: {e}") from e
 
 
 def parse_sets(values: list[str]) -> list[tuple[str, str]]:

@@ -96,6 +96,15 @@ def test_a_failed_cell_shows_no_earlier_result(tmp_path):
   assert sweep_report._row("avgpool", "concat", str(tmp_path), 4, None)["result"]["gap"] == 0.5
 
 
+def test_a_config_files_own_error_is_one_line_naming_it(tmp_path):
+  # It was a traceback and exit 1 (launch.py already gave one line).
+  config = tmp_path / "mine.py"
+  config.write_text("def get_config(arg=None):\n  return undefined_name\n")
+  with pytest.raises(ConfigError) as error:
+    sweep_config.load_config(str(config), "avgpool,concat")
+  assert str(error.value) == f"--config={config}: NameError: name 'undefined_name' is not defined"
+
+
 def test_history_last_line_wins_and_cut_lines_are_skipped(tmp_path):
   lines = [_result(2, 0.1), _result(4, 0.3), _result(2, 0.2)]
   with open(tmp_path / "eval_history.jsonl", "w") as f:
