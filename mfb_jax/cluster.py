@@ -41,8 +41,8 @@ def init_distributed(
   """Starts JAX's multi-process runtime when asked to (flags) or when a cluster is detected."""
   import jax
 
-  explicit = coordinator_address or (num_processes or 1) > 1
-  if not explicit and not cluster_detected():
+  explicit, detected = coordinator_address or (num_processes or 1) > 1, cluster_detected()
+  if not explicit and not detected:
     return
   flags = {  # JAX also reads the coordinator's address from JAX_COORDINATOR_ADDRESS.
     "--coordinator_address": coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -50,7 +50,7 @@ def init_distributed(
     "--process_id": process_id,
   }
   missing = [flag for flag, value in flags.items() if value is None]
-  if explicit and missing and not cluster_detected():  # JAX said "should be defined", unnamed.
+  if explicit and missing and not detected:  # JAX said "should be defined", unnamed.
     from mfb_jax.errors import ConfigError
 
     raise ConfigError(

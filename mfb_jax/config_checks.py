@@ -169,22 +169,22 @@ def _check_unknown(config, reference) -> None:
         module = section == "model" and isinstance(value, ml_collections.ConfigDict)
         if name not in known[section] and not (module and name in modules):
           unknown.append(f"{section}.{name}")
-  if unknown:
-    field = unknown[0]
-    section, _, name = field.rpartition(".")
-    names = sorted(known[section]) if section else sorted(known)
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
-    if section == "model" and isinstance(config.model[name], ml_collections.ConfigDict):
-      close = difflib.get_close_matches(name, modules, n=1)
-      hint = f"did you mean model.{close[0]}? " if close else ""
-      raise ConfigError(
-        f"config.model.{name} names no registered module, so nothing would read it ({hint}"
-        f"modules: {', '.join(sorted(modules))})"
-      )
+  if not unknown:
+    return
+  field = unknown[0]
+  section, _, name = field.rpartition(".")
+  if section == "model" and isinstance(config.model[name], ml_collections.ConfigDict):
+    close = difflib.get_close_matches(name, modules, n=1)
+    hint = f"did you mean model.{close[0]}? " if close else ""
     raise ConfigError(
-      f"config.{field} is not a config field ({hint}configs/default.py lists every field)"
+      f"config.model.{name} names no registered module, so nothing would read it ({hint}"
+      f"modules: {', '.join(sorted(modules))})"
     )
+  close = difflib.get_close_matches(name, sorted(known[section] if section else known), n=1)
+  hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
+  raise ConfigError(
+    f"config.{field} is not a config field ({hint}configs/default.py lists every field)"
+  )
 
 
 def _schedule_fits(config) -> None:

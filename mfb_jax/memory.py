@@ -27,13 +27,15 @@ def _amount(num_bytes: float) -> str:
   return f"{num_bytes / _GB:.1f} GB" if num_bytes >= 0.1 * _GB else f"{num_bytes / 1e6:.1f} MB"
 
 
-def _meminfo_available() -> int | None:
-  """The host's MemAvailable (bytes), or None where /proc/meminfo is not readable."""
+def _field(path: str, key: str) -> int | None:
+  """The number after `key` on its line of /proc/meminfo or a cgroup's memory.stat, or None
+  where the file or the line is missing."""
   try:
-    with open(_MEMINFO) as f:
+    with open(path) as f:
       for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
+        words = line.split()
+        if words and words[0] == key:
+          return int(words[1])
   except (OSError, ValueError, IndexError):
     pass
   return None
@@ -46,19 +48,6 @@ def _read_int(path: str) -> int | None:
     return None if text == "max" else int(text)
   except (OSError, ValueError):
     return None
-
-
-def _stat(path: str, key: str) -> int:
-  """A `key value` line of a cgroup's memory.stat (0 where missing)."""
-  try:
-    with open(path) as f:
-      for line in f:
-        name, _, value = line.partition(" ")
-        if name == key:
-          return int(value)
-  except (OSError, ValueError):
-    pass
-  return 0
 
 
 def _cgroup_dirs() -> list[tuple[str, str, str, str]]:
@@ -88,7 +77,7 @@ def _cgroup_available() -> int | None:
     cap = _read_int(os.path.join(directory, limit))
     used = _read_int(os.path.join(directory, usage))
     if cap is not None and used is not None and cap < 1 << 60:  # v1 writes ~2^63 for "none".
-      cache = _stat(os.path.join(directory, "memory.stat"), inactive)
+      cache = _field(os.path.join(directory, "memory.stat"), inactive) or 0
       return max(cap - max(used - cache, 0), 0)
   return None
 
@@ -109,7 +98,9 @@ def host_available() -> int | None:
   """Bytes the host can still give this process: MemAvailable (after handing back what the
   allocator keeps), capped by a cgroup limit."""
   release_free_memory()
-  known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
+  meminfo = _field(_MEMINFO, "MemAvailable:")  # In kB.
+  meminfo = None if meminfo is None else meminfo * 1024
+  known = [b for b in (meminfo, _cgroup_available()) if b is not None]
   return min(known) if known else None
 
 

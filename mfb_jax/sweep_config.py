@@ -108,12 +108,13 @@ def _check_pattern(pattern: str, what: str, from_flag: bool) -> None:
   if not pattern:
     raise ConfigError(f"no {what} data: pass --{what}_pattern=GLOB (or set it in the config)")
   source = f"--{what}_pattern" if from_flag else f"the config's data.{what}_pattern"
-  for part in pattern.split(","):
-    if "://" not in part and not glob.glob(os.path.expanduser(part.strip())):
+  for part in (p.strip() for p in pattern.split(",")):
+    local = os.path.expanduser(part)
+    if "://" not in part and not glob.glob(local):
       from mfb_jax import tfrecord_files  # Deferred (TensorFlow): only to say why.
 
-      where = tfrecord_files.unreadable_directory(os.path.expanduser(part.strip()))
-      raise ConfigError(f"{source}: no files match {part.strip()!r}{where}")
+      where = tfrecord_files.unreadable_directory(local)
+      raise ConfigError(f"{source}: no files match {part!r}{where}")
 
 
 @dataclasses.dataclass

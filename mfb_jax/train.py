@@ -265,12 +265,12 @@ def model_name(config: ml_collections.ConfigDict) -> str:
 def check_memory(config: ml_collections.ConfigDict, jitted, args: tuple, step: str) -> None:
   """Compiles `jitted(*args)`, the "train", "eval" or "predict" step, and refuses it (a
   ResourceError on every process alike) where it needs more memory than the devices have left."""
-  field = "train.batch_size" if step == "train" else "eval.batch_size"
-  settings = field + (" or data.max_frames" if config.data.format == "frame" else "")
+  section = "train" if step == "train" else "eval"  # Predict batches are eval.batch_size too.
+  frames = " or data.max_frames" if config.data.format == "frame" else ""
+  settings = f"{section}.batch_size{frames}"
   if step == "train" and config.model.dtype == "float32":
     settings += ", or set model.dtype=bfloat16"
-  size = config.train.batch_size if step == "train" else config.eval.batch_size
-  what = f"the {step} step of {model_name(config)} at batch {size}"
+  what = f"the {step} step of {model_name(config)} at batch {config[section].batch_size}"
   errors.agreed(lambda: memory.check_fits(jitted, args, what, settings))
 
 

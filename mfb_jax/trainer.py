@@ -252,11 +252,13 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       saved = is_last or stopping or (periodic and check_labels.may_save(done))
       if saved:  # Before the evaluation, which can be long.
         save(done)
-      evaluating = done % train_cfg.eval_every == 0 or is_last
-      if evaluating:  # Its time is left out of the progress rates, as compiling is.
-        jax.block_until_ready(state)
+      evaluated = True
+      if done % train_cfg.eval_every == 0 or is_last:
+        jax.block_until_ready(state)  # Its time is left out of the progress rates, as compiling is.
         eval_began = time.time()
-      if evaluating and not run_eval(done):
+        evaluated = run_eval(done)
+        rate.exclude(time.time() - eval_began, steps=0)
+      if not evaluated:
         stopping = True  # Every process gave up the evaluation at the same batch.
         if not saved:
           save(done)
@@ -264,8 +266,6 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
         # than train one more step (and resume exactly, from a periodic checkpoint).
         stopping = _stop_agreed()
-      if evaluating:
-        rate.exclude(time.time() - eval_began, steps=0)
       if stopping:
         checkpointer.wait()  # A further signal is ignored until the save is complete.
         logging.warning("Stopped at step %d after a signal; checkpoint saved", done)

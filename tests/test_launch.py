@@ -301,12 +301,18 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
   assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
 
 
+def _reported(error: str):
+  """The run of launch._report_error(ERROR), ERROR a Python expression, in a process of its own
+  (it exits), with launch.py's flags parsed."""
+  flags = "launch.FLAGS(['launch.py', '--config=configs/tiny.py'])"
+  return run_python(["-c", f"import launch; {flags}; launch._report_error({error})"], timeout=120)
+
+
 def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
   # process_allgather raised the lost connection as a ValueError, which was taken for bad input
   # (exit 2 and gloo's text) on the process whose partner had stopped on bad data.
   lost = "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error: Connection reset by peer"
-  program = f"import launch; launch._report_error(ValueError({lost!r}))"
-  result = run_python(["-c", program], timeout=120)
+  result = _reported(f"ValueError({lost!r})")
   assert result.returncode == 1, result.stderr[-2000:]
   assert last_line(result.stderr) == (
     f"error: another process of this run stopped (its error says why): {lost}"
@@ -317,9 +323,7 @@ def test_running_out_of_memory_names_the_settings_to_lower():
   # Past mfb_jax/memory.py's estimate (or where a backend gives none): XLA's own error, with what
   # to change.
   text = "RESOURCE_EXHAUSTED: Out of memory allocating 5442485080 bytes."
-  flags = "launch.FLAGS(['launch.py', '--config=configs/tiny.py'])"
-  program = f"import launch; {flags}; launch._report_error(RuntimeError({text!r}))"
-  result = run_python(["-c", program], timeout=120)
+  result = _reported(f"RuntimeError({text!r})")
   assert result.returncode == 1, result.stderr[-2000:]
   assert last_line(result.stderr) == (
     f"error: RuntimeError: {text} (the batch or model is too large for this device: lower "
