@@ -46,7 +46,7 @@ def lost_peer(text: str) -> bool:
 
 def agreed(check):
   """check()'s result where it succeeds on every process; else a UserError on every process: its
-  own where it failed, one naming the first failing process elsewhere. Start-up checks that read
+  own where it failed, one naming the first failing process elsewhere. Checks that read
   process-local things (this process's files, its view of the workdir) go through here, so that
   no process waits in a collective for a process that has already stopped."""
   import jax
@@ -62,7 +62,7 @@ def agreed(check):
     failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
     if error is None and failed.any():
       first = int(np.flatnonzero(failed)[0])
-      raise UserError(f"process {first} stopped the run at start-up (its error says why)")
+      raise UserError(f"process {first} stopped the run (its own error line says why)")
   if error is not None:
     raise error
   return result

@@ -139,7 +139,11 @@ def test_bad_files_on_one_process_stop_both_processes(tiny_args, tiny_data, tmp_
   args = [tiny_args[0] + ":dbof,mfb", *tiny_args[1:], f"--config.data.train_pattern={data}/train-*"]
   args.append("--config.train.num_steps=40")
   for damage, error_1, error_0 in [
-    ("no records", "no records in the 1 file(s)", "process 1 stopped the run at start-up"),
+    (
+      "no records",
+      "no records in the 1 file(s)",
+      "process 1 stopped the run (its own error line says why)",
+    ),
     ("corrupt", "train-1.tfrecord: corrupt or truncated", "another process of this run stopped"),
   ]:
     if damage == "no records":
