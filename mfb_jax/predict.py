@@ -44,7 +44,8 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
 
   Each process writes its videos to a part file of this run's own (a second predict run on the
   workdir writes others), merged by process 0. A failed, stopped or empty pass leaves no part
-  file of its process, and an earlier predictions.csv as it was."""
+  file of its process, and an earlier predictions.csv as it was; a pass that replaces it removes
+  the earlier predictions_named.csv first (run_predict writes this pass's)."""
   token = _run_token()
   part = _part_path(workdir, token, jax.process_index())
   path = os.path.join(workdir, PREDICTIONS_FILE)
@@ -56,6 +57,10 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
       raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
     multihost_utils.sync_global_devices("predictions written")
     if jax.process_index() == 0:
+      # The named file reads the CSV it came from: none is better than one naming older rows.
+      named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
+      if tf.io.gfile.exists(named):
+        tf.io.gfile.remove(named)
       _merge_parts(path, [_part_path(workdir, token, i) for i in range(jax.process_count())])
     multihost_utils.sync_global_devices("predictions merged")
   except BaseException:  # A signal too (errors.Interrupted).

@@ -56,3 +56,12 @@ def test_a_signal_while_merging_leaves_no_part_and_the_earlier_csv(
     predict.run_predict(tiny_config, str(trained_workdir))
   assert (trained_workdir / predict.PREDICTIONS_FILE).read_text() == earlier
   assert _leftovers(trained_workdir) == []
+
+
+def test_a_new_csv_never_stands_beside_an_older_named_file(tiny_config, trained_workdir):
+  # A predict killed between writing predictions.csv and predictions_named.csv used to leave the
+  # previous run's named file beside the new CSV; one without predict.vocabulary did too.
+  named = trained_workdir / predict.NAMED_PREDICTIONS_FILE
+  named.write_text("VideoId,Labels\nold,music (0.900)\n")
+  predict.run_predict(tiny_config, str(trained_workdir))
+  assert len(_rows(trained_workdir)) == 40 and not named.exists()
