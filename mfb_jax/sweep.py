@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 
 from mfb_jax import cli, sweep_config, sweep_report
-from mfb_jax.errors import UserError
+from mfb_jax.errors import ConfigError, UserError
 
 FLAGS = flags.FLAGS
 
@@ -165,6 +165,19 @@ def run_sweep(sweep: sweep_config.Sweep, stop: StopFlag) -> int:
   return _summarize(sweep, outcomes, paths, time.time() - start, stop)
 
 
+def check_cells(sweep: sweep_config.Sweep) -> None:
+  """Refuses a sweep whose workdir holds cells trained beyond --steps, before it rewrites the
+  report: run anyway, every such cell would fail and results.md would lose their results."""
+  beyond = []
+  for agg, fusion in sweep.cells:
+    state = sweep_report.cell_state(sweep.cell_dir(agg, fusion), sweep.steps)
+    if state not in ("todo", "done"):
+      beyond.append(state)
+  if beyond:
+    more = f" (and {len(beyond) - 1} more cell(s))" if len(beyond) > 1 else ""
+    raise ConfigError(f"{beyond[0]}{more}")
+
+
 def _summarize(sweep, outcomes: dict, paths: list[str], took: float, stop: StopFlag) -> int:
   failed = [f"{a},{f}" for (a, f), o in outcomes.items() if o["status"] == "failed"]
   print(f"sweep finished in {format_duration(took)}; wrote {', '.join(paths)}", flush=True)
@@ -184,6 +197,7 @@ def main(argv) -> None:
   try:
     command = shlex.join(["python", "-m", "mfb_jax.sweep", *sys.argv[1:]])
     sweep = sweep_config.Sweep.from_flags(FLAGS, command)
+    check_cells(sweep)
   except (UserError, ValueError) as e:  # Bad flags or config: one line, before any training.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -124,6 +124,18 @@ def test_cell_state(tmp_path):
   assert "step 6 > --steps=4" in sweep_report.cell_state(str(tmp_path), 4)
 
 
+def test_cells_trained_beyond_steps_stop_the_sweep_before_its_report(tmp_path):
+  # A rerun with a smaller --steps failed every such cell and rewrote results.md all failed.
+  cells = sweep_config.Sweep.from_flags(_flags(tmp_path), "cmd")  # --steps=40, two cells.
+  for step, cell in [(40, "avgpool_concat"), (60, "avgpool_mfb")]:
+    os.makedirs(tmp_path / "sweep" / cell)
+    (tmp_path / "sweep" / cell / "eval_results.json").write_text(json.dumps(_result(step, 0.5)))
+  with pytest.raises(ConfigError, match=r"avgpool_mfb is already trained to step 60 > --steps=40"):
+    sweep.check_cells(cells)
+  (tmp_path / "sweep" / "avgpool_mfb" / "eval_results.json").write_text(json.dumps(_result(8, 0.5)))
+  sweep.check_cells(cells)  # Done and resumable cells pass.
+
+
 def test_overrides_are_typed_and_checked():
   config = sweep_config.load_config(TINY, "avgpool,mfb")
   pairs = sweep_config.parse_sets(
