@@ -199,3 +199,16 @@ def test_the_bfloat16_peak_is_measured_on_the_native_product():
     assert dot_operand_dtypes(hlo) == [("bf16", "bf16")]
   f32 = a.astype(jax.numpy.float32)
   np.testing.assert_array_equal(flops.peak_product("float32")(f32, f32), f32 @ f32)
+
+
+@pytest.mark.parametrize(
+  "cell, mflops, floor",
+  [("netvlad,mfb", 367.3, 572), ("dbof,mfb", 2981.8, 70)],
+)
+def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
+  from configs import paper
+
+  config = paper.get_config(cell)
+  per_example = flops.train_flops_per_example(config)
+  assert per_example / 1e6 == pytest.approx(mflops, rel=1e-3)
+  assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # The design figures are rounded.

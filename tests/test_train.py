@@ -2,20 +2,17 @@
 
 import json
 import os
-import shutil
 import signal
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
 from mfb_jax import checkpoint as checkpoint_lib
-from mfb_jax import evaluate, flops, input_pipeline, progress, trainer
+from mfb_jax import evaluate, input_pipeline, trainer
 from mfb_jax import train as train_lib
-from mfb_jax.errors import CheckpointError, DataError, TrainingError
+from mfb_jax.errors import DataError, TrainingError
 
 
 def _params_at(config, workdir, step):
@@ -154,40 +151,6 @@ def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkey
   assert check.may_save(5)
 
 
-def test_the_step_rate_leaves_compiling_steps_and_evaluations_out():
-  rate = progress.StepRate(now=1000.0, step=0)
-  rate.exclude(60.0)  # Step 1 compiled for a minute.
-  rate.exclude(50.0)  # So did step 4, the first with parameter norms.
-  assert rate(1112.0, 4) == pytest.approx(1.0)  # Steps 2 and 3 in the other 2 s.
-  assert rate(1116.0, 6) == pytest.approx(0.5)
-  alone = progress.StepRate(now=0.0, step=10)
-  alone.exclude(30.0)
-  assert alone(30.0, 11) == pytest.approx(1 / 30)  # Only the compiling step: its own rate.
-  # An evaluation between steps: its time is left out, the steps stay in.
-  evaluated = progress.StepRate(now=0.0, step=0)
-  evaluated.exclude(100.0, steps=0)
-  assert evaluated(110.0, 10) == pytest.approx(1.0)
-
-
-def test_progress_rates_leave_the_evaluations_out(tiny_config, tmp_path, monkeypatch):
-  # An evaluation in a window counted as training time: 0.43 steps/s against 1.5 otherwise.
-  tiny_config.train.update(num_steps=6, eval_every=2, log_every=3, checkpoint_every=100)
-  evaluate_split, rates = evaluate.evaluate_split, []
-
-  def slow_evaluation(*args, **kwargs):
-    time.sleep(4.0)
-    return evaluate_split(*args, **kwargs)
-
-  def progress_line(step, total, loss, steps_per_sec, batch):
-    rates.append(steps_per_sec)
-    return ""
-
-  monkeypatch.setattr(evaluate, "evaluate_split", slow_evaluation)
-  monkeypatch.setattr(progress, "progress_line", progress_line)
-  trainer.train_and_evaluate(tiny_config, str(tmp_path))
-  assert len(rates) == 2 and rates[1] > 1.0  # Steps 4-6, with a 4 s evaluation at step 4.
-
-
 def test_a_signal_after_a_saved_evaluation_stops_at_that_step(tiny_config, tmp_path, monkeypatch):
   # Step 3 is saved and evaluated; the signal comes as its results are written. The run trained
   # step 4 and saved there, so its resume left the periodic checkpoints' exact rule.
@@ -249,51 +212,7 @@ def test_segment_seeds_differ_and_repeat():
   assert trainer.segment_seed(config, 1000) != trainer.segment_seed(config, 2000)
 
 
-@pytest.mark.parametrize(
-  "cell, mflops, floor",
-  [("netvlad,mfb", 367.3, 572), ("dbof,mfb", 2981.8, 70)],
-)
-def test_flop_floor_matches_the_design_figures(cell, mflops, floor):
-  from configs import paper
-
-  config = paper.get_config(cell)
-  per_example = flops.train_flops_per_example(config)
-  assert per_example / 1e6 == pytest.approx(mflops, rel=1e-3)
-  assert 210e9 / per_example == pytest.approx(floor, rel=1e-2)  # The design figures are rounded.
-
-
-def test_metric_buffer_averages_each_metric_over_the_steps_that_report_it():
-  buffer = progress.MetricBuffer()
-  buffer.add(1, {"loss": np.float32(1.0)})
-  buffer.add(2, {"loss": np.float32(3.0), "grad_norm": np.float32(5.0)})
-  assert buffer.flush() == {"loss": 2.0, "grad_norm": 5.0}
-  assert buffer.flush() == {}
-
-
-class _Loss:
-  """A step's loss that records when the trainer waits for it."""
-
-  def __init__(self, step, waited):
-    self.step, self.waited = step, waited
-
-  def block_until_ready(self):
-    self.waited.append(self.step)
-    return self
-
-
-def test_metric_buffer_keeps_at_most_steps_ahead_steps_queued(monkeypatch):
-  # Unbounded, JAX queues up to 32 CPU steps with their batches (10 GB for NetVLAD+MFB).
-  for ahead in (1, 3):
-    monkeypatch.setattr(progress, "STEPS_AHEAD", ahead)
-    buffer, waited = progress.MetricBuffer(), []
-    for step in range(1, 8):
-      buffer.add(step, {"loss": _Loss(step, waited)})
-      # Adding step s waits for step s - ahead: only `ahead` steps may still be queued.
-      assert waited == list(range(1, step - ahead + 1))
-
-
 def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeypatch):
-  from mfb_jax import evaluate
 
   asked = []
 
@@ -308,57 +227,3 @@ def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeyp
     with pytest.raises(DataError, match="split is empty"):  # The stand-in reads no videos.
       evaluate.evaluate_split(tiny_config, None, None, None, "unused")
     assert asked.pop() == per_process
-
-
-def test_restore_errors_not_about_the_checkpoint_pass_through(tmp_path, monkeypatch):
-  """Damaged data is a CheckpointError that says to move the step aside; a lost peer or memory
-  is not the checkpoint's fault, and keeps its own error."""
-  state = {"w": jnp.arange(6.0)}
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
-  checkpointer.save(state, 1)
-  checkpointer.close()
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  assert float(checkpointer.restore(abstract)["w"][5]) == 5.0
-  for text, kind in [
-    (
-      "Encountered error while reading array index. See full TensorStore details: <bound",
-      CheckpointError,
-    ),
-    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate", RuntimeError),
-    ("Connection closed by peer", RuntimeError),
-  ]:
-
-    def fail(*args, text=text, **kwargs):
-      raise RuntimeError(text)
-
-    monkeypatch.setattr(checkpointer._manager, "restore", fail)
-    with pytest.raises(kind) as error:
-      checkpointer.restore(abstract)
-    assert type(error.value) is kind
-    assert ("it is damaged" in str(error.value)) == (kind is CheckpointError)
-    assert "TensorStore details" not in str(error.value)
-
-
-def test_a_damaged_step_is_named_with_the_step_to_resume_from(tmp_path):
-  """However a step is damaged, one line names it and the step a resume would start from."""
-  state = {"w": jnp.arange(6.0)}
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
-  for step in (1, 2):
-    checkpointer.save(state, step)
-  checkpointer.close()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  directory = tmp_path / "checkpoints"
-  shutil.rmtree(directory / "2" / "default")  # orbax: "Unable to retrieve default item..."
-  with pytest.raises(CheckpointError) as error:
-    checkpoint_lib.Checkpointer(str(tmp_path)).restore(abstract)
-  assert str(error.value) == (
-    f"cannot read checkpoint {directory}/2 (its 'default' item is missing); it is damaged or "
-    f"was not written by this project: move {directory}/2 out of {directory} to resume from "
-    "step 1"
-  )
-  shutil.move(directory / "2", tmp_path / "2.damaged")  # What the line says to do.
-  assert float(checkpoint_lib.Checkpointer(str(tmp_path)).restore(abstract)["w"][5]) == 5.0
-  os.remove(directory / "1" / "default" / "_METADATA")
-  with pytest.raises(CheckpointError, match=r"/1 \(its metadata is missing\).*start again from"):
-    checkpoint_lib.Checkpointer(str(tmp_path)).restore(abstract)
