@@ -46,6 +46,15 @@ def last_line(text: str) -> str:
   return lines[-1] if lines else ""
 
 
+def assert_one_line_error(result, *fragments: str) -> None:
+  """A failed run whose last stderr line holds every fragment, with no traceback."""
+  assert result.returncode != 0, result.stdout[-1000:]
+  assert "Traceback" not in result.stderr
+  line = last_line(result.stderr)
+  for fragment in fragments:
+    assert fragment in line, line
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

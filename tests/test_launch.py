@@ -1,16 +1,13 @@
-"""launch.py from outside: errors, signals, kill -9, eval and predict modes."""
+"""launch.py from outside: one-line errors, eval and predict modes, the run summary (stopped
+runs: test_launch_signals.py)."""
 
 import csv
 import gzip
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import time
 
-import pytest
-from conftest import PYTHON, REPO, last_line, launch, run_python
+from conftest import REPO, assert_one_line_error, last_line, launch, run_python
 
 from mfb_jax import workdir_files
 
@@ -26,14 +23,6 @@ def _tree_digest(path) -> str:
       with open(full, "rb") as f:
         digest.update(f.read())
   return digest.hexdigest()
-
-
-def _assert_one_line_error(result, *fragments: str) -> None:
-  assert result.returncode != 0, result.stdout[-1000:]
-  assert "Traceback" not in result.stderr
-  line = last_line(result.stderr)
-  for fragment in fragments:
-    assert fragment in line, line
 
 
 def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
@@ -66,22 +55,22 @@ def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
   no_records = f"--config.data.predict_pattern={work / 'empty.tfrecord'}"
   result = launch(work, "--mode=predict", *tiny_args, no_records)
   assert result.returncode == 2
-  _assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
+  assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
   assert (work / "predictions.csv").read_bytes() == before
   assert not [p for p in os.listdir(work) if p.startswith("predictions.csv.")]
   result = launch(work, "--mode=predict", *tiny_args, "--config.data.id_feature=vid")
-  _assert_one_line_error(result, "has no id (data.id_feature='vid'")
+  assert_one_line_error(result, "has no id (data.id_feature='vid'")
   assert (work / "predictions.csv").read_bytes() == before
   assert not [p for p in os.listdir(work) if p.startswith("predictions.csv.")]
 
 
 def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, *tiny_args, "--config.train.batch_size=-4")
-  _assert_one_line_error(result, "train.batch_size")
+  assert_one_line_error(result, "train.batch_size")
   result = launch(tmp_path, *tiny_args, "--config.model.matmul_precision=tf32")
-  _assert_one_line_error(result, "model.matmul_precision", "tensorfloat32", "default")
+  assert_one_line_error(result, "model.matmul_precision", "tensorfloat32", "default")
   result = launch(tmp_path, *tiny_args, "--config.model.fusion=bilinear_magic")
-  _assert_one_line_error(result, "model.fusion", "mfb", "concat")
+  assert_one_line_error(result, "model.fusion", "mfb", "concat")
   result = launch(tmp_path, *tiny_args, "--config.train.batchsize=4")  # Misspelled: locked config.
   assert result.returncode != 0 and "Traceback" not in result.stderr
   # --debug adds the traceback; the exit code and the last line stay (a bad value, a bad field).
@@ -92,7 +81,7 @@ def test_bad_config_values_give_one_line(tiny_args, tmp_path):
   # An eval batch that does not split over the devices fails before training, not after it.
   eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = launch(tmp_path, *tiny_args, "--config.eval.batch_size=4", env=eight)
-  _assert_one_line_error(result, "eval.batch_size")
+  assert_one_line_error(result, "eval.batch_size")
   assert not (tmp_path / "checkpoints").exists()
 
 
@@ -100,7 +89,7 @@ def test_a_missing_workdir_gives_one_line():
   for mode in ("train", "eval", "predict"):
     result = run_python(["launch.py", f"--config={REPO / 'configs' / 'tiny.py'}", f"--mode={mode}"])
     assert result.returncode == 2
-    _assert_one_line_error(result, "--workdir=DIR is required", f"--mode={mode}")
+    assert_one_line_error(result, "--workdir=DIR is required", f"--mode={mode}")
 
 
 def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
@@ -108,48 +97,46 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   for mode in ("eval", "predict"):
     result = launch(missing, f"--mode={mode}", *tiny_args)
     assert result.returncode == 2
-    _assert_one_line_error(result, f"workdir {missing} does not exist", "--mode=train")
+    assert_one_line_error(result, f"workdir {missing} does not exist", "--mode=train")
   assert not missing.exists()  # Looking for a checkpoint creates nothing.
   missing.mkdir()
   for mode in ("eval", "predict"):
     result = launch(missing, f"--mode={mode}", *tiny_args)
-    _assert_one_line_error(result, "no checkpoint in", "train first")
+    assert_one_line_error(result, "no checkpoint in", "train first")
   assert os.listdir(missing) == []  # Not even an empty checkpoints/ directory.
   (tmp_path / "a-file").write_text("x")
   for mode in ("train", "eval"):
     result = launch(tmp_path / "a-file", f"--mode={mode}", *tiny_args)
     assert result.returncode == 2
-    _assert_one_line_error(result, "a-file is a file, not a directory")
+    assert_one_line_error(result, "a-file is a file, not a directory")
   result = launch(tmp_path, *tiny_args, "stray")
   assert result.returncode == 2
-  _assert_one_line_error(result, "unexpected arguments: stray")
+  assert_one_line_error(result, "unexpected arguments: stray")
   result = launch(tmp_path, *tiny_args, "--num_processes=2", "--process_id=2")
   assert result.returncode == 2
-  _assert_one_line_error(result, "--process_id=2 with --num_processes=2: process ids run from 0")
+  assert_one_line_error(result, "--process_id=2 with --num_processes=2: process ids run from 0")
   result = launch(tmp_path, f"--config={REPO / 'README.md'}")
-  _assert_one_line_error(result, "README.md: a config is a Python file")
+  assert_one_line_error(result, "README.md: a config is a Python file")
   result = launch(tmp_path, *tiny_args, "--config.model.aggregation=dbof")
-  _assert_one_line_error(
-    result, "unknown config field 'model.aggregation': Did you mean aggregator"
-  )
+  assert_one_line_error(result, "unknown config field 'model.aggregation': Did you mean aggregator")
   # A misspelled leaf is named by its path; config files that are not configs; --config twice.
   result = launch(tmp_path, *tiny_args, "--config.train.steps=3")
-  _assert_one_line_error(result, "unknown config field 'train.steps'")
+  assert_one_line_error(result, "unknown config field 'train.steps'")
   (tmp_path / "no_get.py").write_text("x = 1\n")
   result = launch(tmp_path, f"--config={tmp_path / 'no_get.py'}")
-  _assert_one_line_error(result, "no_get.py: a config file needs a get_config() function")
+  assert_one_line_error(result, "no_get.py: a config file needs a get_config() function")
   (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")
   result = launch(tmp_path, f"--config={tmp_path / 'five.py'}")
   assert result.returncode == 2
-  _assert_one_line_error(result, "five.py: get_config() returned an object of type int")
+  assert_one_line_error(result, "five.py: get_config() returned an object of type int")
   result = launch(tmp_path, *tiny_args, "--config=configs/tiny.py:dbof,mfb")
-  _assert_one_line_error(result, "--config is given 2 times")
+  assert_one_line_error(result, "--config is given 2 times")
   (tmp_path / "reads.py").write_text("def get_config():\n  return open('/nonexistent/cfg')\n")
   result = launch(tmp_path, f"--config={tmp_path / 'reads.py'}")
-  _assert_one_line_error(result, "reads.py: ", "No such file or directory", "/nonexistent/cfg")
+  assert_one_line_error(result, "reads.py: ", "No such file or directory", "/nonexistent/cfg")
   # The unknown leaf is in two overrides (train.top_k is unknown, eval.top_k is fine): no guess.
   result = launch(tmp_path, *tiny_args, "--config.eval.top_k=5", "--config.train.top_k=5")
-  _assert_one_line_error(result, "unknown config field 'top_k'")
+  assert_one_line_error(result, "unknown config field 'top_k'")
 
 
 def test_missing_files_give_one_line(tmp_path):
@@ -159,7 +146,7 @@ def test_missing_files_give_one_line(tmp_path):
     "--config.data.train_pattern=/nonexistent/train*",
     "--config.data.eval_pattern=/nonexistent/x*",
   )
-  _assert_one_line_error(result, "/nonexistent/train*")
+  assert_one_line_error(result, "/nonexistent/train*")
   assert not (tmp_path / "checkpoints").exists()  # A run stopped at start-up leaves none.
   # Nothing else on stderr: TensorFlow's and XLA's start-up notices are silenced too.
   assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
@@ -169,13 +156,13 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, trained_workdir):
   work = trained_workdir
   before = _tree_digest(work)
   result = launch(work, *tiny_args, "--config.model.aggregator=dbof")
-  _assert_one_line_error(result, "does not match the config")
+  assert_one_line_error(result, "does not match the config")
   assert _tree_digest(work) == before
   # A checkpoint without its metadata is called damaged, not another model's.
   os.remove(work / "checkpoints" / "6" / "default" / "_METADATA")
   result = launch(work, "--mode=eval", *tiny_args)
   assert result.returncode == 2
-  _assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
+  assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
 
 
 def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdir):
@@ -188,117 +175,8 @@ def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdi
     result = launch(trained_workdir, f"--mode={mode}", *tiny_args, "--config.train.num_steps=8")
     assert result.returncode == 2, result.stderr[-2000:]
     assert (trained_workdir / "config.json").read_text() == config_json  # Not the failed run's.
-    _assert_one_line_error(result, "cannot read checkpoint", "/6 (", "to resume from step 3")
+    assert_one_line_error(result, "cannot read checkpoint", "/6 (", "to resume from step 3")
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["3", "6"]  # Nothing replaced.
-
-
-def _start(workdir, tiny_args, *extra):
-  return subprocess.Popen(
-    [
-      PYTHON,
-      "launch.py",
-      f"--workdir={workdir}",
-      *tiny_args,
-      "--config.train.num_steps=100000",
-      "--config.train.eval_every=100000",
-      *extra,
-    ],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-
-
-def _wait_for_checkpoint(workdir, process, timeout: float = 120) -> int:
-  deadline = time.time() + timeout
-  ckpt = os.path.join(workdir, "checkpoints")
-  while time.time() < deadline:
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    steps = [s for s in steps if s >= 6]
-    if steps:
-      return max(steps)
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    time.sleep(0.2)
-  process.kill()
-  raise AssertionError("no checkpoint appeared")
-
-
-def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
-  process = _start(tmp_path, tiny_args)
-  seen = _wait_for_checkpoint(tmp_path, process)
-  process.send_signal(signal.SIGTERM)
-  time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)  # A second one must not cut the save short.
-  _, err = process.communicate(timeout=120)
-  assert process.returncode == 0, err[-2000:]
-  names = os.listdir(tmp_path / "checkpoints")
-  steps = sorted(int(d) for d in names if d.isdigit())
-  assert steps[-1] >= seen
-  assert not [d for d in names if not d.isdigit()]  # No save left cut short.
-  assert "Received SIGTERM: saving a checkpoint" in err
-  assert f"Stopped at step {steps[-1]} after a signal; checkpoint saved" in err
-
-
-# launch.py with a checkpoint restore that fails as tensorstore's did when a SIGTERM landed inside
-# it: with an error of its own, the signal's exception as its cause.
-SIGNALLED_DURING_RESTORE = """
-import os, runpy, signal, sys, time
-from mfb_jax import checkpoint
-def restore(self, abstract_state, step=None):
-  try:
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
-  except BaseException as e:
-    raise RuntimeError("Encountered error while reading array index") from e
-checkpoint.Checkpointer.restore = restore
-sys.argv = ["launch.py", *sys.argv[1:]]
-runpy.run_path("launch.py", run_name="__main__")
-"""
-
-
-def test_a_signal_that_a_library_turns_into_an_error_is_reported_as_the_signal(
-  tiny_args, trained_workdir
-):
-  args = ["-c", SIGNALLED_DURING_RESTORE, f"--workdir={trained_workdir}", "--mode=eval"]
-  result = run_python([*args, *tiny_args], env={"MFB_JAX_NO_TCMALLOC": "1"}, timeout=120)
-  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
-  assert last_line(result.stderr).startswith("error: stopped by SIGTERM"), result.stderr[-2000:]
-  assert "RuntimeError" not in result.stderr
-
-
-def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
-  first = _start(tmp_path, tiny_args)
-  _wait_for_checkpoint(tmp_path, first)
-  second = launch(tmp_path, *tiny_args)  # Unlocked, it would soon finish with exit code 0.
-  first.send_signal(signal.SIGTERM)
-  _, err = first.communicate(timeout=120)
-  _assert_one_line_error(second, "is in use by another training run", f"pid {first.pid} ")
-  assert first.returncode == 0, err[-2000:]  # The first run was not disturbed.
-  # Eval may read a workdir while it trains; after the first run the workdir is free again.
-  assert launch(tmp_path, *tiny_args, "--mode=eval").returncode == 0
-
-
-@pytest.mark.slow
-def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
-  process = _start(tmp_path, tiny_args, "--config.train.checkpoint_every=2")
-  _wait_for_checkpoint(tmp_path, process)
-  time.sleep(1.0)
-  process.kill()
-  process.communicate()
-  committed = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert committed
-  latest = committed[-1]
-  result = launch(
-    tmp_path,
-    *tiny_args,
-    f"--config.train.num_steps={latest + 2}",
-    "--config.train.checkpoint_every=2",
-    "--config.train.eval_every=100000",
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert f"from step {latest} " in result.stderr
-  assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
 
 
 def _reported(error: str):

@@ -1,13 +1,11 @@
 """SIGTERM and Ctrl-C: deferred to a checkpoint save in the training loop, one line elsewhere."""
 
-import glob
 import os
 import signal
-import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, REPO, free_port, last_line, run_python
+from conftest import free_port, last_line, run_python
 
 from mfb_jax import signals, workdir_files
 
@@ -287,71 +285,3 @@ def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["eval_results.json"]
   workdir_files.write_text(path, "new")
   assert open(path).read() == "new" and sorted(os.listdir(tmp_path)) == ["eval_results.json"]
-
-
-def test_a_signal_during_evaluation_stops_eval_mode_at_once(tiny_args, trained_workdir, tmp_path):
-  # A slow eval: 100 copies of the tiny eval split, one video per step.
-  work, shards = trained_workdir, tmp_path / "shards"
-  shards.mkdir()
-  eval_glob = tiny_args[-1].split("=", 1)[1]
-  for copy in range(100):
-    for path in glob.glob(eval_glob):
-      os.link(path, shards / f"{copy}-{os.path.basename(path)}")
-  results = (work / "eval_results.json").read_bytes()
-  args = [*tiny_args[:-1], f"--config.data.eval_pattern={shards}/*", "--config.eval.batch_size=1"]
-  process = subprocess.Popen(
-    [PYTHON, "launch.py", f"--workdir={work}", "--mode=eval", *args],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  lines, deadline = [], time.time() + 120
-  while not any("Restoring checkpoint" in line for line in lines) and time.time() < deadline:
-    lines.append(process.stderr.readline())
-  time.sleep(1.0)  # Restored, compiling or evaluating: every phase must stop the same way.
-  process.send_signal(signal.SIGINT)
-  _, err = process.communicate(timeout=60)
-  assert process.returncode == 130, "".join(lines) + err[-2000:]
-  assert "Traceback" not in err
-  assert last_line(err).startswith("error: stopped by SIGINT")
-  assert (work / "eval_results.json").read_bytes() == results
-  assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
-
-
-# Training whose first train step gets a SIGTERM as it starts (compiled, not yet run).
-SIGNALLED_IN_THE_FIRST_STEP = """
-import os, signal, sys
-from configs import tiny
-from mfb_jax import signals, trainer
-from mfb_jax import train as train_lib
-signals.install()
-jit_train_step = train_lib.jit_train_step
-
-def signalled_jit_train_step(*args):
-  step_fn, calls = jit_train_step(*args), []
-  def step(*step_args):
-    if not calls:
-      os.kill(os.getpid(), signal.SIGTERM)
-    calls.append(1)
-    return step_fn(*step_args)
-  step.lower = step_fn.lower  # The memory check compiles it first (mfb_jax/memory.py).
-  return step
-
-train_lib.jit_train_step = signalled_jit_train_step
-config = tiny.get_config()
-config.data.train_pattern, config.data.eval_pattern = sys.argv[2:4]
-trainer.train_and_evaluate(config, sys.argv[1])
-print("not reached")
-"""
-
-
-def test_a_signal_before_the_first_step_has_run_stops_training_at_once(tiny_data, tmp_path):
-  # Nothing new to save: no checkpoint, one line, exit 143 (not a save after the first step).
-  args = ["-c", SIGNALLED_IN_THE_FIRST_STEP, str(tmp_path), tiny_data["train"], tiny_data["eval"]]
-  result = run_python(args, env={"TF_ENABLE_ONEDNN_OPTS": "0"}, timeout=120)
-  assert result.returncode == 143, result.stderr[-2000:]
-  assert "not reached" not in result.stdout and "Traceback" not in result.stderr
-  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
-  assert "Received SIGTERM" not in result.stderr
-  assert not (tmp_path / "checkpoints").exists()  # Nothing saved: not even the directory.

@@ -1,0 +1,188 @@
+"""launch.py runs stopped from outside: SIGTERM saves, a signal inside a library's call, a busy
+workdir, kill -9, and a signal in eval mode or before the first train step."""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import PYTHON, REPO, assert_one_line_error, last_line, launch, run_python
+
+
+def _start(workdir, tiny_args, *extra):
+  return subprocess.Popen(
+    [
+      PYTHON,
+      "launch.py",
+      f"--workdir={workdir}",
+      *tiny_args,
+      "--config.train.num_steps=100000",
+      "--config.train.eval_every=100000",
+      *extra,
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _wait_for_checkpoint(workdir, process, timeout: float = 120) -> int:
+  deadline = time.time() + timeout
+  ckpt = os.path.join(workdir, "checkpoints")
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    steps = [s for s in steps if s >= 6]
+    if steps:
+      return max(steps)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    time.sleep(0.2)
+  process.kill()
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_sigterm_saves_and_exits_zero(tiny_args, tmp_path):
+  process = _start(tmp_path, tiny_args)
+  seen = _wait_for_checkpoint(tmp_path, process)
+  process.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)  # A second one must not cut the save short.
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  names = os.listdir(tmp_path / "checkpoints")
+  steps = sorted(int(d) for d in names if d.isdigit())
+  assert steps[-1] >= seen
+  assert not [d for d in names if not d.isdigit()]  # No save left cut short.
+  assert "Received SIGTERM: saving a checkpoint" in err
+  assert f"Stopped at step {steps[-1]} after a signal; checkpoint saved" in err
+
+
+# launch.py with a checkpoint restore that fails as tensorstore's did when a SIGTERM landed inside
+# it: with an error of its own, the signal's exception as its cause.
+SIGNALLED_DURING_RESTORE = """
+import os, runpy, signal, sys, time
+from mfb_jax import checkpoint
+def restore(self, abstract_state, step=None):
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+  except BaseException as e:
+    raise RuntimeError("Encountered error while reading array index") from e
+checkpoint.Checkpointer.restore = restore
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_a_signal_that_a_library_turns_into_an_error_is_reported_as_the_signal(
+  tiny_args, trained_workdir
+):
+  args = ["-c", SIGNALLED_DURING_RESTORE, f"--workdir={trained_workdir}", "--mode=eval"]
+  result = run_python([*args, *tiny_args], env={"MFB_JAX_NO_TCMALLOC": "1"}, timeout=120)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM"), result.stderr[-2000:]
+  assert "RuntimeError" not in result.stderr
+
+
+def test_second_training_run_on_a_busy_workdir_is_refused(tiny_args, tmp_path):
+  first = _start(tmp_path, tiny_args)
+  _wait_for_checkpoint(tmp_path, first)
+  second = launch(tmp_path, *tiny_args)  # Unlocked, it would soon finish with exit code 0.
+  first.send_signal(signal.SIGTERM)
+  _, err = first.communicate(timeout=120)
+  assert_one_line_error(second, "is in use by another training run", f"pid {first.pid} ")
+  assert first.returncode == 0, err[-2000:]  # The first run was not disturbed.
+  # Eval may read a workdir while it trains; after the first run the workdir is free again.
+  assert launch(tmp_path, *tiny_args, "--mode=eval").returncode == 0
+
+
+@pytest.mark.slow
+def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_args, tmp_path):
+  process = _start(tmp_path, tiny_args, "--config.train.checkpoint_every=2")
+  _wait_for_checkpoint(tmp_path, process)
+  time.sleep(1.0)
+  process.kill()
+  process.communicate()
+  committed = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert committed
+  latest = committed[-1]
+  result = launch(
+    tmp_path,
+    *tiny_args,
+    f"--config.train.num_steps={latest + 2}",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=100000",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"from step {latest} " in result.stderr
+  assert str(latest + 2) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_a_signal_during_evaluation_stops_eval_mode_at_once(tiny_args, trained_workdir, tmp_path):
+  # A slow eval: 100 copies of the tiny eval split, one video per step.
+  work, shards = trained_workdir, tmp_path / "shards"
+  shards.mkdir()
+  eval_glob = tiny_args[-1].split("=", 1)[1]
+  for copy in range(100):
+    for path in glob.glob(eval_glob):
+      os.link(path, shards / f"{copy}-{os.path.basename(path)}")
+  results = (work / "eval_results.json").read_bytes()
+  args = [*tiny_args[:-1], f"--config.data.eval_pattern={shards}/*", "--config.eval.batch_size=1"]
+  process = subprocess.Popen(
+    [PYTHON, "launch.py", f"--workdir={work}", "--mode=eval", *args],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lines, deadline = [], time.time() + 120
+  while not any("Restoring checkpoint" in line for line in lines) and time.time() < deadline:
+    lines.append(process.stderr.readline())
+  time.sleep(1.0)  # Restored, compiling or evaluating: every phase must stop the same way.
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 130, "".join(lines) + err[-2000:]
+  assert "Traceback" not in err
+  assert last_line(err).startswith("error: stopped by SIGINT")
+  assert (work / "eval_results.json").read_bytes() == results
+  assert not [p for p in os.listdir(work) if p.endswith(".tmp")]
+
+
+# Training whose first train step gets a SIGTERM as it starts (compiled, not yet run).
+SIGNALLED_IN_THE_FIRST_STEP = """
+import os, signal, sys
+from configs import tiny
+from mfb_jax import signals, trainer
+from mfb_jax import train as train_lib
+signals.install()
+jit_train_step = train_lib.jit_train_step
+
+def signalled_jit_train_step(*args):
+  step_fn, calls = jit_train_step(*args), []
+  def step(*step_args):
+    if not calls:
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    return step_fn(*step_args)
+  step.lower = step_fn.lower  # The memory check compiles it first (mfb_jax/memory.py).
+  return step
+
+train_lib.jit_train_step = signalled_jit_train_step
+config = tiny.get_config()
+config.data.train_pattern, config.data.eval_pattern = sys.argv[2:4]
+trainer.train_and_evaluate(config, sys.argv[1])
+print("not reached")
+"""
+
+
+def test_a_signal_before_the_first_step_has_run_stops_training_at_once(tiny_data, tmp_path):
+  # Nothing new to save: no checkpoint, one line, exit 143 (not a save after the first step).
+  args = ["-c", SIGNALLED_IN_THE_FIRST_STEP, str(tmp_path), tiny_data["train"], tiny_data["eval"]]
+  result = run_python(args, env={"TF_ENABLE_ONEDNN_OPTS": "0"}, timeout=120)
+  assert result.returncode == 143, result.stderr[-2000:]
+  assert "not reached" not in result.stdout and "Traceback" not in result.stderr
+  assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
+  assert "Received SIGTERM" not in result.stderr
+  assert not (tmp_path / "checkpoints").exists()  # Nothing saved: not even the directory.
