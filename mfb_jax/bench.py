@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mfb_jax import config_checks, flops, quantization, runtime
+from mfb_jax import config_checks, errors, flops, quantization, runtime
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ConfigError
 
@@ -47,7 +47,9 @@ def fresh_train_step(config: ml_collections.ConfigDict):
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   shapes = train_lib.abstract_state(config, model, tx, mesh)
-  state = train_lib.create_state(config, model, tx, mesh)
+  init = train_lib.state_initializer(config, model, tx, mesh)
+  errors.agreed(lambda: train_lib.check_start_memory(config, shapes, "train", init))
+  state = init()
   return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
 
 

@@ -205,6 +205,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   abstract = train_lib.abstract_state(config, model, tx, mesh)
+  errors.agreed(lambda: train_lib.check_start_memory(config, abstract, "eval"))
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   try:
     state = checkpointer.restore(abstract)

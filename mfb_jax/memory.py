@@ -6,13 +6,19 @@ the kernel's out-of-memory killer part-way through the step (no message; sometim
 goes with it); on an accelerator, XLA raises RESOURCE_EXHAUSTED, which names no setting.
 `check_fits` compiles the step ahead (the jitted function then runs that same executable, from
 JAX's cache) and compares XLA's own estimate of what the step allocates beyond its arguments
-(temporaries, and outputs not written in place) with what the devices have available.
+(temporaries, and outputs not written in place) with what the devices have available. Before
+that, `check_start` compares the state and the input pipeline's batches, known from the config
+alone, with the same figures: a state or a batch beyond the machine (a huge data.num_classes or
+data.max_frames) would otherwise be killed, or hang, while it is being allocated.
 """
 
 import ctypes
+import math
 import os
 
 import jax
+import ml_collections
+import numpy as np
 from absl import logging
 
 from mfb_jax.errors import ResourceError
@@ -23,7 +29,7 @@ _PROC_CGROUP = "/proc/self/cgroup"
 _CGROUP_MOUNT = "/sys/fs/cgroup"
 
 
-def _amount(num_bytes: float) -> str:
+def amount(num_bytes: float) -> str:
   return f"{num_bytes / _GB:.1f} GB" if num_bytes >= 0.1 * _GB else f"{num_bytes / 1e6:.1f} MB"
 
 
@@ -146,12 +152,46 @@ def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
   logging.info(
     "%s: needs about %s beyond its inputs (XLA's estimate); %s has %s available",
     what,
-    _amount(needs),
+    amount(needs),
     where,
-    "an unknown amount" if available is None else _amount(available),
+    "an unknown amount" if available is None else amount(available),
   )
   if available is not None and needs > available:
     raise ResourceError(
-      f"{what} needs about {_amount(needs)} of memory beyond its parameters and inputs (XLA's "
-      f"estimate), but {where} has {_amount(available)} available: lower {settings}"
+      f"{what} needs about {amount(needs)} of memory beyond its parameters and inputs (XLA's "
+      f"estimate), but {where} has {amount(available)} available: lower {settings}"
     )
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or jax.ShapeDtypeStructs) of `tree`."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def batch_bytes(config: ml_collections.ConfigDict, local_batch: int) -> int:
+  """Bytes of one input batch of `local_batch` videos as the input pipeline hands it over:
+  features in model.dtype, the frame mask, float32 multi-hot labels."""
+  data = config.data
+  frames = data.max_frames if data.format == "frame" else 1
+  itemsize = 2 if config.model.dtype == "bfloat16" else 4  # config_checks.DTYPES.
+  per_video = frames * ((data.rgb_size + data.audio_size) * itemsize + 4) + data.num_classes * 4
+  return local_batch * per_video
+
+
+def check_start(state_bytes: int, batches: int, what: str, settings: str) -> None:
+  """Raises ResourceError, one line naming `what` and the `settings` to lower, where a state of
+  `state_bytes` on each local device and `batches` bytes of input batches on the host cannot be
+  held: checked before either is allocated. A CPU's devices share the host's memory."""
+  local = jax.local_devices()
+  device = local[0]
+  if device.platform == "cpu":
+    parts = [(state_bytes * len(local) + batches, host_available(), "the host")]
+  else:
+    on_device = (state_bytes, device_available(device), f"each {device.device_kind}")
+    parts = [on_device, (batches, host_available(), "the host")]
+  for needs, available, where in parts:
+    if available is not None and needs > available:
+      raise ResourceError(
+        f"{what} need about {amount(needs)} of memory, but {where} has {amount(available)} "
+        f"available: lower {settings}"
+      )

@@ -107,12 +107,20 @@ def abstract_state(
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
 
 
+def state_initializer(
+  config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
+) -> Callable[[], TrainState]:
+  """The jitted function that returns a freshly initialized, replicated state (its memory can be
+  checked before it first runs: check_start_memory)."""
+  init_fn = lambda: init_state(config, model, tx)
+  return jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()))
+
+
 def create_state(
   config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
 ) -> TrainState:
   """A freshly initialized state, created directly with replicated shardings."""
-  init_fn = lambda: init_state(config, model, tx)
-  return jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()))()
+  return state_initializer(config, model, tx, mesh)()
 
 
 def binary_cross_entropy(probs_BxC: jax.Array, labels_BxC: jax.Array) -> jax.Array:
@@ -272,6 +280,31 @@ def check_memory(config: ml_collections.ConfigDict, jitted, args: tuple, step: s
     settings += ", or set model.dtype=bfloat16"
   what = f"the {step} step of {model_name(config)} at batch {config[section].batch_size}"
   errors.agreed(lambda: memory.check_fits(jitted, args, what, settings))
+
+
+def check_start_memory(config: ml_collections.ConfigDict, state_shapes, mode: str, init=None):
+  """Refuses (ResourceError) a state and input batches that the devices cannot hold, before they
+  are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
+  creates it, with its temporaries; and the batches the input pipeline holds (prefetched, being
+  finished, in the step) of the "train" or the "eval" (eval and predict) batch size."""
+  section = "train" if mode == "train" else "eval"
+  local_batch = max(config[section].batch_size // jax.process_count(), 1)
+  held = config.data.prefetch_batches + 2
+  state = memory.tree_bytes(state_shapes)
+  creating = init is not None and memory.step_needs(init.lower().compile())
+  state = creating or state
+  batches = held * memory.batch_bytes(config, local_batch)
+  what = (
+    f"the state of {model_name(config)}{' as it is initialized' if creating else ''} "
+    f"({memory.amount(state)}) and {held} input batches of {local_batch} videos "
+    f"({memory.amount(batches)})"
+  )
+  frames = ", data.max_frames" if config.data.format == "frame" else ""
+  settings = (
+    f"{section}.batch_size{frames} or data.prefetch_batches (the batches), or data.num_classes or "
+    "the model's sizes (the state)"
+  )
+  memory.check_start(state, batches, what, settings)
 
 
 def build(config: ml_collections.ConfigDict):

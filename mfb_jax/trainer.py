@@ -121,8 +121,10 @@ class LabelCheck:
     )
 
 
-def _check_inputs(config, checkpointer, state_shapes) -> input_pipeline.TrainFiles:
-  """This process's train files, after checking them, its eval files and the checkpoint."""
+def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.TrainFiles:
+  """This process's train files, after checking them, its eval files, the checkpoint and the
+  memory that the state (restored, or made by `init`) and the input batches need."""
+  train_lib.check_start_memory(config, state_shapes, "train", init)
   checkpointer.check_compatible(state_shapes)
   index, count = jax.process_index(), jax.process_count()
   train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
@@ -147,12 +149,10 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints, writer=True)
   cleanup.callback(checkpointer.close)
   # Before anything in the workdir is touched; if any process fails them, all stop.
-  train_files = errors.agreed(lambda: _check_inputs(config, checkpointer, state_shapes))
-
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state_shapes)
-  else:
-    state = train_lib.create_state(config, model, tx, mesh)
+  resuming = checkpointer.latest_step() is not None
+  init = None if resuming else train_lib.state_initializer(config, model, tx, mesh)
+  train_files = errors.agreed(lambda: _check_inputs(config, checkpointer, state_shapes, init))
+  state = checkpointer.restore(state_shapes) if resuming else init()
   workdir_files.write_config(workdir, config)  # After the restore: a damaged step changes nothing.
   start_step = int(state.step)
   logging.info(

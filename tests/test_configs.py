@@ -148,6 +148,8 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"model.moe.l2_penalty": float("nan")}, r"moe\.l2_penalty must be a finite number >= 0"),
     ({"model.moe.expected_labels": float("inf")}, r"moe\.expected_labels must be a finite"),
     ({"model.mfb.output_scale": -1.0}, r"config\.model\.mfb\.output_scale must be a finite .* > 0"),
+    # TensorFlow wrapped it to 1215752191 in a shape: "bad record: OOM when allocating".
+    ({"data.num_classes": 99999999999}, r"data\.num_classes=99999999999 is invalid; .* < 2\*\*31"),
     # Trained without a word, on one "frame" per video.
     (
       {"model.fusion_level": "frame", "data.format": "video"},

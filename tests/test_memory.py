@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import run_python
 
-from mfb_jax import evaluate, memory, predict, runtime, trainer
+from mfb_jax import bench, evaluate, memory, predict, runtime, trainer
+from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
 MB = 1_000_000
@@ -89,7 +90,46 @@ def test_a_step_that_does_not_fit_is_one_line_naming_what_and_the_settings(monke
 
 
 def _no_memory(monkeypatch):
+  """A host with no memory for any step, but the start-up check passed (tested on its own)."""
   monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  monkeypatch.setattr(memory, "check_start", lambda *args: None)
+
+
+def test_state_and_batch_bytes_by_hand(tiny_config):
+  tree = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32), "b": jnp.zeros(5, jnp.bfloat16)}
+  assert memory.tree_bytes(tree) == 3 * 4 * 4 + 5 * 2
+  tiny_config.data.update(max_frames=10, rgb_size=6, audio_size=3, num_classes=10)
+  # Per video: 10 frames of 9 float32 features and a float32 mask entry, 10 float32 labels.
+  assert memory.batch_bytes(tiny_config, 8) == 8 * (10 * (9 * 4 + 4) + 10 * 4)
+  tiny_config.model.dtype = "bfloat16"
+  assert memory.batch_bytes(tiny_config, 8) == 8 * (10 * (9 * 2 + 4) + 10 * 4)
+  tiny_config.data.format = "video"  # One mean vector per video.
+  assert memory.batch_bytes(tiny_config, 8) == 8 * ((9 * 2 + 4) + 10 * 4)
+
+
+def test_a_state_beyond_the_host_stops_training_before_it_is_allocated(
+  tiny_config, tmp_path, monkeypatch
+):
+  # data.num_classes=20000000: the process was killed (exit 137, no message) or hung, unkillable,
+  # while it initialized the MoE's parameters.
+  tiny_config.data.num_classes = 20_000_000
+  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
+  with pytest.raises(ResourceError) as raised:
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  message = str(raised.value)
+  model = tiny_config.model
+  name = f"{model.aggregator}+{model.fusion}+moe"
+  assert message.startswith(f"the state of {name} as it is initialized (")
+  assert "need about " in message and "but the host has 8.0 GB available: lower" in message
+  assert message.endswith("or data.num_classes or the model's sizes (the state)")
+  # At least the state itself: the MoE's [*, 20M] arrays, each with two Adam moments.
+  state_gb = float(message.split("initialized (")[1].split(" GB")[0])
+  model_, tx = train_lib.build(tiny_config)
+  shapes = train_lib.abstract_state(tiny_config, model_, tx, train_lib.make_mesh())
+  assert state_gb * 1e9 >= 3 * memory.tree_bytes(shapes.params)  # Parameters, Adam's mu and nu.
+  assert not (tmp_path / "checkpoints").exists()
+  with pytest.raises(ResourceError, match=r"^the state of .*the host has 8\.0 GB available"):
+    bench.fresh_train_step(tiny_config)  # --mode=bench
 
 
 def test_training_that_does_not_fit_stops_before_its_first_step(tiny_config, tmp_path, monkeypatch):
@@ -141,3 +181,13 @@ def test_memory_tcmalloc_keeps_from_freed_buffers_is_counted_as_available():
   result = run_python(["-c", _RELEASE], env={"LD_PRELOAD": library}, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert float(result.stdout.split()[-1]) > 1.0  # Of the last round's 2 GB, kept until released.
+
+
+def test_eval_and_predict_check_the_state_before_restoring_it(
+  tiny_config, trained_workdir, monkeypatch
+):
+  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  settings = r"lower eval.batch_size, data.max_frames or data.prefetch_batches \(the batches\)"
+  for run in (evaluate.run_eval, predict.run_predict):
+    with pytest.raises(ResourceError, match=rf"^the state of .* {settings}, or data.num_classes"):
+      run(tiny_config, str(trained_workdir))
