@@ -57,12 +57,17 @@ def run(config, workdir: str, mode: str) -> None:
   elif mode == "eval":
     from mfb_jax import evaluate
 
-    _report(config, workdir, evaluate.run_eval(config, workdir))
+    result = evaluate.run_eval(config, workdir)
+    signals.work_done()  # Its results are written: a signal from here on is ignored.
+    _report(config, workdir, result)
   elif mode == "predict":
     from mfb_jax import predict
 
     path = predict.run_predict(config, workdir)
+    signals.work_done()
     _print(f"wrote {path}")
+    if config.predict.vocabulary:
+      _print(f"wrote {workdir}/{predict.NAMED_PREDICTIONS_FILE} (label names)")
   else:
     from mfb_jax import bench
 
@@ -174,7 +179,7 @@ def main(argv) -> None:
     cluster.check_same_config(FLAGS.config)
     config_checks.check_model_shapes(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
-    cluster.leave_cluster()  # The one wait left (for the other processes) while signals still act.
+    cluster.leave_cluster()  # The one wait left (for the other processes); see work_done().
     signals.ignore_until_exit()
   except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback.
     if FLAGS.debug:  # The traceback first, then the same line and exit code as without.

@@ -210,6 +210,19 @@ def ignore_until_exit() -> None:
     signal.signal(sig, signal.SIG_IGN)
 
 
+def work_done() -> None:
+  """The run's work is done and written (training's last save and evaluation, eval's results,
+  predict's CSV): under install(), SIGTERM/SIGINT are ignored from here to the exit, as after a
+  stop, and a signal still held (during an import) is dropped. Acted on, a signal there ended a
+  finished run with exit 143 and "rerun", and the rerun evaluated the last step again."""
+  if builtins.__import__ is not _import or _state.unwinding:  # Not installed, or already stopping.
+    return
+  for sig in SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
+  signal.setitimer(signal.ITIMER_REAL, 0)  # A retry of a held signal (_retry_soon) is called off.
+  _state.received = None
+
+
 def requested() -> bool:
   """Whether a signal asked this process to stop."""
   return _state.received is not None

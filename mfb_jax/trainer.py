@@ -276,6 +276,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         run_eval(start_step)
     checkpointer.wait()
 
+  signals.work_done()  # Saved and evaluated: a signal from here on is ignored (exit code 0).
   writer.flush()
   writer.close()
   return result

@@ -186,3 +186,29 @@ def test_a_signal_before_the_first_step_has_run_stops_training_at_once(tiny_data
   assert last_line(result.stderr).startswith("error: stopped by SIGTERM")
   assert "Received SIGTERM" not in result.stderr
   assert not (tmp_path / "checkpoints").exists()  # Nothing saved: not even the directory.
+
+
+# launch.py whose summary (after the run's work is written) gets a SIGTERM as it starts: the
+# summary's first look at the workdir sends it.
+SIGNALLED_AFTER_THE_WORK = """
+import os, runpy, signal, sys
+import tensorflow as tf
+exists = tf.io.gfile.exists
+def signalled_exists(path):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return exists(path)
+tf.io.gfile.exists = signalled_exists
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_signal_once_the_results_are_written_is_ignored(tiny_args, trained_workdir, mode):
+  # It ended the finished run with 143 and "rerun the same command", and the rerun evaluated the
+  # last step again (a second line of it in eval_history.jsonl).
+  args = ["-c", SIGNALLED_AFTER_THE_WORK, f"--workdir={trained_workdir}", f"--mode={mode}"]
+  result = run_python([*args, *tiny_args], env={"MFB_JAX_NO_TCMALLOC": "1"}, timeout=180)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "GAP@" in result.stdout and "error:" not in result.stderr
+  assert f"results: {trained_workdir}/eval_results.json" in result.stdout

@@ -67,6 +67,7 @@ def test_2018_frame_level_record_goes_through_predict(tiny_args, tmp_path):
   assert len(rows[1][1].split()) == 40
   named = _rows(tmp_path / "predictions_named.csv")
   assert named[1][0] == "SjJ3" and named[1][1].count("(") == 20
+  assert f"wrote {tmp_path}/predictions_named.csv (label names)" in result.stdout
 
 
 def test_a_missing_vocabulary_fails_before_predicting(tiny_args, tmp_path):
