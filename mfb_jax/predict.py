@@ -84,7 +84,17 @@ def _part_path(workdir: str, token: str, process: int) -> str:
 
 
 def _write_part(config, state, predict_fn, mesh, pattern: str, part: str) -> int:
-  """This process's rows of the predictions CSV, written to `part`; returns how many."""
+  """This process's rows of the predictions CSV, written to `part`; returns how many. A write
+  that fails (a full disk) is a WorkdirError naming the part file."""
+  try:
+    return _write_rows(config, state, predict_fn, mesh, pattern, part)
+  except (tf.errors.OpError, OSError) as e:
+    if part in str(e):  # The part file's own error, not a data file's.
+      raise workdir_files.write_error(part, e) from e
+    raise
+
+
+def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int:
   progress = evaluate.Progress("predicting")
   written = 0
   with tf.io.gfile.GFile(part, "w") as f:

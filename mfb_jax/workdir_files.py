@@ -200,11 +200,11 @@ def atomic_file(path: str):
       tf.io.gfile.remove(tmp)
     # Writing, closing or renaming the file failed (not the caller's own code): name PATH.
     if isinstance(e, tf.errors.OpError | OSError) and (not in_body or tmp in str(e)):
-      raise _write_error(path, e) from e
+      raise write_error(path, e) from e
     raise
 
 
-def _write_error(path: str, e: Exception) -> WorkdirError:
+def write_error(path: str, e: Exception) -> WorkdirError:
   reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
   return WorkdirError(
     f"writing {path} failed ({reason.split(';')[-1].strip()}: a directory or a read-only file "
@@ -231,7 +231,7 @@ def append_line(path: str, line: str) -> None:
         cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
         f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
     except OSError as e:
-      raise _write_error(path, e) from e
+      raise write_error(path, e) from e
     return
   old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
   write_text(path, old + ("\n" if old and not old.endswith("\n") else "") + line + "\n")

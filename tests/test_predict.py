@@ -1,11 +1,12 @@
 """--mode=predict's CSV, in-process on the tiny trained workdir: whole, or not there at all."""
 
+import re
 import signal
 
 import pytest
 
 from mfb_jax import predict
-from mfb_jax.errors import Interrupted
+from mfb_jax.errors import Interrupted, WorkdirError
 
 HEADER = "VideoId,LabelConfidencePairs"
 
@@ -65,3 +66,25 @@ def test_a_new_csv_never_stands_beside_an_older_named_file(tiny_config, trained_
   named.write_text("VideoId,Labels\nold,music (0.900)\n")
   predict.run_predict(tiny_config, str(trained_workdir))
   assert len(_rows(trained_workdir)) == 40 and not named.exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_part_file(tiny_config, trained_workdir, monkeypatch):
+  # It was exit 1: "ResourceExhaustedError: ...part-00000; No space left on device", as a bug.
+  import tensorflow as tf
+
+  class FullDisk:
+    def __init__(self, f, **kwargs):
+      self.name = f.name
+
+    def writerow(self, row):
+      raise tf.errors.ResourceExhaustedError(None, None, f"{self.name}; No space left on device")
+
+  monkeypatch.setattr(predict.csv, "writer", FullDisk)
+  with pytest.raises(WorkdirError) as raised:
+    predict.run_predict(tiny_config, str(trained_workdir))
+  assert re.fullmatch(
+    rf"writing {trained_workdir}/predictions\.csv\.[0-9a-f]{{8}}\.part-00000 failed \(No space "
+    r"left on device: a directory or a read-only file in its place, or a full disk\?\)",
+    str(raised.value),
+  )
+  assert _leftovers(trained_workdir) == []
