@@ -13,7 +13,9 @@ code is then 1. After every cell DIR/results.md, DIR/results.json and DIR/gap_cu
 rewritten (mfb_jax/sweep_report.py).
 """
 
+import ctypes
 import datetime
+import functools
 import os
 import re
 import shlex
@@ -22,10 +24,15 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from mfb_jax import signals
 
-from mfb_jax import cli, sweep_config, sweep_report
-from mfb_jax.errors import ConfigError, UserError
+if __name__ == "__main__":
+  signals.install()  # First: Ctrl-C during the imports and checks below is one line, exit 130.
+
+from absl import app, flags  # noqa: E402
+
+from mfb_jax import cli, sweep_config, sweep_report  # noqa: E402
+from mfb_jax.errors import ConfigError, UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -90,7 +97,13 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
     log.flush()
     # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
     process = subprocess.Popen(
-      args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+      args,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      bufsize=1,
+      env=env,
+      preexec_fn=functools.partial(_stop_with_the_sweep, os.getpid()),
     )
     stop.child = process
     for line in process.stdout:
@@ -105,9 +118,21 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
         print(f"  {prefix} {text}", flush=True)
     code = process.wait()
     stop.child = None
-  if code != 0 and not error:
+  if code < 0 and not error:  # No line of its own: the OOM killer's SIGKILL, for one.
+    error = f"launch.py was killed by {signal.Signals(-code).name}"
+    error += f"; its last line: {last}" if last else ""
+  elif code != 0 and not error:
     error = last or f"launch.py exited with code {code}"
   return code, error
+
+
+def _stop_with_the_sweep(sweep_pid: int) -> None:
+  """In a cell's process before it starts: SIGTERM (save and stop) when the sweep dies, also by
+  kill -9; an orphaned cell trained on, and held its workdir's lock against the rerun."""
+  PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h
+  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != sweep_pid:  # The sweep died before that took effect.
+    os._exit(128 + signal.SIGTERM)
 
 
 def _eta(durations: list[float], remaining: int) -> str:

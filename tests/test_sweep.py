@@ -5,10 +5,11 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import matplotlib.image
 import pytest
-from conftest import PYTHON, REPO, run_python, write_synthetic
+from conftest import PYTHON, REPO, last_line, run_python, write_synthetic
 from sweep_fakes import TINY, fake_result, sweep_flags, table_row
 
 from mfb_jax import sweep, sweep_config
@@ -104,6 +105,76 @@ def test_run_cell_streams_progress_and_keeps_the_error_line(tmp_path, capsys):
   shown = capsys.readouterr().out.splitlines()
   assert shown == ["  [a,b] step 2/4 (50.0%) loss 1.0", "  [a,b] error: labels outside num_classes"]
   assert "chatter" in log.read_text()  # Everything goes to the cell's log.
+
+
+def test_a_cell_killed_by_a_signal_is_reported_as_such(tmp_path):
+  # Killed after a progress line (by the OOM killer, say), the cell's "error" was that line.
+  code = "import os; print('step 4/20 (20.0%) loss 10.4', flush=True); os.kill(os.getpid(), 9)"
+  log = str(tmp_path / "a_b.log")
+  rc, error = sweep.run_cell([PYTHON, "-c", code], log, "[a,b]", False, sweep.StopFlag())
+  assert rc == -9
+  assert error == "launch.py was killed by SIGKILL; its last line: step 4/20 (20.0%) loss 10.4"
+
+
+# A sweep process running one cell that records its SIGTERM; the test kills the sweep with -9.
+SWEEP_KILLED_UNDER_A_CELL = """
+import sys
+from mfb_jax import sweep
+cell = (
+  "import signal, sys, time\\n"
+  "stop = lambda *a: (open(sys.argv[1], 'w').write('stopped'), sys.exit(0))\\n"
+  "signal.signal(signal.SIGTERM, stop)\\n"
+  "print('started', flush=True)\\n"
+  "time.sleep(60)"
+)
+args = [sys.executable, "-c", cell, sys.argv[1]]
+sweep.run_cell(args, sys.argv[2], "[a,b]", True, sweep.StopFlag())
+"""
+
+
+def test_a_cell_stops_when_the_sweep_is_killed(tmp_path):
+  # kill -9 of the sweep left its cell training, orphaned, holding the workdir's lock.
+  stopped = tmp_path / "stopped"
+  args = [PYTHON, "-c", SWEEP_KILLED_UNDER_A_CELL, str(stopped), str(tmp_path / "a_b.log")]
+  parent = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True)
+  assert "started" in parent.stdout.readline()
+  parent.kill()
+  parent.wait(timeout=30)
+  deadline = time.time() + 30
+  while not stopped.exists() and time.time() < deadline:
+    time.sleep(0.1)
+  assert stopped.read_text() == "stopped"
+
+
+# A config whose loading (the sweep's checks before any cell) takes a while, and says when.
+SLOW_CONFIG = """
+import pathlib, time
+from configs import tiny
+
+def get_config(arg=None):
+  pathlib.Path(__file__).with_suffix(".loading").touch()
+  time.sleep(30)
+  return tiny.get_config(arg)
+"""
+
+
+def test_ctrl_c_while_the_sweep_starts_is_one_line(tmp_path):
+  # Before any cell, it was a KeyboardInterrupt traceback (inside an import), or lost in a
+  # garbage-collection callback and the sweep went on.
+  (tmp_path / "slow.py").write_text(SLOW_CONFIG)
+  flags = sweep_flags(tmp_path, config=str(tmp_path / "slow.py"))
+  args = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in vars(flags).items()]
+  args = [a for a in args if not a.startswith(("--eval_every=", "--verbose="))]
+  command = [PYTHON, "-m", "mfb_jax.sweep", *args]
+  process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (tmp_path / "slow.loading").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 130, err[-2000:]
+  assert "Traceback" not in err
+  assert last_line(err).startswith("error: stopped by SIGINT")
 
 
 def test_stop_flag_forwards_sigterm_to_the_running_cell():
