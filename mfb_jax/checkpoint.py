@@ -51,6 +51,10 @@ def checkpoint_dir(workdir: str) -> str:
   return directory if workdir_files.is_url(directory) else os.path.abspath(directory)
 
 
+# How many times a reader tries the latest step while a training run replaces it.
+_READ_TRIES = 3
+
+
 class Checkpointer:
   """Keeps the last N checkpoints of a workdir and restores the latest one."""
 
@@ -60,6 +64,7 @@ class Checkpointer:
     workdir while it trains, leave them alone. The directory appears with the first save (orbax
     creates it): a run stopped by its start-up checks leaves no empty one behind."""
     self.directory = checkpoint_dir(workdir)
+    self._writer = writer
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=False,
@@ -103,7 +108,30 @@ class Checkpointer:
         )
 
   def restore(self, abstract_state, step: int | None = None):
-    """The state at `step` (default: latest), placed with the abstract state's shardings."""
+    """The state at `step` (default: latest), placed with the abstract state's shardings.
+
+    A reader (eval, predict) beside a training run may see the latest step removed as it reads
+    it (the run keeps only train.keep_checkpoints): it then reads the newest step instead, rather
+    than calling a sound checkpoint damaged."""
+    if step is not None or self._writer:
+      return self._restore(abstract_state, step)
+    for _ in range(_READ_TRIES - 1):
+      latest = self.latest_step()
+      try:
+        return self._restore(abstract_state, latest)
+      except CheckpointError:
+        if not self._replaced(latest):
+          raise
+        logging.warning("Checkpoint %s/%s was replaced while it was read", self.directory, latest)
+    return self._restore(abstract_state, self.latest_step())
+
+  def _replaced(self, step: int | None) -> bool:
+    """Whether a training run has since removed `step` or saved a newer one."""
+    self._manager.reload()
+    steps = self.all_steps()
+    return step is not None and (step not in steps or max(steps) > step)
+
+  def _restore(self, abstract_state, step: int | None):
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")

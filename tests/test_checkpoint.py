@@ -63,3 +63,27 @@ def test_a_damaged_step_is_named_with_the_step_to_resume_from(tmp_path):
   os.remove(directory / "1" / "default" / "_METADATA")
   with pytest.raises(CheckpointError, match=r"/1 \(its metadata is missing\).*start again from"):
     checkpoint_lib.Checkpointer(str(tmp_path)).restore(abstract)
+
+
+def test_a_reader_beside_training_reads_the_newest_step_when_its_step_is_removed(
+  tmp_path, monkeypatch
+):
+  # Eval beside a run with keep_checkpoints=1 met the latest step removed under it, and said:
+  # "cannot read checkpoint .../20 ...: move it out ... to start again from step 0".
+  writer = checkpoint_lib.Checkpointer(str(tmp_path), keep=1, asynchronous=False, writer=True)
+  writer.save({"w": jnp.full(4, 1.0)}, 1)
+  reader = checkpoint_lib.Checkpointer(str(tmp_path))
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  restore, calls = reader._manager.restore, []
+
+  def training_saves_meanwhile(step, **kwargs):
+    calls.append(step)
+    if len(calls) == 1:
+      writer.save({"w": jnp.full(4, 2.0)}, 2)  # keep=1: step 1 is removed.
+      assert writer.all_steps() == [2]
+    return restore(step, **kwargs)
+
+  monkeypatch.setattr(reader._manager, "restore", training_saves_meanwhile)
+  assert float(reader.restore(abstract)["w"][0]) == 2.0
+  assert calls == [1, 2]
+  writer.close()
