@@ -76,12 +76,22 @@ def local_batches(
     )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
-  return lockstep(_unique_ids(batches, pattern), empty, stop)
+  return lockstep(_unique_ids(batches, pattern, config.data.id_feature), empty, stop)
 
 
-def _unique_ids(batches: Iterator[dict], pattern: str) -> Iterator[dict]:
+def no_id_error(pattern: str, id_feature: str) -> DataError:
+  return DataError(
+    f"a video in {pattern!r} has no id (data.id_feature={id_feature!r}; 'auto' reads 'id', "
+    "else 'video_id')"
+  )
+
+
+def _unique_ids(batches: Iterator[dict], pattern: str, id_feature: str) -> Iterator[dict]:
   """The batches; a video id met twice (in this process's files) is a DataError: GAP would count
-  that video twice, and a predictions CSV with it is one that the metrics CLI refuses."""
+  that video twice, and a predictions CSV with it is one that the metrics CLI refuses. Videos
+  without an id pass with data.id_feature='auto' (evaluation does not need them; predict refuses
+  them); with a feature named, a video without it is a DataError (a misspelled name turned the
+  duplicate check off)."""
   seen = set()
   for batch in batches:
     for video_id in batch["id"][batch["valid"] > 0]:
@@ -90,7 +100,9 @@ def _unique_ids(batches: Iterator[dict], pattern: str) -> Iterator[dict]:
           f"video id {video_id!r} appears twice in the files matching {pattern!r} (the same "
           "videos in two files?)"
         )
-      if video_id:  # Videos without ids: evaluation does not need them, predict refuses them.
+      if not video_id and id_feature != "auto":
+        raise no_id_error(pattern, id_feature)
+      if video_id:
         seen.add(video_id)
     yield batch
 

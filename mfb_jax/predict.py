@@ -108,10 +108,7 @@ def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
       for i in np.flatnonzero(batch["valid"] > 0):
         if not batch["id"][i]:
-          raise DataError(
-            f"a video in {pattern!r} has no id (data.id_feature={config.data.id_feature!r}; "
-            "'auto' reads 'id', else 'video_id')"
-          )
+          raise evaluate.no_id_error(pattern, config.data.id_feature)
         writer.writerow(_format_row(str(batch["id"][i]), classes_BxK[i], scores_BxK[i]))
         written += 1
       progress.update(int((batch["valid"] > 0).sum()))

@@ -179,3 +179,12 @@ def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_pa
   write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two of the videos.
   with pytest.raises(DataError, match=r"video id 'v4' appears twice in the files matching"):
     list(evaluate.local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))
+  # A misnamed id feature read every id as '': the duplicate check was off, and eval counted
+  # the two videos twice.
+  config.data.id_feature = "xid"
+  with pytest.raises(DataError, match=r"has no id \(data.id_feature='xid'; 'auto' reads 'id'"):
+    list(evaluate.local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))
+  config.data.id_feature = "auto"  # Records without any id: eval goes on without them.
+  unnamed = [frame_record("", *video(5, seed=i), [i % 10]) for i in range(3)]
+  batches = evaluate.local_batches(config, write(tmp_path / "unnamed.tfrecord", unnamed))
+  assert sum(int(b["valid"].sum()) for b in batches) == 3
