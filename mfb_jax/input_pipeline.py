@@ -277,8 +277,11 @@ def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_fr
   }
 
 
-def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iterator[tuple]:
-  """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed."""
+def read_ids_and_labels(
+  pattern: str, config: ml_collections.ConfigDict, classes_from: str = "data.num_classes"
+) -> Iterator[tuple]:
+  """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed.
+  A label outside config.data.num_classes is a DataError naming `classes_from` as its source."""
   spec = records.RecordSpec.from_config(config)
   files, types, file_ends = _read_once(pattern)
 
@@ -307,7 +310,7 @@ def read_ids_and_labels(pattern: str, config: ml_collections.ConfigDict) -> Iter
         c = spec.num_classes
         raise DataError(
           f"{name.decode()}: video '{video_id}': label {bad[0]} is outside [0, {c}) "
-          f"(data.num_classes={c})"
+          f"({classes_from}={c})"
         )
       yield video_id, labels.tolist()
 

@@ -10,10 +10,12 @@ the same code as training's evaluation; only the per-video summary is built here
 """
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -164,8 +166,26 @@ def score_files(predictions_path: str, labels_pattern: str, num_classes: int, to
 
   config = default.get_config()
   config.data.num_classes = num_classes
-  labeled_videos = input_pipeline.read_ids_and_labels(labels_pattern, config)
+  labeled_videos = input_pipeline.read_ids_and_labels(labels_pattern, config, "--num_classes")
   return score(predictions, labeled_videos, num_classes, top_k)
+
+
+@contextlib.contextmanager
+def _native_logs_off():
+  """Standard error goes to /dev/null within: tf.data's C++ warnings as it stops at a corrupt file
+  ("Local rendezvous is aborting ...") and the reader's note on its way to naming the file came
+  before the one error line."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.num_classes < 1 or args.top_k < 1:
     parser.error("--num_classes and --top_k must be positive")
   try:
-    result = score_files(args.predictions, args.labels, args.num_classes, args.top_k)
+    with _native_logs_off():
+      result = score_files(args.predictions, args.labels, args.num_classes, args.top_k)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -1,6 +1,5 @@
 """Scoring Kaggle-format prediction CSVs: hand-worked values, bad input, the command line."""
 
-import importlib.util
 import json
 
 import pytest
@@ -118,12 +117,6 @@ def write_frame_level_records(path, videos):
 
 
 def test_command_line_on_tfrecords(tmp_path, capsys):
-  if importlib.util.find_spec("mfb_jax.input_pipeline") is None:
-    pytest.skip("mfb_jax/input_pipeline.py (read_ids_and_labels) does not exist yet")
-  from mfb_jax import input_pipeline
-
-  if not hasattr(input_pipeline, "read_ids_and_labels"):
-    pytest.skip("mfb_jax.input_pipeline.read_ids_and_labels does not exist yet")
   write_frame_level_records(tmp_path / "labels-0.tfrecord", LABELED[:2])
   write_frame_level_records(tmp_path / "labels-1.tfrecord", LABELED[2:])
   args = [f"--labels={tmp_path / 'labels-*.tfrecord'}", "--num_classes=6", "--top_k=2"]
@@ -134,6 +127,25 @@ def test_command_line_on_tfrecords(tmp_path, capsys):
   assert score_csv.main([f"--predictions={unknown}", *args]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "'Q'" in err
+  # A label beyond --num_classes in the tfrecords was blamed on data.num_classes, a launch.py field.
+  args[1] = "--num_classes=3"
+  few = write(tmp_path, HEADER + 'A,"1 0.5"\n', "few.csv")
+  assert score_csv.main([f"--predictions={few}", *args]) == 1
+  assert "is outside [0, 3) (--num_classes=3)" in capsys.readouterr().err
+
+
+def test_a_corrupt_labels_file_is_one_line(tmp_path):
+  # absl's note "corrupt tfrecord data: reading 2 file(s) one by one" came before the error.
+  write_frame_level_records(tmp_path / "labels-0.tfrecord", LABELED[:2])
+  write_frame_level_records(tmp_path / "labels-1.tfrecord", LABELED[2:])
+  cut = tmp_path / "labels-1.tfrecord"
+  cut.write_bytes(cut.read_bytes()[:-7])
+  csv_path = write(tmp_path, HEADER + ROWS)
+  args = [f"--predictions={csv_path}", f"--labels={tmp_path / 'labels-*'}", "--num_classes=6"]
+  result = run_python(["-m", "mfb_jax.metrics", *args])
+  assert result.returncode == 1
+  assert result.stderr.count("\n") == 1, result.stderr
+  assert result.stderr.startswith("error: ") and "labels-1.tfrecord" in result.stderr
 
 
 def test_module_entry_point_reports_bad_input_in_one_line(tmp_path):
