@@ -23,6 +23,7 @@ from mfb_jax import cli, cluster, runtime, signals
 
 if __name__ == "__main__":
   signals.install()  # First: a Ctrl-C even during the imports below ends with one line.
+  runtime.stop_with_parent()  # A sweep's cell: stops if the sweep dies.
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
 

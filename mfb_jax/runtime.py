@@ -55,6 +55,26 @@ XLA_CPU_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "true"}
 XLA_CPU_FLAGS_VERIFIED_ON = ("0.10.",)
 
 
+# The sweep sets it for each cell: the pid whose death stops the cell (stop_with_parent).
+STOP_WITH_ENV = "MFB_JAX_STOP_WITH"
+
+
+def stop_with_parent() -> None:
+  """Where MFB_JAX_STOP_WITH=PID names this process's parent (the sweep, for its cells): a
+  SIGTERM, which saves and stops, when that process dies, kill -9 included (Linux). An orphaned
+  cell trained on and held its workdir's lock against the sweep's rerun."""
+  pid = os.environ.get(STOP_WITH_ENV, "")
+  if not pid.isdigit() or not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  import signal
+
+  PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h
+  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != int(pid):  # The parent died before that took effect.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def set_xla_cpu_flags() -> None:
   """Adds XLA_CPU_FLAGS to the XLA_FLAGS environment variable; a flag the user set wins.
 

@@ -13,9 +13,7 @@ code is then 1. After every cell DIR/results.md, DIR/results.json and DIR/gap_cu
 rewritten (mfb_jax/sweep_report.py).
 """
 
-import ctypes
 import datetime
-import functools
 import os
 import re
 import shlex
@@ -31,7 +29,7 @@ if __name__ == "__main__":
 
 from absl import app, flags  # noqa: E402
 
-from mfb_jax import cli, sweep_config, sweep_report  # noqa: E402
+from mfb_jax import cli, runtime, sweep_config, sweep_report  # noqa: E402
 from mfb_jax.errors import ConfigError, UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -91,6 +89,7 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env[runtime.STOP_WITH_ENV] = str(os.getpid())  # The cell stops if the sweep dies (kill -9).
   error, last = "", ""
   with open(log_path, "a") as log:
     log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
@@ -103,7 +102,6 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
       text=True,
       bufsize=1,
       env=env,
-      preexec_fn=functools.partial(_stop_with_the_sweep, os.getpid()),
     )
     stop.child = process
     for line in process.stdout:
@@ -124,15 +122,6 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
   elif code != 0 and not error:
     error = last or f"launch.py exited with code {code}"
   return code, error
-
-
-def _stop_with_the_sweep(sweep_pid: int) -> None:
-  """In a cell's process before it starts: SIGTERM (save and stop) when the sweep dies, also by
-  kill -9; an orphaned cell trained on, and held its workdir's lock against the rerun."""
-  PR_SET_PDEATHSIG = 1  # noqa: N806 - linux/prctl.h
-  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-  if os.getppid() != sweep_pid:  # The sweep died before that took effect.
-    os._exit(128 + signal.SIGTERM)
 
 
 def _eta(durations: list[float], remaining: int) -> str:

@@ -120,10 +120,12 @@ def test_a_cell_killed_by_a_signal_is_reported_as_such(tmp_path):
 SWEEP_KILLED_UNDER_A_CELL = """
 import sys
 from mfb_jax import sweep
-cell = (
+cell = (  # As launch.py starts: runtime.stop_with_parent().
   "import signal, sys, time\\n"
+  "from mfb_jax import runtime\\n"
   "stop = lambda *a: (open(sys.argv[1], 'w').write('stopped'), sys.exit(0))\\n"
   "signal.signal(signal.SIGTERM, stop)\\n"
+  "runtime.stop_with_parent()\\n"
   "print('started', flush=True)\\n"
   "time.sleep(60)"
 )
