@@ -110,10 +110,11 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """The state at `step` (default: latest), placed with the abstract state's shardings.
 
-    A reader (eval, predict) beside a training run may see the latest step removed as it reads
-    it (the run keeps only train.keep_checkpoints): it then reads the newest step instead, rather
-    than calling a sound checkpoint damaged."""
-    if step is not None or self._writer:
+    A one-process reader (eval, predict) beside a training run may see the latest step removed
+    as it reads it (the run keeps only train.keep_checkpoints): it then reads the newest step
+    instead, rather than calling a sound checkpoint damaged."""
+    if step is not None or self._writer or jax.process_count() > 1:
+      # Processes retrying on their own could restore different steps: there it stays an error.
       return self._restore(abstract_state, step)
     for _ in range(_READ_TRIES - 1):
       latest = self.latest_step()

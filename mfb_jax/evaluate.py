@@ -168,13 +168,15 @@ def evaluate_split(
 
 def check_eval_file(config, path: str, count: int = 16) -> None:
   """At a training run's start, the first `count` videos of an eval file through the eval
-  pipeline's checks: another format, feature sizes or labels beyond num_classes raise the
-  DataError that the first evaluation, hours later, would. Warns when none has labels (test
-  shards?): that evaluation would stop the run."""
+  pipeline's checks: another format, feature sizes, labels beyond num_classes or videos without
+  the named data.id_feature raise the DataError that the first evaluation, hours later, would.
+  Warns when none has labels (test shards?): that evaluation would stop the run."""
   if config.eval.max_examples > 0:  # Only the videos the evaluation will read.
     count = min(count, _max_examples_here(config))
   first = lambda p: input_pipeline.eval_dataset(config, [p], count, max_examples=count)
   for batch in tf_errors.checked_batches(first(path), lambda: [path], first, decode_ids=False):
+    if config.data.id_feature != "auto" and not all(batch["id"][batch["valid"] > 0]):
+      raise no_id_error(path, config.data.id_feature)  # As _unique_ids would at that evaluation.
     labels_BxC = batch["labels"][batch["valid"] > 0]
     if not labels_BxC.any():
       logging.warning(

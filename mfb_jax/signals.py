@@ -212,11 +212,15 @@ def ignore_until_exit() -> None:
 
 def work_done() -> None:
   """The run's work is done and written (training's last save and evaluation, eval's results,
-  predict's CSV): under install(), SIGTERM/SIGINT are ignored from here to the exit, as after a
-  stop, and a signal still held (during an import) is dropped. Acted on, a signal there ended a
-  finished run with exit 143 and "rerun", and the rerun evaluated the last step again."""
+  predict's CSV): under install(), in a one-process run, SIGTERM/SIGINT are ignored from here to
+  the exit, as after a stop, and a signal still held (during an import) is dropped. Acted on, a
+  signal there ended a finished run with exit 143 and "rerun", and the rerun evaluated the last
+  step again."""
   if builtins.__import__ is not _import or _state.unwinding:  # Not installed, or already stopping.
     return
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_count() > 1:
+    return  # Only process 0 writes the results; ignoring, the others could wait on a stopped one.
   for sig in SIGNALS:
     signal.signal(sig, signal.SIG_IGN)
   signal.setitimer(signal.ITIMER_REAL, 0)  # A retry of a held signal (_retry_soon) is called off.

@@ -161,6 +161,10 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
     DataError, match=r"a.tfrecord: video 'a': no feature 'mean_rgb' \(is this video-level"
   ):
     evaluate.check_eval_file(small_config("video"), labelled)
+  misnamed = small_config()
+  misnamed.data.id_feature = "xid"  # Its first evaluation would stop the run (_unique_ids).
+  with pytest.raises(DataError, match=r"a.tfrecord' has no id \(data.id_feature='xid'"):
+    evaluate.check_eval_file(misnamed, labelled)
 
 
 def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_path):

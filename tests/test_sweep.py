@@ -114,6 +114,10 @@ def test_a_cell_killed_by_a_signal_is_reported_as_such(tmp_path):
   rc, error = sweep.run_cell([PYTHON, "-c", code], log, "[a,b]", False, sweep.StopFlag())
   assert rc == -9
   assert error == "launch.py was killed by SIGKILL; its last line: step 4/20 (20.0%) loss 10.4"
+  # A real-time signal has no name in signal.Signals: it was a ValueError, the sweep's end.
+  realtime = "import os; os.kill(os.getpid(), 40)"
+  rc, error = sweep.run_cell([PYTHON, "-c", realtime], log, "[a,b]", False, sweep.StopFlag())
+  assert (rc, error) == (-40, "launch.py was killed by signal 40")
 
 
 # A sweep process running one cell that records its SIGTERM; the test kills the sweep with -9.
