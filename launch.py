@@ -111,6 +111,7 @@ def _exit_after_error(code: int, line: str) -> None:
   after an error on this process alone (a bad record in its files) the others wait in a
   collective and would never reach the barrier; with this process gone their collective fails.
   """
+  signals.ignore_until_exit()  # The exit code is decided: a late signal ended it with -2 or -15.
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
