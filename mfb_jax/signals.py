@@ -49,8 +49,12 @@ class _State:
 _state = _State()
 
 
-def _name(signum: int) -> str:
-  return signal.Signals(signum).name
+def name(signum: int) -> str:
+  """SIGTERM, SIGINT, ...; "signal N" for one without a name (a real-time signal)."""
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f"signal {signum}"
 
 
 def _unwind(signum: int) -> Interrupted:
@@ -111,12 +115,12 @@ def _handle(signum, frame) -> None:
   from absl import logging
 
   if first:
-    logging.warning("Received %s: saving a checkpoint after this step and stopping", _name(signum))
+    logging.warning("Received %s: saving a checkpoint after this step and stopping", name(signum))
   else:
     logging.warning(
       "Received %s again: still stopping, waiting for the checkpoint save to finish (kill -9 "
       "abandons it; the checkpoints saved before it stay intact)",
-      _name(signum),
+      name(signum),
     )
 
 
@@ -193,7 +197,7 @@ def stopped_by() -> Interrupted | None:
 def report(error: Interrupted) -> None:
   """Ends the process after an Interrupted: one line on stderr, exit 128 + signal number."""
   message = (
-    f"stopped by {_name(error.signum)}; no file was left half-written (rerun the same command "
+    f"stopped by {name(error.signum)}; no file was left half-written (rerun the same command "
     "to start again)"
   )
   with contextlib.suppress(Exception):
@@ -221,8 +225,7 @@ def work_done() -> None:
   jax = sys.modules.get("jax")
   if jax is not None and jax.process_count() > 1:
     return  # Only process 0 writes the results; ignoring, the others could wait on a stopped one.
-  for sig in SIGNALS:
-    signal.signal(sig, signal.SIG_IGN)
+  ignore_until_exit()
   signal.setitimer(signal.ITIMER_REAL, 0)  # A retry of a held signal (_retry_soon) is called off.
   _state.received = None
 

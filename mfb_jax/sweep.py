@@ -96,12 +96,7 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
     log.flush()
     # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
     process = subprocess.Popen(
-      args,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      bufsize=1,
-      env=env,
+      args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
     )
     stop.child = process
     for line in process.stdout:
@@ -117,18 +112,11 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
     code = process.wait()
     stop.child = None
   if code < 0 and not error:  # No line of its own: the OOM killer's SIGKILL, for one.
-    error = f"launch.py was killed by {_signal_name(-code)}"
+    error = f"launch.py was killed by {signals.name(-code)}"
     error += f"; its last line: {last}" if last else ""
   elif code != 0 and not error:
     error = last or f"launch.py exited with code {code}"
   return code, error
-
-
-def _signal_name(signum: int) -> str:
-  try:
-    return signal.Signals(signum).name
-  except ValueError:  # A real-time signal has no name.
-    return f"signal {signum}"
 
 
 def _eta(durations: list[float], remaining: int) -> str:

@@ -290,12 +290,12 @@ def check_start_memory(config: ml_collections.ConfigDict, state_shapes, mode: st
   section = "train" if mode == "train" else "eval"
   local_batch = max(config[section].batch_size // jax.process_count(), 1)
   held = config.data.prefetch_batches + 2
-  state = memory.tree_bytes(state_shapes)
-  creating = init is not None and memory.step_needs(init.lower().compile())
-  state = creating or state
+  # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
+  initializing = init is not None and memory.step_needs(init.lower().compile())
+  state = initializing or memory.tree_bytes(state_shapes)
   batches = held * memory.batch_bytes(config, local_batch)
   what = (
-    f"the state of {model_name(config)}{' as it is initialized' if creating else ''} "
+    f"the state of {model_name(config)}{' as it is initialized' if initializing else ''} "
     f"({memory.amount(state)}) and {held} input batches of {local_batch} videos "
     f"({memory.amount(batches)})"
   )
