@@ -1,11 +1,11 @@
 """Frame-level (2018 SequenceExample) parsing for the tf.data pipeline.
 
 Letters: S frames stored in a record, T frames kept (data.max_frames), D rgb size, A audio size,
-B batch, C classes. Each record is parsed, checked, decoded and cut or padded to T frames as uint8
-on its own (its few hundred KB stay in the core's cache through those steps); a whole batch is
-then dequantized in one fused pass, so the float32 (or bfloat16) batch is written to memory
-once. Measured on 2 cores, this beat both one parse op per batch and the plain per-record float
-reader.
+B batch, C classes. Each record is parsed by TensorFlow's parser, checked, decoded and cut or
+padded to T frames as uint8 on its own; a whole batch is then dequantized in one fused pass, so
+the float32 (or bfloat16) batch is written to memory once. frame_batch.py reads batches of
+records laid out as the official writers lay them out without this parser, and sends any other
+batch here: these checks are the ones that name a bad record.
 """
 
 import tensorflow as tf

@@ -18,7 +18,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import frames, records, tf_errors, tfrecord_files
+from mfb_jax import frame_batch, records, tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 # Train files read at once: batches mix videos from this many files (each file holds videos of
@@ -171,16 +171,24 @@ def _seeds(seed: int) -> list[int]:
 def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed=None):
   """Batch dicts (with 'problem') from (name, record) pairs; short batches padded, valid = 0."""
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  parse_record = frames.parse_frame_record if spec.format == "frame" else records.parse_video_record
-  # Each record's file and size travel with it, for tfrecord_files.FileEnds.
-  sized = lambda parsed, name, record: {**parsed, "file": name, "bytes": tf.strings.length(record)}
-  if frame_seed is None:
-    parse = lambda name, record: sized(parse_record(spec, name, record), name, record)
-  else:  # A per-record seed: the record's position in this (seeded, deterministic) stream.
-    records_ds = records_ds.enumerate()
-    parse = lambda index, pair: sized(
-      parse_record(spec, *pair, tf.stack([tf.constant(frame_seed, tf.int64), index])), *pair
-    )
+  if spec.format == "frame":  # Parsed a batch at a time (frame_batch.py).
+    parse_batch = frame_batch.batch_parser(spec, batch_size, frame_seed is not None)
+    if frame_seed is None:
+      parse = parse_batch
+    else:  # A per-record seed: the record's position in this (seeded, deterministic) stream.
+      records_ds = records_ds.enumerate()
+      seed = tf.constant(frame_seed, tf.int64)
+      parse = lambda index_B, pair: parse_batch(
+        *pair, tf.stack([tf.fill(tf.shape(index_B), seed), index_B], 1)
+      )
+    batched = records_ds.batch(batch_size, drop_remainder=drop_remainder)
+    return batched.map(_as_written(parse), **parallel)
+  # Video-level: each record's file and size travel with it, for tfrecord_files.FileEnds.
+  parse = lambda name, record: {
+    **records.parse_video_record(spec, name, record),
+    "file": name,
+    "bytes": tf.strings.length(record),
+  }
   ds = records_ds.map(_as_written(parse), **parallel)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   finish = lambda batch: records.finish_batch(batch, batch_size, spec.feature_dtype)

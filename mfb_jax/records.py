@@ -1,10 +1,11 @@
 """Record spec, ids, labels, checks, video-level parsing and batch finishing (tf.data side).
 
 Letters: B batch, T frames, C classes, D rgb size, A audio size, L labels of a video. Everything
-here runs inside tf.data map functions: records are parsed one by one (frames.py for frame-level
-records), batched, then finished here (padded, dequantized). Checks that TensorFlow's parser does
-not make (feature sizes, frame counts, label range) give each record a string 'problem' ('' when
-all is well); a batch carries its first one, which input_pipeline raises as a DataError.
+here runs inside tf.data map functions: video-level records are parsed one by one, frame-level
+ones a batch at a time (frame_batch.py, or one by one in frames.py), then each batch is finished
+here (padded, dequantized). Checks that TensorFlow's parser does not make (feature sizes, frame
+counts, label range) give each record a string 'problem' ('' when all is well); a batch carries
+its first one, which input_pipeline raises as a DataError.
 """
 
 import dataclasses
@@ -175,17 +176,19 @@ def pad_rows(x_B: tf.Tensor, pad: tf.Tensor) -> tf.Tensor:
 
 
 @tf.function(jit_compile=True, autograph=False)
-def dequantize(q_BxTxD: tf.Tensor, num_frames_B: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+def dequantize(q_BxTxD: tf.Tensor, num_frames_B: tf.Tensor, dtype=tf.float32, skip=0) -> tf.Tensor:
   """q * 4/255 - 2 (computed in float32, stored as `dtype`) on real frames and 0 on padding, in
-  one fused pass (XLA)."""
+  one fused pass (XLA); the first `skip` bytes of each frame (frame_batch's headers) left out."""
+  q_BxTxD = q_BxTxD[:, :, skip:]
   mask_BxT = tf.sequence_mask(num_frames_B, tf.shape(q_BxTxD)[1])
   values = tf.cast(q_BxTxD, tf.float32) * QUANT_SCALE + QUANT_OFFSET
   return tf.cast(tf.where(mask_BxT[:, :, None], values, 0.0), dtype)
 
 
-def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32) -> dict:
+def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32, skip=(0, 0)) -> dict:
   """The batch dict from parsed records: padded to batch_size rows (valid = 0), features
-  dequantized (frame-level) or cast (video-level) to `dtype`."""
+  dequantized (frame-level; the first skip[0] / skip[1] bytes of each rgb / audio frame left
+  out) or cast (video-level) to `dtype`."""
   count = tf.shape(batch["num_frames"])[0]
   padded = {k: pad_rows(v, batch_size - count) for k, v in batch.items()}
   num_frames_B = padded["num_frames"]
@@ -198,10 +201,12 @@ def finish_batch(batch: dict, batch_size: int, dtype: tf.DType = tf.float32) -> 
     "file": padded["file"],  # Each record's file and size (tfrecord_files.FileEnds).
     "bytes": padded["bytes"],
   }
-  for key in ("rgb", "audio"):
+  for key, width in zip(("rgb", "audio"), skip, strict=True):
     quantized = padded[key].dtype == tf.uint8  # Frame-level; video-level features are floats.
     out[key] = (
-      dequantize(padded[key], num_frames_B, dtype) if quantized else tf.cast(padded[key], dtype)
+      dequantize(padded[key], num_frames_B, dtype, width)
+      if quantized
+      else tf.cast(padded[key], dtype)
     )
   return out
 

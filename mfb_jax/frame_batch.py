@@ -1,0 +1,298 @@
+"""Frame-level records parsed a batch at a time, by their byte layout (the fast path).
+
+Letters: B batch, T frames kept (data.max_frames), S frames stored, D feature size, F bytes a
+frame takes in a record (its header H plus D), W bytes of a window, C classes.
+
+TensorFlow's SequenceExample parser copies each of a video's 600 frames into a string of its own
+(a heap allocation each), which decode_raw then copies again. A record as the official writers
+lay it out holds each feature's frames as one run of F-byte pieces (a fixed header, then the D
+bytes), so here the byte offsets of both runs are read from a few varints per record, vectorized
+over the batch, and each run is cut out of the record in one piece; the headers stay in the batch
+until the dequantize, which skips them (records.finish_batch). Ids and labels still come from
+TensorFlow's parser. A batch with a record laid out any other way (fields in another order, extra
+feature lists, frames of other sizes or encodings, no frames, labels outside num_classes) goes
+through frames.py's per-record parser, whose checks name the problem: both give the same batches.
+Measured on a 2-core AMD Zen 5 (BENCHMARKS.md, "Frame-level records read by their layout"): 38-43
+against 55-59 core-ms of CPU per batch of 128 300-frame videos.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from mfb_jax import frames, records
+from mfb_jax.records import RecordSpec
+
+_W = 64  # Bytes read at each place a record's layout is looked up.
+_MAX_VARINT = 5  # Bytes of a varint below 2**35; a record is at most 2 GB.
+_IDX_WxV = tf.range(_W)[:, None] + tf.range(_MAX_VARINT)[None, :]
+_SHIFTS_V = tf.constant([0, 7, 14, 21, 28], tf.int64)
+# Field tags (field number << 3 | 2, length-delimited) of the SequenceExample wire format.
+_TAG_1, _TAG_2 = 0x0A, 0x12  # context / map key / feature / bytes_list / value: 1; lists, value: 2
+
+
+def varint_bytes(value: int) -> list[int]:
+  """The protobuf varint encoding of a non-negative int."""
+  out = []
+  while True:
+    low, value = value & 127, value >> 7
+    out.append(low | (128 if value else 0))
+    if not value:
+      return out
+
+
+def frame_header(size: int) -> list[int]:
+  """The bytes before each frame's data in a FeatureList of `size`-byte frames: a Feature
+  (field 1) holding a BytesList (field 1) holding one value (field 1) of `size` bytes."""
+  value = [_TAG_1, *varint_bytes(size)]
+  bytes_list = [_TAG_1, *varint_bytes(len(value) + size), *value]
+  return [_TAG_1, *varint_bytes(len(bytes_list) + size), *bytes_list]
+
+
+def _window(records_B: tf.Tensor, pos_B: tf.Tensor) -> tf.Tensor:
+  """int64 [B, W + 5]: each record's bytes from pos (zero past its end)."""
+  piece_B = _piece(records_B, pos_B, tf.fill(tf.shape(pos_B), tf.constant(_W, tf.int64)))
+  return tf.cast(tf.io.decode_raw(piece_B, tf.uint8, fixed_length=_W + _MAX_VARINT), tf.int64)
+
+
+def _len(records_B: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.strings.length(records_B), tf.int64)
+
+
+def _piece(records_B: tf.Tensor, start_B: tf.Tensor, size_B: tf.Tensor) -> tf.Tensor:
+  """Each record's bytes [start, start + size), cut to the record (positions read from a
+  record that is not laid out as expected can point anywhere)."""
+  start_B = tf.clip_by_value(start_B, 0, _len(records_B))
+  return tf.strings.substr(
+    records_B, start_B, tf.clip_by_value(size_B, 0, _len(records_B) - start_B)
+  )
+
+
+def _varints(w_BxW: tf.Tensor):
+  """(value, length) [B, W] of the varint starting at each window position (length 0: none)."""
+  g_BxWxV = tf.gather(w_BxW, _IDX_WxV, axis=1)
+  more_BxWxV = tf.cast(g_BxWxV >= 128, tf.int64)
+  part_BxWxV = tf.math.cumprod(more_BxWxV, axis=2, exclusive=True)  # Bytes of the varint.
+  value_BxW = tf.reduce_sum(part_BxWxV * tf.bitwise.left_shift(g_BxWxV & 127, _SHIFTS_V), 2)
+  ends_BxW = tf.reduce_sum(part_BxWxV * (1 - more_BxWxV), 2) > 0  # Its last byte is in reach.
+  return value_BxW, tf.where(ends_BxW, tf.reduce_sum(part_BxWxV, 2), 0)
+
+
+def _at(x_BxW: tf.Tensor, i_B: tf.Tensor) -> tf.Tensor:
+  """x[b, i[b]] (positions past the window read its last entry; callers check reach)."""
+  i_B = tf.cast(tf.minimum(i_B, x_BxW.shape[1] - 1), tf.int32)
+  return tf.gather(x_BxW, i_B, axis=1, batch_dims=1)
+
+
+def _entry(records_B: tf.Tensor, pos_B: tf.Tensor, keys: tuple[str, str]):
+  """One FeatureLists map entry at pos: (ok, which key, value start, value length, entry end)."""
+  w_BxW = _window(records_B, pos_B)
+  value_BxW, length_BxW = _varints(w_BxW)
+  zero_B = tf.zeros_like(pos_B)
+  size_B, size_bytes_B = _at(value_BxW, zero_B + 1), _at(length_BxW, zero_B + 1)
+  key_B = 1 + size_bytes_B  # The key's tag.
+  key_size_B = _at(w_BxW, key_B + 1)
+  which_B = tf.fill(tf.shape(pos_B), tf.constant(-1, tf.int64))
+  for index, key in enumerate(keys):
+    key_K = list(key.encode())
+    at_BxK = tf.minimum(key_B[:, None] + 2 + tf.range(len(key_K), dtype=tf.int64)[None], _W)
+    got_BxK = tf.gather(w_BxW, tf.cast(at_BxK, tf.int32), batch_dims=1)
+    same_B = (key_size_B == len(key_K)) & tf.reduce_all(got_BxK == key_K, 1)
+    which_B = tf.where(same_B, tf.constant(index, tf.int64), which_B)
+  value_tag_B = key_B + 2 + key_size_B
+  list_size_B, list_size_bytes_B = _at(value_BxW, value_tag_B + 1), _at(length_BxW, value_tag_B + 1)
+  start_B = pos_B + value_tag_B + 1 + list_size_bytes_B
+  end_B = pos_B + key_B + size_B
+  ok_B = (_at(w_BxW, zero_B) == _TAG_1) & (size_bytes_B > 0) & (_at(w_BxW, key_B) == _TAG_1)
+  ok_B &= (which_B >= 0) & (value_tag_B + 1 + _MAX_VARINT < _W)
+  ok_B &= (_at(w_BxW, value_tag_B) == _TAG_2) & (list_size_bytes_B > 0)
+  return ok_B & (start_B + list_size_B == end_B), which_B, start_B, list_size_B, end_B
+
+
+def layout(records_B: tf.Tensor, rgb_key: str, audio_key: str):
+  """(ok [B], rgb run (start, length), audio run (start, length)): ok where a record is the
+  context (field 1), then the feature lists (field 2) with exactly the two features, in
+  either order, and nothing else."""
+  length_B = _len(records_B)
+  zero_B = tf.zeros_like(length_B)
+  w_BxW = _window(records_B, zero_B)
+  value_BxW, size_bytes_BxW = _varints(w_BxW)
+  lists_B = 1 + _at(size_bytes_BxW, zero_B + 1) + _at(value_BxW, zero_B + 1)  # Context skipped.
+  ok_B = (_at(w_BxW, zero_B) == _TAG_1) & (_at(size_bytes_BxW, zero_B + 1) > 0)
+  w_BxW = _window(records_B, lists_B)
+  value_BxW, size_bytes_BxW = _varints(w_BxW)
+  first_B = lists_B + 1 + _at(size_bytes_BxW, zero_B + 1)
+  ok_B &= (_at(w_BxW, zero_B) == _TAG_2) & (_at(size_bytes_BxW, zero_B + 1) > 0)
+  ok_B &= first_B + _at(value_BxW, zero_B + 1) == length_B
+  keys = (rgb_key, audio_key)
+  ok1_B, which1_B, start1_B, size1_B, end1_B = _entry(records_B, first_B, keys)
+  ok2_B, which2_B, start2_B, size2_B, end2_B = _entry(records_B, end1_B, keys)
+  ok_B &= ok1_B & ok2_B & (end2_B == length_B) & (which1_B + which2_B == 1)
+  rgb_first_B = which1_B == 0
+  rgb = tf.where(rgb_first_B, start1_B, start2_B), tf.where(rgb_first_B, size1_B, size2_B)
+  audio = tf.where(rgb_first_B, start2_B, start1_B), tf.where(rgb_first_B, size2_B, size1_B)
+  return ok_B, rgb, audio
+
+
+def _decoded(records_B, start_B, size_B, frame_bytes: int, frames=None) -> tf.Tensor:
+  """uint8 [B, S, F]: each record's run (at most `frames` frames of it), zero-filled to the
+  longest (or to `frames`)."""
+  if frames is not None:
+    size_B = tf.minimum(size_B, frames * frame_bytes)
+    length = frames * frame_bytes
+  else:
+    length = tf.cast(tf.maximum(tf.reduce_max(size_B), frame_bytes), tf.int32)
+  q_BxSF = tf.io.decode_raw(_piece(records_B, start_B, size_B), tf.uint8, fixed_length=length)
+  return tf.reshape(q_BxSF, [tf.shape(q_BxSF)[0], frames or -1, frame_bytes])
+
+
+def _headers_ok(q_BxSxF: tf.Tensor, real_B: tf.Tensor, header: list[int]) -> tf.Tensor:
+  """Whether each of the first real_B frames of each row starts with `header`."""
+  real_BxS = tf.sequence_mask(real_B, tf.shape(q_BxSxF)[1])[:, :, None]
+  same_BxSxH = q_BxSxF[:, :, : len(header)] == tf.constant(header, tf.uint8)
+  return tf.reduce_all(same_BxSxH | ~real_BxS)
+
+
+def _run(records_B, start_B, size_B, stored_B, header, size: int, keep: int, idx_BxT=None):
+  """(uint8 [B, T, F]: each record's first T frames, or its frames idx_BxT, zeros past its own;
+  whether every stored frame has the canonical header, the ones not kept too)."""
+  frame_bytes = len(header) + size
+  if idx_BxT is not None:
+    q_BxSxF = _decoded(records_B, start_B, size_B, frame_bytes)
+    idx_BxT = tf.minimum(idx_BxT, tf.shape(q_BxSxF)[1] - 1)
+    return tf.gather(q_BxSxF, idx_BxT, batch_dims=1), _headers_ok(q_BxSxF, stored_B, header)
+  q_BxTxF = _decoded(records_B, start_B, size_B, frame_bytes, keep)
+  ok = _headers_ok(q_BxTxF, tf.minimum(stored_B, keep), header)
+
+  def tail_ok():  # Frames past the T kept are checked, not decoded into the batch.
+    start = start_B + keep * frame_bytes
+    q_BxRxF = _decoded(records_B, start, tf.maximum(size_B - keep * frame_bytes, 0), frame_bytes)
+    return _headers_ok(q_BxRxF, tf.maximum(stored_B - keep, 0), header)
+
+  return q_BxTxF, ok & tf.cond(tf.reduce_any(stored_B > keep), tail_ok, lambda: True)
+
+
+def _sampled_indices(num_frames_B: tf.Tensor, seeds_Bx2: tf.Tensor, keep: int) -> tf.Tensor:
+  """int32 [B, T]: frames.random_frame_indices for videos longer than T, else 0..T-1."""
+
+  @tf.autograph.experimental.do_not_convert
+  def one(args):
+    n, seed = args
+    sample = lambda: frames.random_frame_indices(n, keep, seed)
+    return tf.cond(n > keep, sample, lambda: tf.range(keep))
+
+  signature = tf.TensorSpec([keep], tf.int32)
+  return tf.map_fn(one, (num_frames_B, seeds_Bx2), fn_output_signature=signature)
+
+
+def _multi_hot(labels, rows: tf.Tensor, num_classes: int) -> tf.Tensor:
+  """float32 [B, C] from a SparseTensor of label ids; ids outside [0, C) are left out."""
+  values_N, row_N = labels.values, labels.indices[:, 0]
+  kept_N = (values_N >= 0) & (values_N < num_classes)
+  at_Nx2 = tf.stack([tf.boolean_mask(row_N, kept_N), tf.boolean_mask(values_N, kept_N)], 1)
+  zeros_BxC = tf.zeros(tf.stack([rows, num_classes]), tf.float32)
+  return tf.tensor_scatter_nd_max(zeros_BxC, at_Nx2, tf.ones(tf.shape(at_Nx2)[:1], tf.float32))
+
+
+def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2, headers) -> dict:
+  """frames.parse_frame_record on each record (the batch's own checks and problem lines), with
+  the frames left-padded by the header widths to the fast path's shapes."""
+  sample = seeds_Bx2 is not None
+  seeds_Bx2 = seeds_Bx2 if sample else tf.zeros([tf.shape(records_B)[0], 2], tf.int64)
+
+  @tf.autograph.experimental.do_not_convert  # Traced as written (input_pipeline._as_written).
+  def one(args):
+    name, record, seed = args
+    return frames.parse_frame_record(spec, name, record, seed if sample else None)
+
+  string = tf.TensorSpec([], tf.string)
+  signature = {
+    "rgb": tf.TensorSpec([spec.max_frames, spec.rgb_size], tf.uint8),
+    "audio": tf.TensorSpec([spec.max_frames, spec.audio_size], tf.uint8),
+    "num_frames": tf.TensorSpec([], tf.int32),
+    "labels": tf.TensorSpec([spec.num_classes], tf.float32),
+    "id": string,
+    "problem": string,
+  }
+  parsed = tf.map_fn(one, (names_B, records_B, seeds_Bx2), fn_output_signature=signature)
+  for key, header in zip(("rgb", "audio"), headers, strict=True):
+    parsed[key] = tf.pad(parsed[key], [[0, 0], [0, 0], [len(header), 0]])
+  return parsed
+
+
+def _kept(spec: RecordSpec, records_B, runs, stored_B, headers, seeds_Bx2):
+  """(uint8 rgb [B, T, F], uint8 audio [B, T, F'], whether every stored frame is canonical):
+  the first T frames, or with seeds an ordered random T of the videos longer than T."""
+  keep = spec.max_frames
+  rgb = (*runs[0], stored_B, headers[0], spec.rgb_size, keep)
+  audio = (*runs[1], stored_B, headers[1], spec.audio_size, keep)
+  first = lambda: (_run(records_B, *rgb), _run(records_B, *audio))
+  if seeds_Bx2 is None:
+    (q_rgb, rgb_ok), (q_audio, audio_ok) = first()
+  else:
+
+    def sampled():
+      idx_BxT = _sampled_indices(stored_B, seeds_Bx2, keep)
+      return _run(records_B, *rgb, idx_BxT), _run(records_B, *audio, idx_BxT)
+
+    long = tf.reduce_any(stored_B > keep)
+    (q_rgb, rgb_ok), (q_audio, audio_ok) = tf.cond(long, sampled, first)
+  return q_rgb, q_audio, rgb_ok & audio_ok
+
+
+def _frame_counts(spec: RecordSpec, records_B, headers):
+  """(ok [B], rgb and audio runs (start, length), frames stored [B]): ok where the layout is
+  the expected one and both runs hold the same number (> 0) of whole frames; the runs of the
+  other rows are emptied."""
+  ok_B, (rgb_start_B, rgb_size_B), (audio_start_B, audio_size_B) = layout(
+    records_B, spec.rgb_key, spec.audio_key
+  )
+  rgb_F, audio_F = len(headers[0]) + spec.rgb_size, len(headers[1]) + spec.audio_size
+  ok_B &= (rgb_size_B % rgb_F == 0) & (audio_size_B % audio_F == 0) & (rgb_size_B > 0)
+  ok_B &= rgb_size_B // rgb_F == audio_size_B // audio_F
+  rgb_size_B, audio_size_B = tf.where(ok_B, rgb_size_B, 0), tf.where(ok_B, audio_size_B, 0)
+  runs = ((rgb_start_B, rgb_size_B), (audio_start_B, audio_size_B))
+  return ok_B, runs, tf.cast(rgb_size_B // rgb_F, tf.int32)
+
+
+def parse_batch(spec: RecordSpec, names_B, records_B, batch_size: int, seeds_Bx2=None) -> dict:
+  """A finished batch (records.finish_batch) of frame-level records; seeds_Bx2: each record's
+  frame-sampling seed (training with data.random_frames), or None to keep the first T frames."""
+  rows = tf.shape(records_B)[0]
+  headers = (frame_header(spec.rgb_size), frame_header(spec.audio_size))
+  ok_B, runs, stored_B = _frame_counts(spec, records_B, headers)
+  q_rgb, q_audio, frames_ok = _kept(spec, records_B, runs, stored_B, headers, seeds_Bx2)
+  context = records.parse_context(spec, records_B, names_B)
+  labels = context[spec.labels_key]
+  ok = tf.reduce_all(ok_B) & frames_ok
+  if spec.check_labels:
+    ok &= tf.reduce_all((labels.values >= 0) & (labels.values < spec.num_classes))
+  fast = lambda: {
+    "rgb": q_rgb,
+    "audio": q_audio,
+    "num_frames": tf.minimum(stored_B, spec.max_frames),
+    "labels": _multi_hot(labels, rows, spec.num_classes),
+    "id": records.video_ids(spec, context),
+    "problem": tf.fill([rows], ""),
+  }
+  slow = lambda: _per_record(spec, names_B, records_B, seeds_Bx2, headers)
+  parsed = tf.cond(ok, fast, slow)
+  parsed.update(file=names_B, bytes=tf.strings.length(records_B))
+  widths = (len(headers[0]), len(headers[1]))
+  return records.finish_batch(parsed, batch_size, spec.feature_dtype, widths)
+
+
+@functools.cache
+def batch_parser(spec: RecordSpec, batch_size: int, sampled: bool):
+  """parse_batch as a tf.function traced once per process (names_B, records_B[, seeds_Bx2]):
+  each dataset built on it then starts without tracing its few hundred ops again."""
+  strings = tf.TensorSpec([None], tf.string)
+  if sampled:
+    signature = [strings, strings, tf.TensorSpec([None, 2], tf.int64)]
+    parse = lambda names_B, records_B, seeds_Bx2: parse_batch(
+      spec, names_B, records_B, batch_size, seeds_Bx2
+    )
+  else:
+    signature = [strings, strings]
+    parse = lambda names_B, records_B: parse_batch(spec, names_B, records_B, batch_size)
+  return tf.function(parse, input_signature=signature, autograph=False)
