@@ -142,7 +142,14 @@ def _decoded(records_B, start_B, size_B, frame_bytes: int, frames=None) -> tf.Te
     length = frames * frame_bytes
   else:
     length = tf.cast(tf.maximum(tf.reduce_max(size_B), frame_bytes), tf.int32)
-  q_BxSF = tf.io.decode_raw(_piece(records_B, start_B, size_B), tf.uint8, fixed_length=length)
+  piece_B = _piece(records_B, start_B, size_B)
+  # Without fixed_length decode_raw skips zero-filling its output, but needs equal lengths.
+  full = tf.reduce_all(tf.cast(size_B, tf.int32) == length) & (tf.size(size_B) > 0)
+  q_BxSF = tf.cond(
+    full,
+    lambda: tf.io.decode_raw(piece_B, tf.uint8),
+    lambda: tf.io.decode_raw(piece_B, tf.uint8, fixed_length=length),
+  )
   return tf.reshape(q_BxSF, [tf.shape(q_BxSF)[0], frames or -1, frame_bytes])
 
 

@@ -95,16 +95,18 @@ def test_frame_header_is_what_protobuf_writes_before_each_frame(size):
     assert bytes(frame_batch.varint_bytes(value)) == _varint(value)
 
 
-def _videos():
-  """Records of 1, 5, T and T + 3 frames (labels with a repeat), one laid out in another order."""
-  out = [frame_record(f"v{n}", *video(n, seed=n), [n % 10, 3, 3]) for n in (1, 5, T, T + 3)]
+def _videos(lengths=(1, 5, T, T + 3)):
+  """Records of these frame counts (labels with a repeat), and one of T + 1 frames laid out in
+  another order."""
+  out = [frame_record(f"v{n}", *video(n, seed=n), [n % 10, 3, 3]) for n in lengths]
   return out + [_hand_made("swapped", *video(T + 1, seed=9), [9, 0], audio_first=True)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_batches_equal_the_per_record_parse(dtype, sampled, no_per_record_path):
-  spec, serialized = _spec(dtype), _videos()
+@pytest.mark.parametrize("lengths", [(1, 5, T, T + 3), (T, T + 2, T + 5)])
+def test_batches_equal_the_per_record_parse(dtype, sampled, lengths, no_per_record_path):
+  spec, serialized = _spec(dtype), _videos(lengths)
   seeds = tf.constant([[7, i] for i in range(len(serialized))], tf.int64) if sampled else None
   want = _per_record(spec, serialized, seeds)
   got = _batch(spec, serialized, seeds)
