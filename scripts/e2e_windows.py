@@ -65,8 +65,8 @@ def measure(config, rounds: int, steps: int) -> dict:
   ratios = [b / e for b, e in zip(bare, fed, strict=True)]
   return {
     "model": train_lib.model_name(config),
-    "bare_step_ms": [round(1e3 * t, 1) for t in bare],
-    "end_to_end_step_ms": [round(1e3 * t, 1) for t in fed],
+    "bare_step_ms": [round(1e3 * t, 3) for t in bare],
+    "end_to_end_step_ms": [round(1e3 * t, 3) for t in fed],
     "ratios": [round(r, 3) for r in ratios],
     "end_to_end_vs_bare_step": round(statistics.median(ratios), 3),
     "allocator": "tcmalloc" if runtime.tcmalloc_loaded() else "default",

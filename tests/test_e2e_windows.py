@@ -13,8 +13,9 @@ def test_windows_alternate_and_the_ratio_is_their_rounds_median():
   record = json.loads(result.stdout.strip().splitlines()[-1])
   bare, fed = record["bare_step_ms"], record["end_to_end_step_ms"]
   assert len(bare) == len(fed) == len(record["ratios"]) == 3 and min(bare + fed) > 0
-  ratios = [b / f for b, f in zip(bare, fed, strict=True)]
-  assert abs(record["end_to_end_vs_bare_step"] - statistics.median(ratios)) < 0.01
+  for ratio, b, f in zip(record["ratios"], bare, fed, strict=True):
+    assert abs(ratio - b / f) < 0.002 + 0.01 * ratio
+  assert record["end_to_end_vs_bare_step"] == statistics.median(record["ratios"])
   assert record["model"] == "netvlad+mfb+moe"
 
 
