@@ -9,7 +9,7 @@ import tensorflow as tf
 from pipeline_fakes import A, D, small_config, video
 from test_input_pipeline import SAMPLE, needs_sample
 
-from mfb_jax import frame_batch, frames, records
+from mfb_jax import frame_batch, frame_layout, frames, records
 from mfb_jax.bench_input import frame_record
 
 T = 8  # small_config's max_frames.
@@ -89,10 +89,10 @@ def no_per_record_path(monkeypatch):
 def test_frame_header_is_what_protobuf_writes_before_each_frame(size):
   rng = np.random.default_rng(size)
   frames_SxD = rng.integers(0, 256, (3, size), np.uint8)
-  header = bytes(frame_batch.frame_header(size))
+  header = bytes(frame_layout.frame_header(size))
   assert _frame_list(frames_SxD) == b"".join(header + f.tobytes() for f in frames_SxD)
   for value in (0, 1, 127, 128, 300, 2**21, 2**35 - 1):
-    assert bytes(frame_batch.varint_bytes(value)) == _varint(value)
+    assert bytes(frame_layout.varint_bytes(value)) == _varint(value)
 
 
 def _videos(lengths=(1, 5, T, T + 3)):
@@ -121,7 +121,7 @@ def test_the_real_frame_level_record_is_read_by_its_layout(no_per_record_path):
   spec = records.RecordSpec.from_config(config)
   path = str(SAMPLE / "derived_example_frame_level.tfrecord")
   serialized = [r.numpy() for r in tf.data.TFRecordDataset(path)]
-  ok_B, (rgb_start, rgb_size), (audio_start, audio_size) = frame_batch.layout(
+  ok_B, (rgb_start, rgb_size), (audio_start, audio_size) = frame_layout.layout(
     tf.constant(serialized), "rgb", "audio"
   )
   assert ok_B.numpy().tolist() == [True]
@@ -134,7 +134,7 @@ def _bad_tail(n: int) -> bytes:
   """A record whose frame T + 1 is a float list of the same length: not kept, but invalid."""
   rgb, audio = video(n, seed=1)
   record = frame_record("tail", rgb, audio, [1])
-  header = bytes(frame_batch.frame_header(D))
+  header = bytes(frame_layout.frame_header(D))
   at = record.index(header + rgb[T + 1].tobytes())
   bad = bytes([0x0A, header[1], 0x12]) + header[3:]  # Feature.float_list in place of bytes_list.
   return record[:at] + bad + record[at + len(header) :]
@@ -184,7 +184,7 @@ def test_a_bad_frame_past_the_kept_ones_is_an_error_as_in_the_per_record_parser(
 
 
 def test_audio_sizes_and_long_keys_stay_within_the_window():
-  assert len(frame_batch.frame_header(A)) == 6 and len(frame_batch.frame_header(D)) == 6
+  assert len(frame_layout.frame_header(A)) == 6 and len(frame_layout.frame_header(D)) == 6
   serialized = [_videos()[1]]
-  ok_B, _, _ = frame_batch.layout(tf.constant(serialized), "r" * 100, "audio")
+  ok_B, _, _ = frame_layout.layout(tf.constant(serialized), "r" * 100, "audio")
   assert ok_B.numpy().tolist() == [False]
