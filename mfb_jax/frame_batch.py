@@ -23,6 +23,8 @@ import tensorflow as tf
 from mfb_jax import frame_layout, frames, records
 from mfb_jax.records import RecordSpec
 
+_LONGEST = 4  # Videos of up to this many times data.max_frames take the fast path.
+
 
 def _decoded(records_B, start_B, size_B, frame_bytes: int, frames=None) -> tf.Tensor:
   """uint8 [B, S, F]: each record's run (at most `frames` frames of it), zero-filled to the
@@ -117,7 +119,9 @@ def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2, headers) -> dic
     "id": string,
     "problem": string,
   }
-  parsed = tf.map_fn(one, (names_B, records_B, seeds_Bx2), fn_output_signature=signature)
+  # One record after the other, so that the first bad record is the one reported (as before).
+  elems = (names_B, records_B, seeds_Bx2)
+  parsed = tf.map_fn(one, elems, fn_output_signature=signature, parallel_iterations=1)
   for key, header in zip(("rgb", "audio"), headers, strict=True):
     parsed[key] = tf.pad(parsed[key], [[0, 0], [0, 0], [len(header), 0]])
   return parsed
@@ -153,41 +157,64 @@ def _frame_counts(spec: RecordSpec, records_B, headers):
   rgb_F, audio_F = len(headers[0]) + spec.rgb_size, len(headers[1]) + spec.audio_size
   ok_B &= (rgb_size_B % rgb_F == 0) & (audio_size_B % audio_F == 0) & (rgb_size_B > 0)
   ok_B &= rgb_size_B // rgb_F == audio_size_B // audio_F
+  # Checking frames past the T kept decodes every row to the longest: far longer videos (custom
+  # data) go through the per-record parser, which holds one video at a time.
+  ok_B &= rgb_size_B // rgb_F <= _LONGEST * spec.max_frames
   rgb_size_B, audio_size_B = tf.where(ok_B, rgb_size_B, 0), tf.where(ok_B, audio_size_B, 0)
   runs = ((rgb_start_B, rgb_size_B), (audio_start_B, audio_size_B))
   return ok_B, runs, tf.cast(rgb_size_B // rgb_F, tf.int32)
 
 
+def _fast(spec: RecordSpec, names_B, records_B, runs, stored_B, headers, seeds_Bx2):
+  """(the parsed batch, whether it is exact) of records whose layout fits. Their context goes
+  through TensorFlow's parser only once every frame proved canonical, so that a bad frame is
+  reported before a bad context, as the per-record parser reports them."""
+  q_rgb, q_audio, frames_ok = _kept(spec, records_B, runs, stored_B, headers, seeds_Bx2)
+
+  def with_context():
+    rows = tf.shape(records_B)[0]
+    context = records.parse_context(spec, records_B, names_B)
+    labels = context[spec.labels_key]
+    ok = tf.constant(True)
+    if spec.check_labels:
+      ok = tf.reduce_all((labels.values >= 0) & (labels.values < spec.num_classes))
+    parsed = {
+      "rgb": q_rgb,
+      "audio": q_audio,
+      "num_frames": tf.minimum(stored_B, spec.max_frames),
+      "labels": _multi_hot(labels, rows, spec.num_classes),
+      "id": records.video_ids(spec, context),
+      "problem": tf.fill([rows], ""),
+    }
+    return parsed, ok
+
+  return tf.cond(frames_ok, with_context, lambda: _nothing(spec, headers))
+
+
+def _nothing(spec: RecordSpec, headers) -> tuple[dict, tf.Tensor]:
+  """_fast's result for a batch whose layout does not fit: empty, and not exact."""
+  frames_of = lambda header, size: tf.zeros([0, spec.max_frames, len(header) + size], tf.uint8)
+  parsed = {
+    "rgb": frames_of(headers[0], spec.rgb_size),
+    "audio": frames_of(headers[1], spec.audio_size),
+    "num_frames": tf.zeros([0], tf.int32),
+    "labels": tf.zeros([0, spec.num_classes], tf.float32),
+    "id": tf.zeros([0], tf.string),
+    "problem": tf.zeros([0], tf.string),
+  }
+  return parsed, tf.constant(False)
+
+
 def parse_batch(spec: RecordSpec, names_B, records_B, batch_size: int, seeds_Bx2=None) -> dict:
   """A finished batch (records.finish_batch) of frame-level records; seeds_Bx2: each record's
   frame-sampling seed (training with data.random_frames), or None to keep the first T frames."""
-  rows = tf.shape(records_B)[0]
   headers = (frame_layout.frame_header(spec.rgb_size), frame_layout.frame_header(spec.audio_size))
   ok_B, runs, stored_B = _frame_counts(spec, records_B, headers)
-  context = records.parse_context(spec, records_B, names_B)
-  labels = context[spec.labels_key]
-  ok = tf.reduce_all(ok_B)
-  if spec.check_labels:
-    ok &= tf.reduce_all((labels.values >= 0) & (labels.values < spec.num_classes))
-  # Data laid out otherwise in every batch costs no decoding here on top of the parser's.
-  kept = lambda: _kept(spec, records_B, runs, stored_B, headers, seeds_Bx2)
-  none = lambda: (
-    tf.zeros([0, spec.max_frames, len(headers[0]) + spec.rgb_size], tf.uint8),
-    tf.zeros([0, spec.max_frames, len(headers[1]) + spec.audio_size], tf.uint8),
-    tf.constant(False),
-  )
-  q_rgb, q_audio, frames_ok = tf.cond(ok, kept, none)
-  ok &= frames_ok
-  fast = lambda: {
-    "rgb": q_rgb,
-    "audio": q_audio,
-    "num_frames": tf.minimum(stored_B, spec.max_frames),
-    "labels": _multi_hot(labels, rows, spec.num_classes),
-    "id": records.video_ids(spec, context),
-    "problem": tf.fill([rows], ""),
-  }
+  # Data laid out otherwise costs no decoding here on top of the per-record parser's.
+  fast = lambda: _fast(spec, names_B, records_B, runs, stored_B, headers, seeds_Bx2)
+  parsed, ok = tf.cond(tf.reduce_all(ok_B), fast, lambda: _nothing(spec, headers))
   slow = lambda: _per_record(spec, names_B, records_B, seeds_Bx2, headers)
-  parsed = tf.cond(ok, fast, slow)
+  parsed = tf.cond(ok, lambda: parsed, slow)
   parsed.update(file=names_B, bytes=tf.strings.length(records_B))
   widths = (len(headers[0]), len(headers[1]))
   return records.finish_batch(parsed, batch_size, spec.feature_dtype, widths)

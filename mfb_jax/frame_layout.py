@@ -11,7 +11,7 @@ and says for which records the layout is exactly that; frame_batch.py reads the 
 
 import tensorflow as tf
 
-_W = 64  # Bytes read at each place a record's layout is looked up.
+_W = 128  # Bytes read where each field starts: feature names up to about 110 bytes fit.
 _MAX_VARINT = 5  # Bytes of a varint below 2**35; a record is at most 2 GB.
 _IDX_WxV = tf.range(_W)[:, None] + tf.range(_MAX_VARINT)[None, :]
 _SHIFTS_V = tf.constant([0, 7, 14, 21, 28], tf.int64)

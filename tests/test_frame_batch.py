@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from pipeline_fakes import A, D, small_config, video
+from pipeline_fakes import A, D, eval_error, small_config, video, write
 from test_input_pipeline import SAMPLE, needs_sample
 
 from mfb_jax import frame_batch, frame_layout, frames, records
@@ -188,3 +188,49 @@ def test_audio_sizes_and_long_keys_stay_within_the_window():
   serialized = [_videos()[1]]
   ok_B, _, _ = frame_layout.layout(tf.constant(serialized), "r" * 100, "audio")
   assert ok_B.numpy().tolist() == [False]
+
+
+def _bad_frame_record() -> bytes:  # Frame 1 of 'rgb' a float list: "Data types don't match".
+  example = tf.train.SequenceExample.FromString(frame_record("frame", *video(5, seed=3), [2]))
+  feature = example.feature_lists.feature_list["rgb"].feature[1]
+  feature.ClearField("bytes_list")
+  feature.float_list.value.append(1.0)
+  return example.SerializeToString()
+
+
+def _bad_context_record() -> bytes:  # Labels as bytes: the context parser's type error.
+  example = tf.train.SequenceExample.FromString(frame_record("context", *video(5), [1]))
+  example.context.feature["labels"].ClearField("int64_list")
+  example.context.feature["labels"].bytes_list.value.append(b"1")
+  return example.SerializeToString()
+
+
+def test_the_first_bad_record_is_the_one_reported(tmp_path):
+  with pytest.raises(tf.errors.InvalidArgumentError) as got:
+    _batch(_spec(), [_bad_frame_record(), _bad_context_record()])
+  assert "Feature list: rgb" in str(got.value)
+  write(tmp_path / "a.tfrecord", [_bad_frame_record()])
+  write(tmp_path / "b.tfrecord", [_bad_context_record()])
+  message = eval_error(small_config(), str(tmp_path / "*.tfrecord"))
+  assert message.startswith(str(tmp_path / "a.tfrecord")) and "'rgb'" in message, message
+
+
+def test_long_feature_names_and_far_longer_videos(no_per_record_path):
+  names = ("r" * 100, "a" * 100)
+  rgb, audio = video(T + 2, seed=5)
+  record = tf.train.SequenceExample.FromString(frame_record("long", rgb, audio, [1]))
+  lists = record.feature_lists.feature_list
+  for old, new in zip(("rgb", "audio"), names, strict=True):
+    lists[new].CopyFrom(lists[old])
+    del lists[old]
+  spec = dataclasses.replace(_spec(), rgb_key=names[0], audio_key=names[1])
+  batch = _batch(spec, [record.SerializeToString()])
+  np.testing.assert_array_equal(batch["mask"].numpy()[0], np.ones(T))
+  longest = frame_batch._LONGEST * T
+  fits = frame_record("fits", *video(longest, seed=6), [1])
+  headers = (frame_layout.frame_header(D), frame_layout.frame_header(A))
+  ok_B, _, _ = frame_batch._frame_counts(_spec(), tf.constant([fits]), headers)
+  assert ok_B.numpy().tolist() == [True]
+  too_long = [frame_record("far", *video(longest + 1, seed=6), [1])]
+  with pytest.raises(AssertionError, match="per-record parser"):
+    _batch(_spec(), too_long)
