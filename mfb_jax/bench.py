@@ -99,18 +99,12 @@ def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> 
   }
 
 
-def time_end_to_end(config: ml_collections.ConfigDict) -> float:
-  """Median step time when batches come from synthetic tfrecords through the input pipeline.
-
-  The shards hold videos of exactly max_frames frames, so the step sees the same shapes and work
-  as the bare-step figure; the difference is what reading, parsing and hand-off cost.
-  """
-  input_pipeline, synthetic = _end_to_end_modules()
-
-  batch_size = config_checks.check_batch_split(
-    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
-  )
-  frames = train_lib.frames_per_example(config)
+@contextlib.contextmanager
+def synthetic_train_shards(config: ml_collections.ConfigDict, batch_size: int):
+  """Yields the glob of temporary synthetic train shards of the configured format: two batches
+  of videos of exactly max_frames frames, so the step sees the bare-step figure's shapes."""
+  _, synthetic = _end_to_end_modules()
+  frames = max(train_lib.frames_per_example(config), 1)
   with (
     tempfile.TemporaryDirectory(prefix="mfb_jax_bench_") as data_dir,
     contextlib.redirect_stdout(sys.stderr),  # The writer's progress: stdout is the JSON line's.
@@ -122,13 +116,25 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
       num_shards=4,
       seed=config.seed,
       num_classes=config.data.num_classes,
-      frames=(max(frames, 1), max(frames, 1)),
+      frames=(frames, frames),
       fmt=config.data.format,
     )
+    yield os.path.join(data_dir, "train-*")
+
+
+def time_end_to_end(config: ml_collections.ConfigDict) -> float:
+  """Median step time when batches come from synthetic tfrecords through the input pipeline;
+  the difference from the bare step is what reading, parsing and hand-off cost."""
+  input_pipeline, _ = _end_to_end_modules()
+
+  batch_size = config_checks.check_batch_split(
+    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
+  )
+  with synthetic_train_shards(config, batch_size) as pattern:
     mesh, state, step_fn = fresh_train_step(config)
     logging.info("bench: end to end: compiling again, then the same steps from those shards")
     batches = input_pipeline.make_train_iterator(
-      config, os.path.join(data_dir, "train-*"), seed=0, local_batch_size=batch_size
+      config, pattern, seed=0, local_batch_size=batch_size
     )
     times = []
     for i in range(config.bench.warmup_steps + config.bench.steps + 1):

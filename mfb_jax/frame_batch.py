@@ -90,13 +90,15 @@ def _sampled_indices(num_frames_B: tf.Tensor, seeds_Bx2: tf.Tensor, keep: int) -
   return tf.map_fn(one, (num_frames_B, seeds_Bx2), fn_output_signature=signature)
 
 
-def _multi_hot(labels, rows: tf.Tensor, num_classes: int) -> tf.Tensor:
-  """float32 [B, C] from a SparseTensor of label ids; ids outside [0, C) are left out."""
+def _multi_hot(labels, rows: tf.Tensor, num_classes: int):
+  """(float32 [B, C] from a SparseTensor of label ids, ids outside [0, C) left out; whether
+  every id is inside)."""
   values_N, row_N = labels.values, labels.indices[:, 0]
   kept_N = (values_N >= 0) & (values_N < num_classes)
   at_Nx2 = tf.stack([tf.boolean_mask(row_N, kept_N), tf.boolean_mask(values_N, kept_N)], 1)
   zeros_BxC = tf.zeros(tf.stack([rows, num_classes]), tf.float32)
-  return tf.tensor_scatter_nd_max(zeros_BxC, at_Nx2, tf.ones(tf.shape(at_Nx2)[:1], tf.float32))
+  ones_N = tf.ones(tf.shape(at_Nx2)[:1], tf.float32)
+  return tf.tensor_scatter_nd_max(zeros_BxC, at_Nx2, ones_N), tf.reduce_all(kept_N)
 
 
 def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2, headers) -> dict:
@@ -174,19 +176,16 @@ def _fast(spec: RecordSpec, names_B, records_B, runs, stored_B, headers, seeds_B
   def with_context():
     rows = tf.shape(records_B)[0]
     context = records.parse_context(spec, records_B, names_B)
-    labels = context[spec.labels_key]
-    ok = tf.constant(True)
-    if spec.check_labels:
-      ok = tf.reduce_all((labels.values >= 0) & (labels.values < spec.num_classes))
+    labels_BxC, in_range = _multi_hot(context[spec.labels_key], rows, spec.num_classes)
     parsed = {
       "rgb": q_rgb,
       "audio": q_audio,
       "num_frames": tf.minimum(stored_B, spec.max_frames),
-      "labels": _multi_hot(labels, rows, spec.num_classes),
+      "labels": labels_BxC,
       "id": records.video_ids(spec, context),
       "problem": tf.fill([rows], ""),
     }
-    return parsed, ok
+    return parsed, in_range if spec.check_labels else tf.constant(True)
 
   return tf.cond(frames_ok, with_context, lambda: _nothing(spec, headers))
 

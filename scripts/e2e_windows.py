@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -32,18 +31,12 @@ _STEPS = flags.DEFINE_integer("steps", 12, "Steps per window; its first 2 are no
 def measure(config, rounds: int, steps: int) -> dict:
   import jax
 
-  from mfb_jax import bench, input_pipeline, synthetic
+  from mfb_jax import bench, input_pipeline
   from mfb_jax import train as train_lib
 
   state, step_fn, batches, _ = bench.first_train_step(config)
   size, mesh = config.train.batch_size, train_lib.make_mesh()
-  frames = max(train_lib.frames_per_example(config), 1)
-  with tempfile.TemporaryDirectory(prefix="mfb_jax_e2e_") as data_dir:
-    synthetic.write_dataset(
-      data_dir, 2 * size, 0, num_shards=4, seed=config.seed, frames=(frames, frames),
-      num_classes=config.data.num_classes, fmt=config.data.format,
-    )  # fmt: skip
-    pattern = os.path.join(data_dir, "train-*")
+  with bench.synthetic_train_shards(config, size) as pattern:
     read = input_pipeline.make_train_iterator(config, pattern, seed=0, local_batch_size=size)
 
     def window(end_to_end: bool) -> float:
