@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mfb_jax import config_checks, errors, flops, quantization, runtime
+from mfb_jax import config_checks, errors, flops, memory, quantization, runtime
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ConfigError
 
@@ -48,7 +48,7 @@ def fresh_train_step(config: ml_collections.ConfigDict):
   model, tx = train_lib.build(config)
   shapes = train_lib.abstract_state(config, model, tx, mesh)
   init = train_lib.state_initializer(config, model, tx, mesh)
-  errors.agreed(lambda: train_lib.check_start_memory(config, shapes, "train", init))
+  errors.agreed(lambda: memory.check_state_and_inputs(config, shapes, "train", init))
   state = init()
   return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
 
@@ -68,7 +68,7 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
     "bench: compiling the train step of %s (batch %d)", train_lib.model_name(config), batch_size
   )
   start = time.perf_counter()
-  train_lib.check_memory(config, step_fn, (state, batches[0]), "train")
+  memory.check_step(config, step_fn, (state, batches[0]), "train")
   state, _ = step_fn(state, batches[0])
   jax.block_until_ready(state)
   return state, step_fn, batches, time.perf_counter() - start

@@ -22,6 +22,7 @@ from mfb_jax import (
   config_checks,
   errors,
   input_pipeline,
+  memory,
   metrics,
   tf_errors,
   workdir_files,
@@ -136,7 +137,7 @@ def evaluate_split(
   config, state, eval_fn, mesh, pattern: str, stop=lambda: False, check_memory: bool = True
 ) -> dict:
   """Metrics of `state` over every video matched by `pattern` (GAP as a fraction); with
-  `check_memory`, eval_fn's memory needs are checked before its first batch (train.check_memory).
+  `check_memory`, eval_fn's memory needs are checked before its first batch (memory.check_step).
 
   `stop()` is asked before every batch: once it is true on any process, every process raises
   StoppedError (the training loop's evaluations give up at a signal instead of finishing the split).
@@ -147,7 +148,7 @@ def evaluate_split(
   for count, batch in enumerate(batches):
     global_batch = input_pipeline.to_global(batch, mesh)
     if count == 0 and check_memory:
-      train_lib.check_memory(config, eval_fn, (state, global_batch), "eval")
+      memory.check_step(config, eval_fn, (state, global_batch), "eval")
     summary = jax.device_get(eval_fn(state, global_batch))
     valid = summary.pop("valid")
     accumulator.add(summary, valid)
@@ -219,7 +220,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   abstract = train_lib.abstract_state(config, model, tx, mesh)
-  errors.agreed(lambda: train_lib.check_start_memory(config, abstract, "eval"))
+  errors.agreed(lambda: memory.check_state_and_inputs(config, abstract, "eval"))
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   try:
     state = checkpointer.restore(abstract)

@@ -4,12 +4,13 @@ A batch too large for the machine otherwise ends badly: on a CPU, XLA takes the 
 temporaries from the host with an allocation the kernel grants lazily, so the process is killed by
 the kernel's out-of-memory killer part-way through the step (no message; sometimes another process
 goes with it); on an accelerator, XLA raises RESOURCE_EXHAUSTED, which names no setting.
-`check_fits` compiles the step ahead (the jitted function then runs that same executable, from
+`check_step` compiles the step ahead (the jitted function then runs that same executable, from
 JAX's cache) and compares XLA's own estimate of what the step allocates beyond its arguments
 (temporaries, and outputs not written in place) with what the devices have available. Before
-that, `check_start` compares the state and the input pipeline's batches, known from the config
-alone, with the same figures: a state or a batch beyond the machine (a huge data.num_classes or
-data.max_frames) would otherwise be killed, or hang, while it is being allocated.
+that, `check_state_and_inputs` compares the state, the input pipeline's batches and the training
+shuffle buffer, known from the config alone, with the same figures: a state, a batch or a buffer
+beyond the machine (a huge data.num_classes, data.max_frames or data.shuffle_buffer) would
+otherwise be killed, or hang, while it is being allocated.
 """
 
 import ctypes
@@ -21,6 +22,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mfb_jax import errors
+from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
 _GB = 1e9
@@ -178,6 +181,22 @@ def batch_bytes(config: ml_collections.ConfigDict, local_batch: int) -> int:
   return local_batch * per_video
 
 
+# Bytes before each frame's data in a record of the official format: three nested protobuf fields
+# (Feature, BytesList, value), each a tag and a two-byte length for frames of 128 to 16,383 bytes.
+_FRAME_HEADER = 9
+_CONTEXT = 200  # A record's context (id, labels) and framing, a generous figure.
+
+
+def record_bytes(config: ml_collections.ConfigDict) -> int:
+  """About how many bytes one serialized record of data.max_frames frames takes (as the training
+  shuffle buffer holds it): uint8 frames with their headers, or float32 video-level means."""
+  data = config.data
+  if data.format == "frame":
+    per_frame = data.rgb_size + data.audio_size + 2 * _FRAME_HEADER
+    return data.max_frames * per_frame + _CONTEXT
+  return 4 * (data.rgb_size + data.audio_size) + _CONTEXT
+
+
 def check_start(state_bytes: int, batches: int, what: str, settings: str) -> None:
   """Raises ResourceError, one line naming `what` and the `settings` to lower, where a state of
   `state_bytes` on each local device and `batches` bytes of input batches on the host cannot be
@@ -195,3 +214,47 @@ def check_start(state_bytes: int, batches: int, what: str, settings: str) -> Non
         f"{what} need about {amount(needs)} of memory, but {where} has {amount(available)} "
         f"available: lower {settings}"
       )
+
+
+def check_step(config: ml_collections.ConfigDict, jitted, args: tuple, step: str) -> None:
+  """Compiles `jitted(*args)`, the "train", "eval" or "predict" step, and refuses it (a
+  ResourceError on every process alike) where it needs more memory than the devices have left."""
+  section = "train" if step == "train" else "eval"  # Predict batches are eval.batch_size too.
+  frames = " or data.max_frames" if config.data.format == "frame" else ""
+  settings = f"{section}.batch_size{frames}"
+  if step == "train" and config.model.dtype == "float32":
+    settings += ", or set model.dtype=bfloat16"
+  what = f"the {step} step of {train_lib.model_name(config)} at batch {config[section].batch_size}"
+  errors.agreed(lambda: check_fits(jitted, args, what, settings))
+
+
+def check_state_and_inputs(
+  config: ml_collections.ConfigDict, state_shapes, mode: str, init=None, shuffled: bool = False
+):
+  """Refuses (ResourceError) a state and input batches that the devices cannot hold, before they
+  are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
+  creates it, with its temporaries; the batches the input pipeline holds (prefetched, being
+  finished, in the step) of the "train" or the "eval" (eval and predict) batch size; and, where
+  `shuffled` (training from files), the records of the training shuffle buffer."""
+  section = "train" if mode == "train" else "eval"
+  local_batch = max(config[section].batch_size // jax.process_count(), 1)
+  held = config.data.prefetch_batches + 2
+  # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
+  initializing = init is not None and step_needs(init.lower().compile())
+  state = initializing or tree_bytes(state_shapes)
+  batches = held * batch_bytes(config, local_batch)
+  parts = [
+    f"the state of {train_lib.model_name(config)}{' as it is initialized' if initializing else ''} "
+    f"({amount(state)})",
+    f"{held} input batches of {local_batch} videos ({amount(batches)})",
+  ]
+  frames = ", data.max_frames" if config.data.format == "frame" else ""
+  settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
+  if shuffled:
+    buffer = config.data.shuffle_buffer * record_bytes(config)
+    batches += buffer
+    parts.append(f"a shuffle buffer of {config.data.shuffle_buffer} videos ({amount(buffer)})")
+    settings += ", data.shuffle_buffer (the shuffle buffer)"
+  what = ", ".join(parts[:-1]) + " and " + parts[-1]
+  settings += ", or data.num_classes or the model's sizes (the state)"
+  check_start(state, batches, what, settings)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import evaluate, input_pipeline, vocabulary, workdir_files
+from mfb_jax import evaluate, input_pipeline, memory, vocabulary, workdir_files
 from mfb_jax import train as train_lib
 from mfb_jax.errors import DataError
 
@@ -103,7 +103,7 @@ def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int
     for count, batch in enumerate(evaluate.local_batches(config, pattern, check_labels=False)):
       global_batch = input_pipeline.to_global(batch, mesh)
       if count == 0:
-        train_lib.check_memory(config, predict_fn, (state, global_batch), "predict")
+        memory.check_step(config, predict_fn, (state, global_batch), "predict")
       scores, classes = predict_fn(state, global_batch)
       scores_BxK, classes_BxK = train_lib.local_rows(scores), train_lib.local_rows(classes)
       for i in np.flatnonzero(batch["valid"] > 0):

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import errors, memory, metrics
+from mfb_jax import metrics
 from mfb_jax import model as model_lib
 
 # Probabilities are clipped away from 0 and 1 by this much inside the log (as the starter code).
@@ -268,43 +268,6 @@ def model_name(config: ml_collections.ConfigDict) -> str:
   if m.get("context_gating", False):
     name += "+cg"
   return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
-
-
-def check_memory(config: ml_collections.ConfigDict, jitted, args: tuple, step: str) -> None:
-  """Compiles `jitted(*args)`, the "train", "eval" or "predict" step, and refuses it (a
-  ResourceError on every process alike) where it needs more memory than the devices have left."""
-  section = "train" if step == "train" else "eval"  # Predict batches are eval.batch_size too.
-  frames = " or data.max_frames" if config.data.format == "frame" else ""
-  settings = f"{section}.batch_size{frames}"
-  if step == "train" and config.model.dtype == "float32":
-    settings += ", or set model.dtype=bfloat16"
-  what = f"the {step} step of {model_name(config)} at batch {config[section].batch_size}"
-  errors.agreed(lambda: memory.check_fits(jitted, args, what, settings))
-
-
-def check_start_memory(config: ml_collections.ConfigDict, state_shapes, mode: str, init=None):
-  """Refuses (ResourceError) a state and input batches that the devices cannot hold, before they
-  are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
-  creates it, with its temporaries; and the batches the input pipeline holds (prefetched, being
-  finished, in the step) of the "train" or the "eval" (eval and predict) batch size."""
-  section = "train" if mode == "train" else "eval"
-  local_batch = max(config[section].batch_size // jax.process_count(), 1)
-  held = config.data.prefetch_batches + 2
-  # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
-  initializing = init is not None and memory.step_needs(init.lower().compile())
-  state = initializing or memory.tree_bytes(state_shapes)
-  batches = held * memory.batch_bytes(config, local_batch)
-  what = (
-    f"the state of {model_name(config)}{' as it is initialized' if initializing else ''} "
-    f"({memory.amount(state)}) and {held} input batches of {local_batch} videos "
-    f"({memory.amount(batches)})"
-  )
-  frames = ", data.max_frames" if config.data.format == "frame" else ""
-  settings = (
-    f"{section}.batch_size{frames} or data.prefetch_batches (the batches), or data.num_classes or "
-    "the model's sizes (the state)"
-  )
-  memory.check_start(state, batches, what, settings)
 
 
 def build(config: ml_collections.ConfigDict):

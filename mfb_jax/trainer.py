@@ -26,6 +26,7 @@ from mfb_jax import (
   errors,
   evaluate,
   input_pipeline,
+  memory,
   progress,
   signals,
   workdir_files,
@@ -123,8 +124,9 @@ class LabelCheck:
 
 def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files, the checkpoint and the
-  memory that the state (restored, or made by `init`) and the input batches need."""
-  train_lib.check_start_memory(config, state_shapes, "train", init)
+  memory that the state (restored, or made by `init`), the input batches and the shuffle buffer
+  need."""
+  memory.check_state_and_inputs(config, state_shapes, "train", init, shuffled=True)
   checkpointer.check_compatible(state_shapes)
   index, count = jax.process_index(), jax.process_count()
   train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
@@ -226,7 +228,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
       if compiling:  # Timed alone, so that the progress rates leave it out.
         jax.block_until_ready(state)
         began = time.time()
-        train_lib.check_memory(config, train_fn, (state, global_batch, with_norms), "train")
+        memory.check_step(config, train_fn, (state, global_batch, with_norms), "train")
       state, step_metrics = train_fn(state, global_batch, with_norms)
       buffer.add(done, step_metrics)
       if compiling:

@@ -132,6 +132,57 @@ def test_a_state_beyond_the_host_stops_training_before_it_is_allocated(
     bench.fresh_train_step(tiny_config)  # --mode=bench
 
 
+def test_record_bytes_covers_an_official_record_with_room_only_for_its_context(tiny_config):
+  import tensorflow as tf
+
+  def frames(size):  # Frames as the official writers store them: one bytes value each.
+    value = lambda: tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(size)]))
+    return tf.train.FeatureList(feature=[value() for _ in range(10)])
+
+  labels = tf.train.Feature(int64_list=tf.train.Int64List(value=[4, 400, 3861]))
+  record = tf.train.SequenceExample(
+    context=tf.train.Features(feature={"id": _bytes(b"Ab1c"), "labels": labels}),
+    feature_lists=tf.train.FeatureLists(feature_list={"rgb": frames(1024), "audio": frames(128)}),
+  ).SerializeToString()
+  tiny_config.data.update(format="frame", max_frames=10, rgb_size=1024, audio_size=128)
+  # The frames and their headers exactly; the rest is a context allowance of 200 bytes.
+  frames_bytes = memory.record_bytes(tiny_config) - 200
+  assert frames_bytes == 10 * (1024 + 128 + 2 * 9)
+  assert frames_bytes < len(record) <= frames_bytes + 200
+  tiny_config.data.format = "video"  # Two float32 means.
+  assert memory.record_bytes(tiny_config) == 4 * (1024 + 128) + 200
+
+
+def _bytes(value: bytes):
+  import tensorflow as tf
+
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def test_a_shuffle_buffer_beyond_the_host_stops_training_before_it_fills(
+  tiny_config, tmp_path, monkeypatch
+):
+  # data.shuffle_buffer=100000 of paper-sized records is 35 GB, reached minutes into training.
+  tiny_config.data.shuffle_buffer = 10_000_000
+  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
+  with pytest.raises(ResourceError) as raised:
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  message = str(raised.value)
+  buffer_gb = 10_000_000 * memory.record_bytes(tiny_config) / 1e9
+  assert f"and a shuffle buffer of 10000000 videos ({buffer_gb:.1f} GB) need about" in message
+  assert (
+    "data.prefetch_batches (the batches), data.shuffle_buffer (the shuffle buffer), or" in message
+  )
+  assert not (tmp_path / "checkpoints").exists()
+  tiny_config.data.shuffle_buffer = 1000  # The same host holds a buffer of usual size.
+  memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", shuffled=True)
+
+
+def _shapes(config):
+  model, tx = train_lib.build(config)
+  return train_lib.abstract_state(config, model, tx, train_lib.make_mesh())
+
+
 def test_training_that_does_not_fit_stops_before_its_first_step(tiny_config, tmp_path, monkeypatch):
   _no_memory(monkeypatch)
   model = tiny_config.model
