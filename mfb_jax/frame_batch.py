@@ -101,9 +101,8 @@ def _multi_hot(labels, rows: tf.Tensor, num_classes: int):
   return tf.tensor_scatter_nd_max(zeros_BxC, at_Nx2, ones_N), tf.reduce_all(kept_N)
 
 
-def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2, headers) -> dict:
-  """frames.parse_frame_record on each record (the batch's own checks and problem lines), with
-  the frames left-padded by the header widths to the fast path's shapes."""
+def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2) -> dict:
+  """frames.parse_frame_record on each record (the batch's own checks and problem lines)."""
   sample = seeds_Bx2 is not None
   seeds_Bx2 = seeds_Bx2 if sample else tf.zeros([tf.shape(records_B)[0], 2], tf.int64)
 
@@ -123,10 +122,7 @@ def _per_record(spec: RecordSpec, names_B, records_B, seeds_Bx2, headers) -> dic
   }
   # One record after the other, so that the first bad record is the one reported (as before).
   elems = (names_B, records_B, seeds_Bx2)
-  parsed = tf.map_fn(one, elems, fn_output_signature=signature, parallel_iterations=1)
-  for key, header in zip(("rgb", "audio"), headers, strict=True):
-    parsed[key] = tf.pad(parsed[key], [[0, 0], [0, 0], [len(header), 0]])
-  return parsed
+  return tf.map_fn(one, elems, fn_output_signature=signature, parallel_iterations=1)
 
 
 def _kept(spec: RecordSpec, records_B, runs, stored_B, headers, seeds_Bx2):
@@ -212,11 +208,16 @@ def parse_batch(spec: RecordSpec, names_B, records_B, batch_size: int, seeds_Bx2
   # Data laid out otherwise costs no decoding here on top of the per-record parser's.
   fast = lambda: _fast(spec, names_B, records_B, runs, stored_B, headers, seeds_Bx2)
   parsed, ok = tf.cond(tf.reduce_all(ok_B), fast, lambda: _nothing(spec, headers))
-  slow = lambda: _per_record(spec, names_B, records_B, seeds_Bx2, headers)
-  parsed = tf.cond(ok, lambda: parsed, slow)
-  parsed.update(file=names_B, bytes=tf.strings.length(records_B))
+  slow = lambda: _per_record(spec, names_B, records_B, seeds_Bx2)
+  sizes_B = tf.strings.length(records_B)
+
+  def finish(parsed: dict, widths: tuple[int, int]) -> dict:
+    parsed = {**parsed, "file": names_B, "bytes": sizes_B}
+    return records.finish_batch(parsed, batch_size, spec.feature_dtype, widths)
+
+  # The fast path's frames keep their headers until the dequantize skips them.
   widths = (len(headers[0]), len(headers[1]))
-  return records.finish_batch(parsed, batch_size, spec.feature_dtype, widths)
+  return tf.cond(ok, lambda: finish(parsed, widths), lambda: finish(slow(), (0, 0)))
 
 
 @functools.cache
