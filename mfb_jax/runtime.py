@@ -179,10 +179,22 @@ def quiet_library_logs() -> None:
       if not any(s in path for s in QUIET_LIBRARIES):
         return True
       record.exc_info = record.exc_text = None
-      return record.levelno >= py_logging.WARNING
+      return record.levelno >= py_logging.WARNING and not _empty_checkpoint_metadata(record)
 
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
   sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def _empty_checkpoint_metadata(record) -> bool:
+  """Whether `record` is orbax's error line for an empty _CHECKPOINT_METADATA file, which a run
+  killed while orbax wrote it leaves: orbax reads it as missing (timestamps only; the restore is
+  the same) but logged an E line for each of its three reads on every resume."""
+  args = record.args if isinstance(record.args, tuple) else ()
+  return (
+    str(record.msg).startswith("Failed to json parse Metadata file")
+    and len(args) > 1
+    and not str(args[1]).strip()
+  )
 
 
 def _without_closed_loop_noise(previous):

@@ -1,11 +1,13 @@
 """Restoring checkpoints: damaged steps named with the step to resume from, other errors kept."""
 
+import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import launch
 
 from mfb_jax import checkpoint as checkpoint_lib
 from mfb_jax.errors import CheckpointError
@@ -87,3 +89,13 @@ def test_a_reader_beside_training_reads_the_newest_step_when_its_step_is_removed
   assert float(reader.restore(abstract)["w"][0]) == 2.0
   assert calls == [1, 2]
   writer.close()
+
+
+def test_an_empty_checkpoint_metadata_file_is_read_without_error_lines(trained_workdir, tiny_args):
+  # A run killed while orbax wrote _CHECKPOINT_METADATA leaves it empty; orbax reads it as
+  # missing (the restore is the same) but logged "E... Failed to json parse Metadata file" lines.
+  (trained_workdir / "checkpoints" / "6" / "_CHECKPOINT_METADATA").write_text("")
+  result = launch(trained_workdir, *tiny_args, "--mode=eval")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Metadata file" not in result.stderr
+  assert json.loads((trained_workdir / "eval_results.json").read_text())["step"] == 6
