@@ -131,9 +131,9 @@ def file_table(files: list[str], types: list[str] | None = None) -> tf.data.Data
 
 
 class TrainFiles:
-  """This process's train files, listed, checked and their headers read once per run: each
-  checkpoint segment's iterator (`batches`) starts without touching the files again, which on
-  thousands of remote (gs://) files saves minutes."""
+  """This process's train files, listed, checked and their headers read once, before the state
+  is restored or created: the run's stream (`batches`) then starts without touching the files
+  again, which on thousands of remote (gs://) files saves minutes."""
 
   def __init__(self, pattern: str, process_index: int = 0, process_count: int = 1):
     self.pattern = pattern

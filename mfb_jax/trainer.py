@@ -1,10 +1,11 @@
 """The training loop: train_and_evaluate(config, workdir).
 
-Resume rule (data position): the training stream is rebuilt at every multiple of
-train.checkpoint_every with a shuffle seed derived from (config.seed, that step). A run resumed from
-a periodic checkpoint therefore sees exactly the batches a straight run would have seen, and ends
-with identical parameters. After a SIGTERM save at another step, the rest of that segment is drawn
-with a seed derived from the resume step instead (a fresh shuffle, no exact replay).
+Resume rule (data position): a run reads one training stream from its start to its end, seeded by
+(config.seed, the step it starts from): every record of every file is reached, however often
+checkpoints are saved. The stream cannot be resumed mid-file (a tfrecord is read from its start;
+skipping the records read before would mean reading them again), so a resumed run draws a fresh
+stream seeded by (config.seed, the resume step): its batches are not those a straight run would
+have seen next, but resuming from the same checkpoint twice gives the same run.
 
 Evaluation rule: a run resumed at an evaluation step (a multiple of train.eval_every) that has no
 line in eval_history.jsonl evaluates it first; its evaluation was given up at a signal or killed.
@@ -41,8 +42,8 @@ def _stop_agreed() -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([signals.requested()]))))
 
 
-def segment_seed(config: ml_collections.ConfigDict, step: int) -> int:
-  """The training-stream seed of the segment starting at `step` (see the module docstring)."""
+def stream_seed(config: ml_collections.ConfigDict, step: int) -> int:
+  """The training-stream seed of a run starting at `step` (see the module docstring)."""
   return int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
 
 
@@ -214,9 +215,8 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   # then on the loop saves after the running step and stops (mfb_jax/signals.py).
   with contextlib.ExitStack() as deferral:
     for step in range(start_step, train_cfg.num_steps):
-      if batches is None or step % train_cfg.checkpoint_every == 0:
-        batches = None  # Release the previous segment's tf.data threads first.
-        batches = train_files.batches(config, segment_seed(config, step), local_batch)
+      if batches is None:
+        batches = train_files.batches(config, stream_seed(config, step), local_batch)
       local = next(batches)
       done = step + 1
       is_last = done == train_cfg.num_steps
@@ -266,7 +266,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
           save(done)
       elif saved and not stopping and not is_last:
         # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
-        # than train one more step (and resume exactly, from a periodic checkpoint).
+        # than train one more step.
         stopping = _stop_agreed()
       if stopping:
         checkpointer.wait()  # A further signal is ignored until the save is complete.

@@ -2,16 +2,19 @@
 
 import json
 import os
+import shutil
 import signal
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import default
 from mfb_jax import checkpoint as checkpoint_lib
 from mfb_jax import evaluate, input_pipeline, trainer
 from mfb_jax import train as train_lib
+from mfb_jax.bench_input import frame_record
 from mfb_jax.errors import DataError, TrainingError
 
 
@@ -80,21 +83,41 @@ def test_train_and_evaluate_writes_the_workdir_contract(tiny_config, tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
 
-def test_resume_gives_the_same_parameters_as_a_straight_run(tiny_config, tmp_path):
+def test_resuming_from_one_checkpoint_twice_gives_the_same_parameters(tiny_config, tmp_path):
   tiny_config.train.eval_every = 100  # Evaluation does not touch the state; skip it for speed.
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  trainer.train_and_evaluate(tiny_config, straight)
   half = tiny_config.copy_and_resolve_references()
   half.train.num_steps = 3
-  trainer.train_and_evaluate(half, resumed)
-  assert checkpoint_lib.Checkpointer(resumed).all_steps() == [3]
-  trainer.train_and_evaluate(tiny_config, resumed)
-  a, b = _params_at(tiny_config, straight, 6), _params_at(tiny_config, resumed, 6)
+  first, second = tmp_path / "first", tmp_path / "second"
+  trainer.train_and_evaluate(half, str(first))
+  assert checkpoint_lib.Checkpointer(str(first)).all_steps() == [3]
+  shutil.copytree(first, second)
+  for workdir in (first, second):
+    trainer.train_and_evaluate(tiny_config, str(workdir))
+  a, b = _params_at(tiny_config, str(first), 6), _params_at(tiny_config, str(second), 6)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  three = _params_at(tiny_config, straight, 3)
+  three = _params_at(tiny_config, str(first), 3)
   assert not np.array_equal(jax.tree.leaves(three.params)[0], jax.tree.leaves(a.params)[0]), (
     "steps 3..6 changed nothing: the comparison above would be vacuous"
   )
+
+
+def test_every_video_of_a_file_is_reached_with_a_checkpoint_every_step(tiny_config, tmp_path):
+  # The stream was rebuilt from the files' starts at every checkpoint: with checkpoint_every=10
+  # a bad label at video 150 of 200 was never read, and the run ended with exit 0.
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(40):
+    rgb = rng.integers(0, 256, (4, tiny_config.data.rgb_size), np.uint8)
+    audio = rng.integers(0, 256, (4, tiny_config.data.audio_size), np.uint8)
+    records.append(frame_record(f"v{i}", rgb, audio, [70 if i == 39 else i % 64]))
+  path = str(tmp_path / "train.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+  tiny_config.data.update(train_pattern=path, eval_pattern="", shuffle_buffer=4)
+  tiny_config.train.update(checkpoint_every=1, num_steps=7, eval_every=100)  # 56 videos.
+  with pytest.raises(DataError, match=r"video 'v39': label 70 is outside \[0, 64\)"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path / "run"))
 
 
 def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
@@ -206,10 +229,10 @@ def test_a_signal_during_an_evaluation_gives_it_up_and_the_resumed_run_redoes_it
   assert evaluate.evaluated_steps(str(tmp_path)) == {4, 5, 6, 7}
 
 
-def test_segment_seeds_differ_and_repeat():
+def test_stream_seeds_differ_and_repeat():
   config = default.get_config()
-  assert trainer.segment_seed(config, 1000) == trainer.segment_seed(config, 1000)
-  assert trainer.segment_seed(config, 1000) != trainer.segment_seed(config, 2000)
+  assert trainer.stream_seed(config, 1000) == trainer.stream_seed(config, 1000)
+  assert trainer.stream_seed(config, 1000) != trainer.stream_seed(config, 2000)
 
 
 def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeypatch):
