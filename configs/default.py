@@ -16,7 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the full-recipe config."""
   config = ml_collections.ConfigDict()
-  config.seed = 0  # Parameter initialization, dropout, and the data order of each segment.
+  config.seed = 0  # Parameter initialization, dropout, and the data order of each run.
 
   # --- Data: the official YouTube-8M tfrecords (or synthetic shards in the same format).
   config.data = data = ml_collections.ConfigDict()

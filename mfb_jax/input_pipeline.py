@@ -92,20 +92,25 @@ def _stat(path: str):
     raise tf_errors.unreadable(path, e) from e
 
 
-def require_records(files: list[str], pattern: str) -> None:
-  """Raises DataError unless some file holds a record. Training repeats its files forever, so
-  files without a single record would otherwise leave it waiting for a first batch for ever.
-  Usually only the first record of the first file is read."""
+def require_records(files: list[str], pattern: str, sample: int = 32) -> int:
+  """The mean serialized size of the first (up to `sample`) records of the first file that
+  holds one: what the training shuffle buffer holds per record (memory.check_state_and_inputs).
+  Raises DataError unless some file holds a record: training repeats its files forever, so files
+  without a single record would otherwise leave it waiting for a first batch for ever."""
   for path in files:
-    compression = ""
+    compression, sizes = "", []
     try:
       compression = tfrecord_files.compression_type(path)
-      for _ in tf.data.TFRecordDataset(path, compression_type=compression).take(1):
-        return
+      records = tf.data.TFRecordDataset(path, compression_type=compression).take(sample)
+      for record in records:
+        sizes.append(len(record.numpy()))
     except tf.errors.DataLossError as e:
-      raise tf_errors.corrupt(path, compression, e) from e
+      if not sizes:  # Damage past the first record is the training reader's to report.
+        raise tf_errors.corrupt(path, compression, e) from e
     except tf.errors.OpError as e:
       raise tf_errors.unreadable(path, e) from e
+    if sizes:
+      return sum(sizes) // len(sizes)
   raise DataError(
     f"no records in the {len(files)} file(s) matching {pattern!r} (e.g. {files[0]}): "
     "training needs at least one video"
@@ -138,7 +143,7 @@ class TrainFiles:
   def __init__(self, pattern: str, process_index: int = 0, process_count: int = 1):
     self.pattern = pattern
     self.paths = list_files(pattern, process_index, process_count)
-    require_records(self.paths, pattern)
+    self.record_bytes = require_records(self.paths, pattern)
     self.compressions = compressions(self.paths)
 
   def batches(self, config, seed: int, local_batch_size: int) -> Iterator[dict]:

@@ -187,9 +187,14 @@ _FRAME_HEADER = 9
 _CONTEXT = 200  # A record's context (id, labels) and framing, a generous figure.
 
 
+# A serialized record held in tf.data's shuffle buffer takes this much more of the host's memory
+# (resident size with a 1,500-record buffer of 189 KB records: 201 KB a record).
+_HELD_RECORD_OVERHEAD = 1.1
+
+
 def record_bytes(config: ml_collections.ConfigDict) -> int:
-  """About how many bytes one serialized record of data.max_frames frames takes (as the training
-  shuffle buffer holds it): uint8 frames with their headers, or float32 video-level means."""
+  """About how many bytes one serialized record of exactly data.max_frames frames takes: uint8
+  frames with their headers, or float32 video-level means (the bench's synthetic records)."""
   data = config.data
   if data.format == "frame":
     per_frame = data.rgb_size + data.audio_size + 2 * _FRAME_HEADER
@@ -197,18 +202,28 @@ def record_bytes(config: ml_collections.ConfigDict) -> int:
   return 4 * (data.rgb_size + data.audio_size) + _CONTEXT
 
 
-def check_start(state_bytes: int, batches: int, what: str, settings: str) -> None:
-  """Raises ResourceError, one line naming `what` and the `settings` to lower, where a state of
-  `state_bytes` on each local device and `batches` bytes of input batches on the host cannot be
-  held: checked before either is allocated. A CPU's devices share the host's memory."""
+def check_start(state: tuple[int, str, str], inputs: tuple[int, str, str]) -> None:
+  """Raises ResourceError, one line naming what does not fit and the settings to lower, where
+  the state (bytes on each local device, what it is, its settings) and the input pipeline's
+  buffers (bytes on the host, what they are, their settings) cannot be held: checked before
+  either is allocated. A CPU's devices share the host's memory, so there they count together."""
   local = jax.local_devices()
   device = local[0]
+  (state_bytes, state_what, state_settings), (input_bytes, inputs_what, input_settings) = (
+    state,
+    inputs,
+  )
   if device.platform == "cpu":
-    parts = [(state_bytes * len(local) + batches, host_available(), "the host")]
+    joined = ", " if " and " in inputs_what else " and "
+    both = (f"{state_what}{joined}{inputs_what}", f"{input_settings}, or {state_settings}")
+    parts = [(state_bytes * len(local) + input_bytes, host_available(), "the host", *both)]
   else:
-    on_device = (state_bytes, device_available(device), f"each {device.device_kind}")
-    parts = [on_device, (batches, host_available(), "the host")]
-  for needs, available, where in parts:
+    where = f"each {device.device_kind}"
+    parts = [
+      (state_bytes, device_available(device), where, state_what, state_settings),
+      (input_bytes, host_available(), "the host", inputs_what, input_settings),
+    ]
+  for needs, available, where, what, settings in parts:
     if available is not None and needs > available:
       raise ResourceError(
         f"{what} need about {amount(needs)} of memory, but {where} has {amount(available)} "
@@ -229,32 +244,36 @@ def check_step(config: ml_collections.ConfigDict, jitted, args: tuple, step: str
 
 
 def check_state_and_inputs(
-  config: ml_collections.ConfigDict, state_shapes, mode: str, init=None, shuffled: bool = False
+  config: ml_collections.ConfigDict,
+  state_shapes,
+  mode: str,
+  init=None,
+  shuffled_record_bytes: int = 0,
 ):
-  """Refuses (ResourceError) a state and input batches that the devices cannot hold, before they
+  """Refuses (ResourceError) a state and input buffers that the devices cannot hold, before they
   are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
   creates it, with its temporaries; the batches the input pipeline holds (prefetched, being
-  finished, in the step) of the "train" or the "eval" (eval and predict) batch size; and, where
-  `shuffled` (training from files), the records of the training shuffle buffer."""
+  finished, in the step) of the "train" or the "eval" (eval and predict) batch size; and, given
+  the serialized size of a training record, the data.shuffle_buffer records of the shuffle
+  buffer (with tf.data's and the allocator's overhead)."""
   section = "train" if mode == "train" else "eval"
   local_batch = max(config[section].batch_size // jax.process_count(), 1)
   held = config.data.prefetch_batches + 2
   # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
   initializing = init is not None and step_needs(init.lower().compile())
   state = initializing or tree_bytes(state_shapes)
-  batches = held * batch_bytes(config, local_batch)
-  parts = [
+  state_what = (
     f"the state of {train_lib.model_name(config)}{' as it is initialized' if initializing else ''} "
-    f"({amount(state)})",
-    f"{held} input batches of {local_batch} videos ({amount(batches)})",
-  ]
+    f"({amount(state)})"
+  )
+  batches = held * batch_bytes(config, local_batch)
+  inputs = [f"{held} input batches of {local_batch} videos ({amount(batches)})"]
   frames = ", data.max_frames" if config.data.format == "frame" else ""
   settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
-  if shuffled:
-    buffer = config.data.shuffle_buffer * record_bytes(config)
+  if shuffled_record_bytes:
+    buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
     batches += buffer
-    parts.append(f"a shuffle buffer of {config.data.shuffle_buffer} videos ({amount(buffer)})")
+    inputs.append(f"a shuffle buffer of {config.data.shuffle_buffer} videos ({amount(buffer)})")
     settings += ", data.shuffle_buffer (the shuffle buffer)"
-  what = ", ".join(parts[:-1]) + " and " + parts[-1]
-  settings += ", or data.num_classes or the model's sizes (the state)"
-  check_start(state, batches, what, settings)
+  state_part = (state, state_what, "data.num_classes or the model's sizes (the state)")
+  check_start(state_part, (batches, " and ".join(inputs), settings))

@@ -111,7 +111,7 @@ def state_initializer(
   config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
 ) -> Callable[[], TrainState]:
   """The jitted function that returns a freshly initialized, replicated state (its memory can be
-  checked before it first runs: check_start_memory)."""
+  checked before it first runs: memory.check_state_and_inputs)."""
   init_fn = lambda: init_state(config, model, tx)
   return jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()))
 

@@ -5,7 +5,9 @@ Resume rule (data position): a run reads one training stream from its start to i
 checkpoints are saved. The stream cannot be resumed mid-file (a tfrecord is read from its start;
 skipping the records read before would mean reading them again), so a resumed run draws a fresh
 stream seeded by (config.seed, the resume step): its batches are not those a straight run would
-have seen next, but resuming from the same checkpoint twice gives the same run.
+have seen next, but resuming from the same checkpoint twice gives the same run. (Each resume
+starts its files from their first records again: a run resumed very often reads mostly the first
+part of each file.)
 
 Evaluation rule: a run resumed at an evaluation step (a multiple of train.eval_every) that has no
 line in eval_history.jsonl evaluates it first; its evaluation was given up at a signal or killed.
@@ -127,10 +129,11 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
   """This process's train files, after checking them, its eval files, the checkpoint and the
   memory that the state (restored, or made by `init`), the input batches and the shuffle buffer
   need."""
-  memory.check_state_and_inputs(config, state_shapes, "train", init, shuffled=True)
-  checkpointer.check_compatible(state_shapes)
   index, count = jax.process_index(), jax.process_count()
   train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
+  record = train_files.record_bytes  # Of the records the shuffle buffer will hold.
+  memory.check_state_and_inputs(config, state_shapes, "train", init, record)
+  checkpointer.check_compatible(state_shapes)
   if config.data.eval_pattern:
     eval_files = input_pipeline.list_files(config.data.eval_pattern, index, count)
     evaluate.check_eval_file(config, eval_files[0])

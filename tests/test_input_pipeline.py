@@ -256,7 +256,7 @@ def test_train_iterator_is_deterministic_and_labels_match(tmp_path):
   assert ids(seed=7) == first and ids(seed=8) != first
 
 
-def test_train_files_are_checked_once_for_all_segments(tmp_path, monkeypatch):
+def test_train_files_are_checked_once_for_all_streams(tmp_path, monkeypatch):
   write_videos(tmp_path, [3, 3, 3])
   pattern = str(tmp_path / "part-*.tfrecord")
   calls = []
@@ -270,9 +270,9 @@ def test_train_files_are_checked_once_for_all_segments(tmp_path, monkeypatch):
   train_files = input_pipeline.TrainFiles(pattern)
   assert calls.count("stat") == 3 and calls.count("compression_type") >= 3
   listing = list(calls)
-  segments = [train_files.batches(small_config(), seed, 3) for seed in (1, 2, 3)]
-  assert [len(next(b)["id"]) for b in segments] == [3, 3, 3]
-  assert calls == listing  # The segments list, stat and read the headers of no file again.
+  streams = [train_files.batches(small_config(), seed, 3) for seed in (1, 2, 3)]
+  assert [len(next(b)["id"]) for b in streams] == [3, 3, 3]
+  assert calls == listing  # The streams list, stat and read the headers of no file again.
 
 
 def test_to_global_and_empty_batch():

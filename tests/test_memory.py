@@ -1,5 +1,8 @@
 """The memory check before a step first runs (mfb_jax/memory.py), against sizes known by hand."""
 
+import glob
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -140,8 +143,9 @@ def test_record_bytes_covers_an_official_record_with_room_only_for_its_context(t
     return tf.train.FeatureList(feature=[value() for _ in range(10)])
 
   labels = tf.train.Feature(int64_list=tf.train.Int64List(value=[4, 400, 3861]))
+  context = {"id": _bytes(b"Ab1c"), "labels": labels}
   record = tf.train.SequenceExample(
-    context=tf.train.Features(feature={"id": _bytes(b"Ab1c"), "labels": labels}),
+    context=tf.train.Features(feature=context),
     feature_lists=tf.train.FeatureLists(feature_list={"rgb": frames(1024), "audio": frames(128)}),
   ).SerializeToString()
   tiny_config.data.update(format="frame", max_frames=10, rgb_size=1024, audio_size=128)
@@ -149,8 +153,14 @@ def test_record_bytes_covers_an_official_record_with_room_only_for_its_context(t
   frames_bytes = memory.record_bytes(tiny_config) - 200
   assert frames_bytes == 10 * (1024 + 128 + 2 * 9)
   assert frames_bytes < len(record) <= frames_bytes + 200
-  tiny_config.data.format = "video"  # Two float32 means.
-  assert memory.record_bytes(tiny_config) == 4 * (1024 + 128) + 200
+  means = lambda n: tf.train.Feature(float_list=tf.train.FloatList(value=[0.5] * n))
+  video = tf.train.Example(
+    features=tf.train.Features(
+      feature={**context, "mean_rgb": means(1024), "mean_audio": means(128)}
+    )
+  ).SerializeToString()
+  tiny_config.data.format = "video"
+  assert 4 * (1024 + 128) < len(video) <= memory.record_bytes(tiny_config) <= len(video) + 200
 
 
 def _bytes(value: bytes):
@@ -159,23 +169,63 @@ def _bytes(value: bytes):
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
+def _first_records_mean(path: str, n: int) -> int:
+  """The mean size of a tfrecord file's first n records, from its framing (length, CRC, data,
+  CRC), read without TensorFlow."""
+  sizes = []
+  with open(path, "rb") as f:
+    while len(sizes) < n and (header := f.read(12)):
+      size = int.from_bytes(header[:8], "little")
+      f.seek(size + 4, 1)
+      sizes.append(size)
+  return sum(sizes) // len(sizes)
+
+
 def test_a_shuffle_buffer_beyond_the_host_stops_training_before_it_fills(
   tiny_config, tmp_path, monkeypatch
 ):
-  # data.shuffle_buffer=100000 of paper-sized records is 35 GB, reached minutes into training.
+  # data.shuffle_buffer=100000 of real 2018 records is about 27 GB, reached minutes into training.
   tiny_config.data.shuffle_buffer = 10_000_000
   monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
   with pytest.raises(ResourceError) as raised:
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   message = str(raised.value)
-  buffer_gb = 10_000_000 * memory.record_bytes(tiny_config) / 1e9
+  first = sorted(glob.glob(tiny_config.data.train_pattern))[0]
+  record = _first_records_mean(first, 32)  # Whatever max_frames is: records are held whole.
+  buffer_gb = int(10_000_000 * record * 1.1) / 1e9
   assert f"and a shuffle buffer of 10000000 videos ({buffer_gb:.1f} GB) need about" in message
   assert (
     "data.prefetch_batches (the batches), data.shuffle_buffer (the shuffle buffer), or" in message
   )
   assert not (tmp_path / "checkpoints").exists()
   tiny_config.data.shuffle_buffer = 1000  # The same host holds a buffer of usual size.
-  memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", shuffled=True)
+  memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", None, record)
+
+
+def test_on_an_accelerator_the_state_and_the_host_buffers_are_refused_apart(
+  tiny_config, monkeypatch
+):
+  device = types.SimpleNamespace(platform="gpu", device_kind="H100")
+  monkeypatch.setattr(memory.jax, "local_devices", lambda: [device])
+  check = lambda: memory.check_state_and_inputs(
+    tiny_config, _shapes(tiny_config), "train", None, 10**6
+  )
+  monkeypatch.setattr(memory, "device_available", lambda device: 10**12)
+  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  with pytest.raises(ResourceError) as raised:
+    check()
+  assert str(raised.value).startswith("4 input batches of 8 videos (")
+  assert "but the host has 0.0 MB available" in str(raised.value)
+  assert str(raised.value).endswith("data.shuffle_buffer (the shuffle buffer)")
+  monkeypatch.setattr(memory, "device_available", lambda device: 1000)
+  monkeypatch.setattr(memory, "host_available", lambda: 10**12)
+  with pytest.raises(ResourceError) as raised:
+    check()
+  assert str(raised.value).startswith("the state of ")
+  assert "need about" in str(raised.value) and "but each H100 has 0.0 MB available" in str(
+    raised.value
+  )
+  assert str(raised.value).endswith("lower data.num_classes or the model's sizes (the state)")
 
 
 def _shapes(config):

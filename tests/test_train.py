@@ -83,8 +83,16 @@ def test_train_and_evaluate_writes_the_workdir_contract(tiny_config, tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
 
-def test_resuming_from_one_checkpoint_twice_gives_the_same_parameters(tiny_config, tmp_path):
+def test_resuming_from_one_checkpoint_twice_gives_the_same_parameters(
+  tiny_config, tmp_path, monkeypatch
+):
   tiny_config.train.eval_every = 100  # Evaluation does not touch the state; skip it for speed.
+  seeds, batches = [], input_pipeline.TrainFiles.batches
+  monkeypatch.setattr(
+    input_pipeline.TrainFiles,
+    "batches",
+    lambda self, config, seed, size: seeds.append(seed) or batches(self, config, seed, size),
+  )
   half = tiny_config.copy_and_resolve_references()
   half.train.num_steps = 3
   first, second = tmp_path / "first", tmp_path / "second"
@@ -93,6 +101,8 @@ def test_resuming_from_one_checkpoint_twice_gives_the_same_parameters(tiny_confi
   shutil.copytree(first, second)
   for workdir in (first, second):
     trainer.train_and_evaluate(tiny_config, str(workdir))
+  # One stream per run, seeded by the step it starts from: checkpoint 3 did not rebuild it.
+  assert seeds == [trainer.stream_seed(tiny_config, s) for s in (0, 3, 3)]
   a, b = _params_at(tiny_config, str(first), 6), _params_at(tiny_config, str(second), 6)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   three = _params_at(tiny_config, str(first), 3)
