@@ -181,11 +181,7 @@ def batch_bytes(config: ml_collections.ConfigDict, local_batch: int) -> int:
   return local_batch * per_video
 
 
-# Bytes before each frame's data in a record of the official format: three nested protobuf fields
-# (Feature, BytesList, value), each a tag and a two-byte length for frames of 128 to 16,383 bytes.
-_FRAME_HEADER = 9
 _CONTEXT = 200  # A record's context (id, labels) and framing, a generous figure.
-
 
 # A serialized record held in tf.data's shuffle buffer takes this much more of the host's memory
 # (resident size with a 1,500-record buffer of 189 KB records: 201 KB a record).
@@ -194,34 +190,39 @@ _HELD_RECORD_OVERHEAD = 1.1
 
 def record_bytes(config: ml_collections.ConfigDict) -> int:
   """About how many bytes one serialized record of exactly data.max_frames frames takes: uint8
-  frames with their headers, or float32 video-level means (the bench's synthetic records)."""
+  frames with the headers the official writers put before each, or float32 video-level means
+  (the bench's synthetic records; only the end-to-end figure, which needs TensorFlow, asks)."""
   data = config.data
   if data.format == "frame":
-    per_frame = data.rgb_size + data.audio_size + 2 * _FRAME_HEADER
+    from mfb_jax.frame_layout import frame_header  # Imports TensorFlow.
+
+    per_frame = sum(len(frame_header(size)) + size for size in (data.rgb_size, data.audio_size))
     return data.max_frames * per_frame + _CONTEXT
   return 4 * (data.rgb_size + data.audio_size) + _CONTEXT
 
 
-def check_start(state: tuple[int, str, str], inputs: tuple[int, str, str]) -> None:
+def _listed(parts: list[str]) -> str:
+  """'a', 'a and b', 'a, b and c'."""
+  return " and ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
+
+
+def check_start(state: tuple[int, str, str], inputs: tuple[int, list[str], str]) -> None:
   """Raises ResourceError, one line naming what does not fit and the settings to lower, where
   the state (bytes on each local device, what it is, its settings) and the input pipeline's
-  buffers (bytes on the host, what they are, their settings) cannot be held: checked before
+  buffers (bytes on the host, what each is, their settings) cannot be held: checked before
   either is allocated. A CPU's devices share the host's memory, so there they count together."""
   local = jax.local_devices()
   device = local[0]
-  (state_bytes, state_what, state_settings), (input_bytes, inputs_what, input_settings) = (
-    state,
-    inputs,
-  )
+  state_bytes, state_what, state_settings = state
+  input_bytes, inputs_what, input_settings = inputs
   if device.platform == "cpu":
-    joined = ", " if " and " in inputs_what else " and "
-    both = (f"{state_what}{joined}{inputs_what}", f"{input_settings}, or {state_settings}")
-    parts = [(state_bytes * len(local) + input_bytes, host_available(), "the host", *both)]
+    what, settings = _listed([state_what, *inputs_what]), f"{input_settings}, or {state_settings}"
+    parts = [(state_bytes * len(local) + input_bytes, host_available(), "the host", what, settings)]
   else:
     where = f"each {device.device_kind}"
     parts = [
       (state_bytes, device_available(device), where, state_what, state_settings),
-      (input_bytes, host_available(), "the host", inputs_what, input_settings),
+      (input_bytes, host_available(), "the host", _listed(inputs_what), input_settings),
     ]
   for needs, available, where, what, settings in parts:
     if available is not None and needs > available:
@@ -270,10 +271,11 @@ def check_state_and_inputs(
   inputs = [f"{held} input batches of {local_batch} videos ({amount(batches)})"]
   frames = ", data.max_frames" if config.data.format == "frame" else ""
   settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
+  host_bytes = batches
   if shuffled_record_bytes:
     buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
-    batches += buffer
+    host_bytes += buffer
     inputs.append(f"a shuffle buffer of {config.data.shuffle_buffer} videos ({amount(buffer)})")
     settings += ", data.shuffle_buffer (the shuffle buffer)"
   state_part = (state, state_what, "data.num_classes or the model's sizes (the state)")
-  check_start(state_part, (batches, " and ".join(inputs), settings))
+  check_start(state_part, (host_bytes, inputs, settings))

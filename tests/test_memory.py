@@ -110,16 +110,21 @@ def test_state_and_batch_bytes_by_hand(tiny_config):
   assert memory.batch_bytes(tiny_config, 8) == 8 * ((9 * 2 + 4) + 10 * 4)
 
 
+def _training_refused_on_8_gb(config, tmp_path, monkeypatch) -> str:
+  """The ResourceError line of training `config` on a host with 8 GB available."""
+  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
+  with pytest.raises(ResourceError) as raised:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  return str(raised.value)
+
+
 def test_a_state_beyond_the_host_stops_training_before_it_is_allocated(
   tiny_config, tmp_path, monkeypatch
 ):
   # data.num_classes=20000000: the process was killed (exit 137, no message) or hung, unkillable,
   # while it initialized the MoE's parameters.
   tiny_config.data.num_classes = 20_000_000
-  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
-  with pytest.raises(ResourceError) as raised:
-    trainer.train_and_evaluate(tiny_config, str(tmp_path))
-  message = str(raised.value)
+  message = _training_refused_on_8_gb(tiny_config, tmp_path, monkeypatch)
   model = tiny_config.model
   name = f"{model.aggregator}+{model.fusion}+moe"
   assert message.startswith(f"the state of {name} as it is initialized (")
@@ -186,10 +191,7 @@ def test_a_shuffle_buffer_beyond_the_host_stops_training_before_it_fills(
 ):
   # data.shuffle_buffer=100000 of real 2018 records is about 27 GB, reached minutes into training.
   tiny_config.data.shuffle_buffer = 10_000_000
-  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
-  with pytest.raises(ResourceError) as raised:
-    trainer.train_and_evaluate(tiny_config, str(tmp_path))
-  message = str(raised.value)
+  message = _training_refused_on_8_gb(tiny_config, tmp_path, monkeypatch)
   first = sorted(glob.glob(tiny_config.data.train_pattern))[0]
   record = _first_records_mean(first, 32)  # Whatever max_frames is: records are held whole.
   buffer_gb = int(10_000_000 * record * 1.1) / 1e9
