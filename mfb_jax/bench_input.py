@@ -115,9 +115,9 @@ def plain_reader(files: list[str], config, batch_size: int):
     out["labels"] = tf.minimum(tf.reduce_sum(hot, axis=0), 1.0)
     return out
 
-  from mfb_jax import input_pipeline
+  from mfb_jax import input_files
 
-  types = input_pipeline.compressions(files)  # GZIP and ZLIB files, as our reader reads them.
+  types = input_files.compressions(files)  # GZIP and ZLIB files, as our reader reads them.
   read = lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression)
   ds = tf.data.Dataset.from_tensor_slices((files, types)).flat_map(read)
   ds = ds.repeat().map(parse, num_parallel_calls=tf.data.AUTOTUNE)
@@ -182,14 +182,14 @@ def machine() -> dict:
 
 def run(pattern: str) -> None:
   from configs import default
-  from mfb_jax import input_pipeline
+  from mfb_jax import input_files, input_pipeline
 
   config = default.get_config()
   config.data.max_frames = FLAGS.num_frames
   config.model.dtype = FLAGS.dtype
   if FLAGS.shuffle_buffer >= 0:
     config.data.shuffle_buffer = FLAGS.shuffle_buffer
-  files = input_pipeline.list_files(pattern)
+  files = input_files.list_files(pattern)
   readers = {
     "plain_per_record": plain_reader(files, config, FLAGS.batch_size),
     "mfb_jax.input_pipeline": input_pipeline.make_train_iterator(

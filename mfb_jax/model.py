@@ -14,9 +14,7 @@ sizes, O fused size, C classes.
 """
 
 import argparse
-import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -25,7 +23,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mfb_jax import aggregation, classifier, frame_fusion, fusion, gating, mfh, nextvlad
+from mfb_jax import (
+  aggregation,
+  classifier,
+  frame_fusion,
+  fusion,
+  gating,
+  mfh,
+  module_config,
+  nextvlad,
+)
 from mfb_jax.errors import ConfigError
 
 AGGREGATORS = {
@@ -130,73 +137,6 @@ class FrameFusionClassifier(nn.Module):
     return classify(self, fused_BxO, train)
 
 
-def _lookup(registry: dict, kind: str, name: str) -> type:
-  if name not in registry:
-    raise ConfigError(
-      f"config.model.{kind}: unknown name {name!r}; available: {', '.join(sorted(registry))}"
-    )
-  return registry[name]
-
-
-POSITIVE_INT_FIELDS = (
-  "hidden_size",
-  "num_clusters",
-  "factor",
-  "output_dim",
-  "num_experts",
-  "order",
-  "expansion",
-  "groups",
-)
-
-
-def _check_value(name: str, field: str, value) -> None:
-  """Rejects the values that would otherwise fail deep inside a jitted step."""
-  where = f"config.model.{name}.{field}"
-  if field in POSITIVE_INT_FIELDS and (not isinstance(value, int) or value < 1):
-    raise ConfigError(f"{where} must be a positive integer, got {value!r}")
-  if field == "dropout" and not 0.0 <= value < 1.0:
-    raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
-  finite = isinstance(value, int | float) and math.isfinite(value)
-  if field in ("l2_penalty", "expected_labels") and not (finite and value >= 0):
-    raise ConfigError(f"{where} must be a finite number >= 0, got {value!r}")
-  if field == "output_scale" and not (finite and value > 0):
-    raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
-
-
-def _make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> nn.Module:
-  """Instantiates `cls` with the kwargs in config.model.<name> (a missing section means none)."""
-  section = config.model.get(name)
-  kwargs = section.to_dict() if section is not None else {}
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ConfigError(
-      f"config.model.{name}: {cls.__name__} takes no field {unknown[0]!r}; "
-      f"its fields: {', '.join(sorted(fields)) or 'none'}"
-    )
-  for field, value in kwargs.items():
-    _check_value(name, field, value)
-  given = set(kwargs) | set(extra)
-  required = [
-    f.name
-    for f in dataclasses.fields(cls)
-    if f.name in fields
-    and f.name not in given
-    and f.default is dataclasses.MISSING
-    and f.default_factory is dataclasses.MISSING
-  ]
-  if required:
-    raise ConfigError(
-      f"config.model.{name}: {cls.__name__} needs a value for {', '.join(required)}, which has "
-      f"no default; add config.model.{name} = ml_collections.ConfigDict(dict({required[0]}=...)) "
-      "to configs/default.py"
-    )
-  # Only modules that declare a dtype get one, so user modules need not.
-  kwargs.update({k: v for k, v in extra.items() if k in fields})
-  return cls(**kwargs)
-
-
 def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool]:
   """Checks the options outside the module sections; returns (fusion_level, context_gating).
 
@@ -227,28 +167,32 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   model_config = config.model
   fusion_level, context_gating = _model_options(model_config)
   dtype = DTYPES[model_config.dtype]
-  agg_cls = _lookup(AGGREGATORS, "aggregator", model_config.aggregator)
-  fusion_cls = _lookup(FUSIONS, "fusion", model_config.fusion)
-  head_cls = _lookup(CLASSIFIERS, "classifier", model_config.classifier)
+  agg_cls = module_config.lookup(AGGREGATORS, "aggregator", model_config.aggregator)
+  fusion_cls = module_config.lookup(FUSIONS, "fusion", model_config.fusion)
+  head_cls = module_config.lookup(CLASSIFIERS, "classifier", model_config.classifier)
   gates = {"fusion_gate": None, "output_gate": None}
   if context_gating:
     gates = {name: gating.ContextGating(dtype=dtype) for name in gates}
-  head = _make(
+  head = module_config.make(
     head_cls, model_config.classifier, config, dtype=dtype, num_classes=config.data.num_classes
   )
-  aggregate = functools.partial(_make, agg_cls, model_config.aggregator, config, dtype=dtype)
+  aggregate = functools.partial(
+    module_config.make, agg_cls, model_config.aggregator, config, dtype=dtype
+  )
 
   if fusion_level == "frame":
     name = model_config.fusion
     frame_cls = FRAME_FUSIONS[name]
-    fuse = _make(frame_cls, f"frame_{name}", config, dtype=dtype, aggregator=aggregate())
+    fuse = module_config.make(
+      frame_cls, f"frame_{name}", config, dtype=dtype, aggregator=aggregate()
+    )
     return FrameFusionClassifier(fusion=fuse, classifier=head, **gates)
 
   modalities = getattr(fusion_cls, "modalities", ("video", "audio"))
   return VideoClassifier(
     rgb_aggregator=aggregate() if "video" in modalities else None,
     audio_aggregator=aggregate() if "audio" in modalities else None,
-    fusion=_make(fusion_cls, model_config.fusion, config, dtype=dtype),
+    fusion=module_config.make(fusion_cls, model_config.fusion, config, dtype=dtype),
     classifier=head,
     **gates,
   )

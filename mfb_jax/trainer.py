@@ -28,6 +28,7 @@ from mfb_jax import (
   config_checks,
   errors,
   evaluate,
+  input_files,
   input_pipeline,
   memory,
   progress,
@@ -135,7 +136,7 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
   memory.check_state_and_inputs(config, state_shapes, "train", init, record)
   checkpointer.check_compatible(state_shapes)
   if config.data.eval_pattern:
-    eval_files = input_pipeline.list_files(config.data.eval_pattern, index, count)
+    eval_files = input_files.list_files(config.data.eval_pattern, index, count)
     evaluate.check_eval_file(config, eval_files[0])
   return train_files
 

@@ -15,7 +15,7 @@ from pipeline_fakes import (
   write_shards,
 )
 
-from mfb_jax import input_pipeline
+from mfb_jax import input_files, input_pipeline
 from mfb_jax.bench_input import frame_record
 from mfb_jax.errors import ConfigError, DataError
 
@@ -24,17 +24,17 @@ def test_file_patterns(tmp_path):
   write_shards(tmp_path, [1])
   good = str(tmp_path / "part-*.tfrecord")
   with pytest.raises(DataError, match="no file matches '.*nothing-here-\\*'"):
-    input_pipeline.list_files(f"{good},{tmp_path}/nothing-here-*")
+    input_files.list_files(f"{good},{tmp_path}/nothing-here-*")
   with pytest.raises(DataError, match="empty file pattern"):
-    input_pipeline.list_files(" , ")
+    input_files.list_files(" , ")
   (tmp_path / "part-9.tfrecord").write_bytes(b"")
   with pytest.raises(DataError, match="part-9.tfrecord is empty \\(0 bytes\\)"):
-    input_pipeline.list_files(good)
-  assert input_pipeline.list_files(good, 0, 2) == [str(tmp_path / "part-0.tfrecord")]
+    input_files.list_files(good)
+  assert input_files.list_files(good, 0, 2) == [str(tmp_path / "part-0.tfrecord")]
   (tmp_path / "part-9.tfrecord").unlink()
   (tmp_path / "part-9.tfrecord").symlink_to(tmp_path / "gone.tfrecord")
   with pytest.raises(DataError, match="part-9.tfrecord: cannot read tfrecord file"):
-    input_pipeline.list_files(good)
+    input_files.list_files(good)
 
 
 def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
@@ -46,9 +46,9 @@ def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(locked) and real_access(p, mode))
   for pattern in (f"{locked}/*.tfrecord", f"{locked}/sub/part-[0-9]*", f"{locked}/gone/x"):
     with pytest.raises(DataError, match=f"directory {locked} cannot be read: permission denied"):
-      input_pipeline.list_files(pattern)
+      input_files.list_files(pattern)
   with pytest.raises(DataError, match=r"no file matches '.*nothing-\*'$"):  # A readable one.
-    input_pipeline.list_files(f"{tmp_path}/nothing-*")
+    input_files.list_files(f"{tmp_path}/nothing-*")
 
 
 def test_a_glob_in_a_missing_directory_names_it(tmp_path):
@@ -60,10 +60,10 @@ def test_a_glob_in_a_missing_directory_names_it(tmp_path):
     (f"{tmp_path}/a_file/sub/x", f"{tmp_path}/a_file is not a directory"),
   ]:
     with pytest.raises(DataError) as error:
-      input_pipeline.list_files(pattern)
+      input_files.list_files(pattern)
     assert str(error.value) == f"no file matches {pattern!r} ({named})"
   with pytest.raises(DataError, match=r"'$"):  # A directory that is itself a glob: no claim.
-    input_pipeline.list_files(f"{tmp_path}/gone[0-9]/x")
+    input_files.list_files(f"{tmp_path}/gone[0-9]/x")
 
 
 def test_train_files_without_a_record_fail_instead_of_waiting_forever(tmp_path):
@@ -177,7 +177,7 @@ def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_pa
   (tmp_path / "sub").mkdir()
   os.symlink(first, tmp_path / "link.tfrecord")
   aliases = f"{first},{tmp_path}/sub/../a.tfrecord,{tmp_path}/link.tfrecord"
-  assert input_pipeline.list_files(aliases) == [first]
+  assert input_files.list_files(aliases) == [first]
   ids = [i for b in evaluate.local_batches(config, aliases) for i in b["id"][b["valid"] > 0]]
   assert ids == [f"v{i}" for i in range(6)]
   write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two of the videos.

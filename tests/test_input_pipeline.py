@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from mfb_jax import input_pipeline, tfrecord_files
+from mfb_jax import input_files, input_pipeline, tfrecord_files
 from mfb_jax.bench_input import frame_record, video_record
 from mfb_jax.errors import DataError
 
@@ -234,7 +234,7 @@ def test_processes_read_disjoint_files(tmp_path):
   assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(expected)
   assert shares[1] == {f"f1-{j}" for j in range(4)}  # Sorted files, strided: part-1 only.
   with pytest.raises(DataError, match="process 3 of 4 gets no files: .* matches 3 file"):
-    input_pipeline.list_files(pattern, 3, 4)
+    input_files.list_files(pattern, 3, 4)
 
 
 def test_train_iterator_is_deterministic_and_labels_match(tmp_path):
