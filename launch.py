@@ -179,6 +179,7 @@ def main(argv) -> None:
     cluster.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.
     cluster.check_same_config(FLAGS.config)
+    cluster.count_host_processes()
     config_checks.check_model_shapes(FLAGS.config)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
     cluster.leave_cluster()  # The one wait left (for the other processes); see work_done().

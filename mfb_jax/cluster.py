@@ -1,5 +1,6 @@
 """Multi-process runs: starting JAX's distributed runtime (flags or a detected cluster), the
-start-up time-out, the coordinator's port, the same-config check, and leaving the cluster.
+start-up time-out, the coordinator's port, the same-config check, the processes sharing a host,
+and leaving the cluster.
 
 Like runtime.py, nothing heavy is imported at import time.
 """
@@ -14,6 +15,8 @@ CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "
 # How long the processes of a run wait for each other at start-up (JAX's default);
 # MFB_JAX_INIT_TIMEOUT_S changes it (a scheduler that starts them minutes apart needs more).
 INIT_TIMEOUT_S = 300
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_host_processes = 1  # Processes of this run on this host: count_host_processes() sets it.
 
 
 def cloud_tpu_vm() -> bool:
@@ -214,3 +217,40 @@ def check_same_config(config) -> None:
       f"the processes of this run were given different values of {fields}: every "
       "process needs the same --config and overrides"
     )
+
+
+def host_identity() -> str:
+  """This machine as its processes can tell it: the kernel's boot id (the same in every
+  container on one machine, different on every other machine) and the host name (different in
+  most containers: their memory limits differ too)."""
+  import socket
+
+  try:
+    with open(_BOOT_ID) as f:
+      boot_id = f.read().strip()
+  except OSError:
+    boot_id = ""
+  return f"{boot_id}/{socket.gethostname()}"
+
+
+def count_host_processes() -> int:
+  """How many processes of this run share this process's host (1 in a one-process run), found
+  once at start-up: on a CPU they share the host's memory, and memory.py's checks count them
+  together."""
+  global _host_processes
+
+  import jax
+  from jax.experimental import multihost_utils
+
+  from mfb_jax import workdir_files
+
+  if jax.process_count() > 1:
+    mine = workdir_files.digest(host_identity().encode())
+    every = multihost_utils.process_allgather(mine)  # [processes, 8]
+    _host_processes = int((every == mine).all(axis=1).sum())
+  return _host_processes
+
+
+def host_processes() -> int:
+  """The processes of this run on this host, as count_host_processes() found (1 before)."""
+  return _host_processes

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mfb_jax import errors
+from mfb_jax import cluster, errors
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
@@ -139,10 +139,23 @@ def step_needs(compiled) -> int | None:
   return stats.temp_size_in_bytes + max(extra_outputs, 0)
 
 
+def _on_host(needs: int) -> tuple[int, str]:
+  """(bytes, words) for `needs` bytes of host memory in each process of this run on this host:
+  they all take theirs from the same host."""
+  n = cluster.host_processes()
+  if n == 1:
+    return needs, ""
+  return (
+    needs * n,
+    f" in each of the {n} processes of this run on this host ({amount(needs * n)} in all)",
+  )
+
+
 def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
   """Compiles `jitted(*args)` and raises ResourceError, one line naming `what` (e.g. "the train
   step of netvlad+mfb+moe at batch 128") and the `settings` that lower its memory, where XLA's
-  estimate exceeds what the devices have left. A CPU's devices share the host's memory."""
+  estimate exceeds what the devices have left. A CPU's devices share the host's memory, and so
+  do the processes of a run on one host."""
   compiled = jitted.lower(*args).compile()
   per_device = step_needs(compiled)
   local = jax.local_devices()
@@ -151,6 +164,7 @@ def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
   device = local[0]
   sharing = len(local) if device.platform == "cpu" else 1
   needs, available = per_device * sharing, device_available(device)
+  total, each = _on_host(needs) if device.platform == "cpu" else (needs, "")
   where = "the host" if device.platform == "cpu" else f"each {device.device_kind}"
   logging.info(
     "%s: needs about %s beyond its inputs (XLA's estimate); %s has %s available",
@@ -159,10 +173,10 @@ def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
     where,
     "an unknown amount" if available is None else amount(available),
   )
-  if available is not None and needs > available:
+  if available is not None and total > available:
     raise ResourceError(
       f"{what} needs about {amount(needs)} of memory beyond its parameters and inputs (XLA's "
-      f"estimate), but {where} has {amount(available)} available: lower {settings}"
+      f"estimate){each}, but {where} has {amount(available)} available: lower {settings}"
     )
 
 
@@ -210,7 +224,8 @@ def check_start(state: tuple[int, str, str], inputs: tuple[int, list[str], str])
   """Raises ResourceError, one line naming what does not fit and the settings to lower, where
   the state (bytes on each local device, what it is, its settings) and the input pipeline's
   buffers (bytes on the host, what each is, their settings) cannot be held: checked before
-  either is allocated. A CPU's devices share the host's memory, so there they count together."""
+  either is allocated. A CPU's devices share the host's memory, so there they count together,
+  and so do the processes of a run on one host."""
   local = jax.local_devices()
   device = local[0]
   state_bytes, state_what, state_settings = state
@@ -225,9 +240,10 @@ def check_start(state: tuple[int, str, str], inputs: tuple[int, list[str], str])
       (input_bytes, host_available(), "the host", _listed(inputs_what), input_settings),
     ]
   for needs, available, where, what, settings in parts:
-    if available is not None and needs > available:
+    total, each = _on_host(needs) if where == "the host" else (needs, "")
+    if available is not None and total > available:
       raise ResourceError(
-        f"{what} need about {amount(needs)} of memory, but {where} has {amount(available)} "
+        f"{what} need about {amount(needs)} of memory{each}, but {where} has {amount(available)} "
         f"available: lower {settings}"
       )
 

@@ -103,3 +103,28 @@ def test_flags_of_a_several_process_run_left_out_are_named(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
   cluster.init_distributed(None, None, None)  # One process: nothing to start, nothing missing.
   cluster.init_distributed(None, 1, None)
+
+
+@pytest.mark.parametrize(("identities", "expected"), [(["a", "b", "a", "c"], 2), (["a", "b"], 1)])
+def test_the_processes_on_this_host_are_those_with_its_identity(monkeypatch, identities, expected):
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from mfb_jax import workdir_files
+
+  every = np.stack([workdir_files.digest(i.encode()) for i in identities])
+  monkeypatch.setattr(jax, "process_count", lambda: len(identities))
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda mine: every)
+  monkeypatch.setattr(cluster, "host_identity", lambda: "a")
+  monkeypatch.setattr(cluster, "_host_processes", 1)
+  assert cluster.count_host_processes() == expected == cluster.host_processes()
+
+
+def test_a_host_identity_is_its_boot_and_its_name(monkeypatch, tmp_path):
+  boot = tmp_path / "boot_id"
+  boot.write_text("1234-abcd\n")
+  monkeypatch.setattr(cluster, "_BOOT_ID", str(boot))
+  assert cluster.host_identity() == f"1234-abcd/{socket.gethostname()}"
+  monkeypatch.setattr(cluster, "_BOOT_ID", str(tmp_path / "none"))
+  assert cluster.host_identity() == f"/{socket.gethostname()}"

@@ -92,6 +92,34 @@ def test_a_step_that_does_not_fit_is_one_line_naming_what_and_the_settings(monke
   memory.check_fits(step, (x,), "the doubling step", "the size of a")  # Unknown: no check.
 
 
+def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch):
+  x = jnp.ones((1000, 1000), jnp.float32)
+  step = jax.jit(lambda a: a * 2.0)
+  needs = memory.step_needs(step.lower(x).compile()) * len(jax.local_devices())
+  monkeypatch.setattr(memory, "device_available", lambda device: 2 * needs)
+  memory.check_fits(step, (x,), "the doubling step", "the size of a")  # One process: fits.
+  monkeypatch.setattr(memory.cluster, "_host_processes", 3)
+  with pytest.raises(ResourceError) as raised:
+    memory.check_fits(step, (x,), "the doubling step", "the size of a")
+  assert (
+    f"estimate) in each of the 3 processes of this run on this host ({3 * needs / 1e6:.1f} MB "
+    "in all), but the host has"
+  ) in str(raised.value)
+  # The start-up check: state and buffers of 600 bytes in each of 3 processes, 1000 available.
+  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  with pytest.raises(ResourceError) as raised:
+    memory.check_start((100, "the state", "s"), (500, ["the batches"], "b"))
+  n_devices = len(jax.local_devices())
+  each = 100 * n_devices + 500
+  assert str(raised.value) == (
+    f"the state and the batches need about {each / 1e6:.1f} MB of memory in each of the 3 "
+    f"processes of this run on this host ({3 * each / 1e6:.1f} MB in all), but the host has "
+    "0.0 MB available: lower b, or s"
+  )
+  monkeypatch.setattr(memory.cluster, "_host_processes", 1)
+  memory.check_start((100, "the state", "s"), (500, ["the batches"], "b"))
+
+
 def _no_memory(monkeypatch):
   """A host with no memory for any step, but the start-up check passed (tested on its own)."""
   monkeypatch.setattr(memory, "host_available", lambda: 1000)
