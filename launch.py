@@ -17,9 +17,10 @@ once or when an import or JAX's compilation returns (mfb_jax/signals.py).
 
 import os
 import sys
+import threading
 import traceback
 
-from mfb_jax import cli, cluster, runtime, signals
+from mfb_jax import cli, cluster, peer_stop, runtime, signals
 
 if __name__ == "__main__":
   signals.install()  # First: a Ctrl-C even during the imports below ends with one line.
@@ -107,10 +108,12 @@ def _exit_after_error(code: int, line: str) -> None:
   failure (orbax's closed event loop after a failed checkpoint read, while this line was being
   printed) print into /dev/null from here on; the line goes to a copy of stderr.
 
-  A process of a multi-process run exits at once, skipping jax.distributed's shutdown barrier:
-  after an error on this process alone (a bad record in its files) the others wait in a
-  collective and would never reach the barrier; with this process gone their collective fails.
+  A process of a multi-process run exits without jax.distributed's shutdown barrier: after an
+  error on this process alone (a bad record in its files) the others wait in a collective and
+  would never reach the barrier; with this process gone their collective fails. Process 0 first
+  tells the others, which exit with one line (mfb_jax/peer_stop.py).
   """
+  _claim_exit()
   signals.ignore_until_exit()  # The exit code is decided: a late signal ended it with -2 or -15.
   logging.flush()
   sys.stdout.flush()
@@ -119,8 +122,24 @@ def _exit_after_error(code: int, line: str) -> None:
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   os.write(stderr, f"error: {line}\n".encode("utf-8", "backslashreplace"))
   if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+    peer_stop.on_error_exit()
     os._exit(code)
   sys.exit(code)
+
+
+def _peer_timed_out(first: str) -> bool:
+  """Whether an error of a multi-process run is a barrier that another process never reached
+  (killed during a checkpoint save: orbax's barrier gives up after about 70 s)."""
+  if "jax" not in sys.modules or sys.modules["jax"].process_count() == 1:
+    return False
+  text = first.lower()
+  return "barrier" in text and ("timed out" in text or "deadline_exceeded" in text)
+
+
+def _claim_exit() -> None:
+  """Returns unless peer_stop's watcher is already ending this process: then waits for it."""
+  if not peer_stop.claim_exit():
+    threading.Event().wait()
 
 
 _DEBUG_HINT = " (rerun with --debug for the traceback)"
@@ -135,6 +154,10 @@ def _report_error(e: Exception) -> None:
   # reason is in the other process's error line.
   if lost_peer(first):
     _exit_after_error(1, f"another process of this run stopped (its error says why): {first}")
+  if _peer_timed_out(first):  # orbax's barrier at the end of a checkpoint save, for one.
+    _exit_after_error(
+      1, f"another process of this run stopped or stalled (its error, if any, says why): {first}"
+    )
   if isinstance(e, UserError | ValueError | FileNotFoundError):
     _exit_after_error(2, " ".join(str(e).split()) or type(e).__name__)
   if "RESOURCE_EXHAUSTED" in first:  # Out of memory past mfb_jax/memory.py's estimate.
@@ -178,6 +201,8 @@ def main(argv) -> None:
     runtime.hide_gpus_from_tensorflow()
     cluster.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.
+    peer_stop.watch()  # Process 0 stopping ends the others with one line.
+    signals.before_exit(peer_stop.on_error_exit)
     cluster.check_same_config(FLAGS.config)
     cluster.count_host_processes()
     config_checks.check_model_shapes(FLAGS.config)
@@ -189,6 +214,7 @@ def main(argv) -> None:
       traceback.print_exc()
     interrupted = signals.stopped_by()
     if interrupted is not None:  # A library turned the signal's exception into an error of its own.
+      _claim_exit()
       signals.report(interrupted)
     _report_error(e)
 

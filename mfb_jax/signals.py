@@ -44,6 +44,7 @@ class _State:
   deferring = False
   unwinding = False  # An Interrupted has been raised.
   importing = 0  # Depth of the import statements running.
+  before_exit = None  # What report() runs before the exit (before_exit()).
 
 
 _state = _State()
@@ -194,8 +195,14 @@ def stopped_by() -> Interrupted | None:
   return None
 
 
+def before_exit(hook) -> None:
+  """`hook()` runs in `report`, after its line and before the exit (peer_stop.on_error_exit)."""
+  _state.before_exit = hook
+
+
 def report(error: Interrupted) -> None:
-  """Ends the process after an Interrupted: one line on stderr, exit 128 + signal number."""
+  """Ends the process after an Interrupted: one line on stderr, the `before_exit` hook, exit
+  128 + signal number."""
   message = (
     f"stopped by {name(error.signum)}; no file was left half-written (rerun the same command "
     "to start again)"
@@ -203,6 +210,9 @@ def report(error: Interrupted) -> None:
   with contextlib.suppress(Exception):
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
+  if _state.before_exit is not None:
+    with contextlib.suppress(Exception):
+      _state.before_exit()
   os._exit(128 + error.signum)
 
 

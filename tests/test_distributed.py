@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -158,6 +159,28 @@ def test_bad_files_on_one_process_stop_both_processes(tiny_args, tiny_data, tmp_
     results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=240)]]
     assert results[1][0] == 2 and error_1 in last_line(results[1][1]), results[1][1][-2000:]
     assert results[0][0] != 0 and error_0 in last_line(results[0][1]), results[0][1][-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_process_0_before_the_first_step_ends_the_other_with_one_line(
+  tiny_args, tmp_path
+):
+  """Process 0 runs JAX's coordination service: gone at once, it took process 1 down with JAX's
+  fatal-error dump (exit 134 or 139, three times in three tries), unless process 1 was in a
+  collective with it just then."""
+  procs = _start_two(tmp_path / "work", tiny_args)
+  for line in procs[0].stderr:  # Stopped before its first step: process 0 exits at once.
+    if "Training netvlad+mfb+moe from step 0" in line:
+      procs[0].send_signal(signal.SIGTERM)
+      break
+  results = [(p.communicate(timeout=240)[1], p.returncode) for p in procs]
+  assert results[0][1] == 143, results[0][0][-2000:]
+  assert last_line(results[0][0]).startswith("error: stopped by SIGTERM")
+  assert results[1][1] == 1, results[1][0][-3000:]
+  assert last_line(results[1][0]) == (
+    "error: process 0 stopped the run (its own error line says why)"
+  )
+  assert "Terminating process" not in results[1][0]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+import pytest
 from conftest import REPO, assert_one_line_error, last_line, launch, run_python
 
 from mfb_jax import workdir_files
@@ -179,11 +180,12 @@ def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdi
   assert sorted(os.listdir(trained_workdir / "checkpoints")) == ["3", "6"]  # Nothing replaced.
 
 
-def _reported(error: str):
+def _reported(error: str, setup: str = "pass"):
   """The run of launch._report_error(ERROR), ERROR a Python expression, in a process of its own
-  (it exits), with launch.py's flags parsed."""
+  (it exits), with launch.py's flags parsed, after the statement `setup`."""
   flags = "launch.FLAGS(['launch.py', '--config=configs/tiny.py'])"
-  return run_python(["-c", f"import launch; {flags}; launch._report_error({error})"], timeout=120)
+  code = f"import launch; {flags}; {setup}; launch._report_error({error})"
+  return run_python(["-c", code], timeout=120)
 
 
 def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
@@ -195,6 +197,22 @@ def test_a_lost_peer_is_reported_as_such_whatever_the_error_type():
   assert last_line(result.stderr) == (
     f"error: another process of this run stopped (its error says why): {lost}"
   )
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_barrier_time_out_of_a_several_process_run_names_the_other_processes(processes):
+  # A process killed during a checkpoint save: the others' orbax barrier timed out about 70 s
+  # later, and that was reported as an error of their own, with the debug hint.
+  text = "Timed out while waiting for async_write_complete barrier."
+  several = f"import jax; jax.process_count = lambda: {processes}"
+  result = _reported(f"TimeoutError({text!r})", several)
+  assert result.returncode == 1, result.stderr[-2000:]
+  if processes == 1:
+    assert last_line(result.stderr).startswith(f"error: TimeoutError: {text} (rerun with --debug")
+  else:
+    assert last_line(result.stderr) == (
+      f"error: another process of this run stopped or stalled (its error, if any, says why): {text}"
+    )
 
 
 def test_running_out_of_memory_names_the_settings_to_lower():
