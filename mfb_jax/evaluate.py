@@ -6,6 +6,7 @@ done, so all of them run the same number of (collective) steps.
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -77,7 +78,42 @@ def local_batches(
     )
   )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
-  return lockstep(_unique_ids(batches, pattern, config.data.id_feature), empty, stop)
+  seen: set[str] = set()
+  unique = lockstep(_unique_ids(batches, pattern, config.data.id_feature, seen), empty, stop)
+  return _then_unique_across_processes(unique, seen, pattern)
+
+
+def _then_unique_across_processes(batches: Iterator[dict], seen: set[str], pattern: str):
+  """The batches; then, in a multi-process run, a DataError on every process where two of them
+  read a video of the same id (each checks only its own files while it reads them)."""
+  yield from batches
+  if jax.process_count() > 1:
+    errors.agreed(lambda: _no_id_in_two_processes(seen, pattern))
+
+
+def _no_id_in_two_processes(seen: set[str], pattern: str) -> None:
+  """Gathers 8-byte digests of every process's video ids (about 8 MB a million videos) and
+  raises DataError where one of this process's ids is another process's too."""
+  ids = sorted(seen)
+  mine_Nx2 = np.array(
+    [np.frombuffer(hashlib.blake2b(i.encode(), digest_size=8).digest(), np.uint32) for i in ids],
+    np.uint32,
+  ).reshape(-1, 2)  # uint32 pairs: without jax_enable_x64, JAX would cut uint64 to 32 bits.
+  counts = np.asarray(multihost_utils.process_allgather(np.int32(len(ids)))).reshape(-1)
+  padded = np.zeros((int(counts.max()), 2), np.uint32)
+  padded[: len(ids)] = mine_Nx2
+  every_PxNx2 = np.asarray(multihost_utils.process_allgather(padded))
+  as_int = lambda x: x[:, 0].astype(np.uint64) << np.uint64(32) | x[:, 1].astype(np.uint64)
+  mine = as_int(mine_Nx2)
+  for process, count in enumerate(counts):
+    if process == jax.process_index():
+      continue
+    shared = np.flatnonzero(np.isin(mine, as_int(every_PxNx2[process, :count])))
+    if shared.size:
+      raise DataError(
+        f"video id {ids[shared[0]]!r} appears in the files of process {jax.process_index()} and "
+        f"of process {process} (the same videos in two files matching {pattern!r}?)"
+      )
 
 
 def no_id_error(pattern: str, id_feature: str) -> DataError:
@@ -87,13 +123,14 @@ def no_id_error(pattern: str, id_feature: str) -> DataError:
   )
 
 
-def _unique_ids(batches: Iterator[dict], pattern: str, id_feature: str) -> Iterator[dict]:
+def _unique_ids(
+  batches: Iterator[dict], pattern: str, id_feature: str, seen: set[str]
+) -> Iterator[dict]:
   """The batches; a video id met twice (in this process's files) is a DataError: GAP would count
   that video twice, and a predictions CSV with it is one that the metrics CLI refuses. Videos
   without an id pass with data.id_feature='auto' (evaluation does not need them; predict refuses
   them); with a feature named, a video without it is a DataError (a misspelled name turned the
-  duplicate check off)."""
-  seen = set()
+  duplicate check off). `seen` gathers the ids."""
   for batch in batches:
     for video_id in batch["id"][batch["valid"] > 0]:
       if video_id in seen:

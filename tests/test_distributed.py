@@ -184,6 +184,32 @@ def test_sigterm_to_process_0_before_the_first_step_ends_the_other_with_one_line
 
 
 @pytest.mark.slow
+def test_a_video_in_the_files_of_two_processes_stops_eval_and_predict(
+  tiny_args, tiny_data, trained_workdir, tmp_path
+):
+  """Each process checked only its own files: two processes evaluated the same videos twice
+  (exit 0) and wrote a predictions CSV with every id twice, which the metrics CLI refuses."""
+  first = sorted(glob.glob(tiny_data["eval"]))[0]
+  for name in ("a", "b"):  # One file for each process, the same videos in both.
+    shutil.copy(first, tmp_path / f"dup_{name}.tfrecord")
+  same = f"{tmp_path}/dup_*.tfrecord"
+  results = (trained_workdir / "eval_results.json").read_text()
+  for mode, pattern in (("eval", "eval_pattern"), ("predict", "predict_pattern")):
+    args = [f"--mode={mode}", *tiny_args, f"--config.data.{pattern}={same}"]
+    procs = _start_two(trained_workdir, args)
+    for i, p in enumerate(procs):
+      _, err = p.communicate(timeout=240)
+      assert p.returncode == 2, err[-2000:]
+      assert last_line(err).startswith("error: video id '"), err[-2000:]
+      assert last_line(err).endswith(
+        f"appears in the files of process {i} and of process {1 - i} (the same videos in two "
+        f"files matching {same!r}?)"
+      )
+  assert (trained_workdir / "eval_results.json").read_text() == results
+  assert not glob.glob(f"{trained_workdir}/predictions.csv*")
+
+
+@pytest.mark.slow
 def test_processes_given_different_configs_stop_at_start_up(tiny_args, tmp_path):
   """A batch size on one command line only trained on with unequal batches (exit 0); another
   model on one crashed in a gloo collective without saying why."""
