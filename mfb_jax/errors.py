@@ -9,6 +9,10 @@ class DataError(UserError):
   """Missing, empty, corrupt or malformed data files."""
 
 
+class UnlabelledError(DataError):
+  """Videos to evaluate, none of them with a label (test shards, or labels under another key)."""
+
+
 class ConfigError(UserError, ValueError):
   """An invalid config value; the message names the field and the allowed values."""
 

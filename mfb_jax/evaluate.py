@@ -29,7 +29,7 @@ from mfb_jax import (
   workdir_files,
 )
 from mfb_jax import train as train_lib
-from mfb_jax.errors import DataError
+from mfb_jax.errors import DataError, UnlabelledError
 
 RESULTS_FILE = "eval_results.json"
 HISTORY_FILE = "eval_history.jsonl"  # One line per evaluation, for GAP-vs-step curves.
@@ -193,7 +193,8 @@ def evaluate_split(
   try:
     result = accumulator.result()
   except DataError as e:  # No videos, or none with a label: name the split.
-    raise DataError(f"{pattern}: {e}") from e
+    key = f" (labels read from data.labels_feature={config.data.labels_feature!r})"
+    raise DataError(f"{pattern}: {e}{key if isinstance(e, UnlabelledError) else ''}") from e
   logging.info(
     "evaluated %d videos in %.1fs: GAP@%d %.4f",
     result["num_examples"],

@@ -62,7 +62,10 @@ def _count_checks(spec: RecordSpec, n_rgb: tf.Tensor, n_audio: tf.Tensor):
     missing = tf.strings.join([missing, n(n_rgb), " (is data.audio_feature its name?)"])
     return tf.where(n_audio == 0, missing, differ)
 
-  empty = f"no '{rgb}' frames (is this frame-level data? see data.format and data.rgb_feature)"
+  empty = (
+    f"no '{rgb}' frames (a video without frames, or no frame-level data: see data.format and "
+    "data.rgb_feature)"
+  )
   return [(n_rgb == 0, lambda: tf.constant(empty)), (n_rgb != n_audio, counts)]
 
 

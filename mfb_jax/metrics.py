@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mfb_jax.errors import DataError
+from mfb_jax.errors import DataError, UnlabelledError
 
 # Per-video keys of a summary; every one has the batch as its leading axis.
 SUMMARY_KEYS = (
@@ -187,7 +187,7 @@ class MetricsAccumulator:
     if rows["num_positives"] is None or len(rows["num_positives"]) == 0:
       raise DataError("no videos to evaluate: the evaluation split is empty")
     if not self._class_positives_C.any():  # GAP would read 0 whatever the predictions.
-      raise DataError(
+      raise UnlabelledError(
         f"none of the {len(rows['num_positives'])} videos to evaluate has a label (unlabelled "
         "test data?); GAP, mAP and PERR need labelled videos (--mode=predict does not)"
       )

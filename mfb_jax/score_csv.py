@@ -32,10 +32,13 @@ _CHUNK = 4096  # Videos summarized per accumulator call.
 def read_predictions(path: str, num_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Video id -> (class ids, scores), each row ranked by score then class id."""
   try:
-    with open(path, newline="") as f:
+    # utf-8-sig: a CSV saved by Excel and others starts with a byte-order mark.
+    with open(path, newline="", encoding="utf-8-sig") as f:
       return _parse_rows(path, csv.reader(f), num_classes)
   except FileNotFoundError:
     raise DataError(f"{path}: predictions file not found") from None
+  except OSError as e:  # A directory, no permission.
+    raise DataError(f"{path}: cannot read the predictions file ({e.strerror or e})") from None
   except (csv.Error, UnicodeDecodeError) as e:
     raise DataError(f"{path}: not a readable CSV file ({e})") from None
 
@@ -214,5 +217,7 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if result["num_predicted"] == 0:  # Valid (a submission without predictions), rarely meant.
+    print(f"warning: {args.predictions} has no rows: every video scores 0", file=sys.stderr)
   print(json.dumps(result))
   return 0

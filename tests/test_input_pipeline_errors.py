@@ -38,7 +38,7 @@ def test_frame_counts_and_missing_frames(tmp_path):
   assert why == "no 'audio' frames while 'rgb' has 5 (is data.audio_feature its name?)"
   # A video-level record given to the frame-level reader has no frames at all.
   why = frame_problem(tmp_path, video_record("bad", np.zeros(D), np.zeros(A), [1]))
-  assert why.startswith("no 'rgb' frames (is this frame-level data?")
+  assert why.startswith("no 'rgb' frames (a video without frames, or no frame-level data: see")
 
 
 @pytest.mark.parametrize("label", [10, -1])

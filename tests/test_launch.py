@@ -237,3 +237,12 @@ def test_the_summary_names_only_files_that_exist(tiny_args, tiny_trained, tmp_pa
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"results: {tmp_path / 'w'}/eval_results.json" in result.stdout.splitlines()
   assert "checkpoints: " not in result.stdout
+
+
+def test_eval_of_videos_without_labels_names_the_labels_feature(tiny_args, trained_workdir):
+  # Labels under another key read as none: the line said "unlabelled test data?" only.
+  result = launch(trained_workdir, "--mode=eval", *tiny_args, "--config.data.labels_feature=ids")
+  assert_one_line_error(
+    result, "videos to evaluate has a label", "(labels read from data.labels_feature='ids')"
+  )
+  assert result.returncode == 2

@@ -154,3 +154,20 @@ def test_module_entry_point_reports_bad_input_in_one_line(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip() == f"error: {missing}: predictions file not found"
   assert result.stdout == ""
+
+
+def test_a_directory_a_byte_order_mark_and_a_csv_without_rows(tmp_path, capsys):
+  (tmp_path / "dir.csv").mkdir()  # Was a traceback (IsADirectoryError).
+  with pytest.raises(DataError, match=r"dir.csv: cannot read the predictions file \(Is a dir"):
+    score_csv.read_predictions(str(tmp_path / "dir.csv"), 6)
+  # Excel's "CSV UTF-8" starts with a byte-order mark, which was read as part of 'VideoId'.
+  (tmp_path / "bom.csv").write_text("\ufeff" + HEADER + ROWS, encoding="utf-8")
+  bom = score_csv.read_predictions(str(tmp_path / "bom.csv"), 6)
+  plain = score_csv.read_predictions(write(tmp_path, HEADER + ROWS), 6)
+  assert bom.keys() == plain.keys() == {"A", "B", "C"}
+  write_frame_level_records(tmp_path / "labels.tfrecord", LABELED)
+  args = [f"--labels={tmp_path / 'labels.tfrecord'}", "--num_classes=6", "--top_k=2"]
+  assert score_csv.main([f"--predictions={write(tmp_path, HEADER, 'empty.csv')}", *args]) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["gap"] == 0.0
+  assert captured.err == f"warning: {tmp_path / 'empty.csv'} has no rows: every video scores 0\n"
