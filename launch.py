@@ -113,8 +113,8 @@ def _exit_after_error(code: int, line: str) -> None:
   would never reach the barrier; with this process gone their collective fails. Process 0 first
   tells the others, which exit with one line (mfb_jax/peer_stop.py).
   """
-  _claim_exit()
   signals.ignore_until_exit()  # The exit code is decided: a late signal ended it with -2 or -15.
+  _claim_exit()
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
@@ -138,7 +138,7 @@ def _peer_timed_out(first: str) -> bool:
 
 def _claim_exit() -> None:
   """Returns unless peer_stop's watcher is already ending this process: then waits for it."""
-  if not peer_stop.claim_exit():
+  if not signals.claim_exit():
     threading.Event().wait()
 
 
@@ -214,7 +214,6 @@ def main(argv) -> None:
       traceback.print_exc()
     interrupted = signals.stopped_by()
     if interrupted is not None:  # A library turned the signal's exception into an error of its own.
-      _claim_exit()
       signals.report(interrupted)
     _report_error(e)
 

@@ -16,6 +16,7 @@ CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "
 # MFB_JAX_INIT_TIMEOUT_S changes it (a scheduler that starts them minutes apart needs more).
 INIT_TIMEOUT_S = 300
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_PROC_CGROUP = "/proc/self/cgroup"
 _host_processes = 1  # Processes of this run on this host: count_host_processes() sets it.
 
 
@@ -220,17 +221,21 @@ def check_same_config(config) -> None:
 
 
 def host_identity() -> str:
-  """This machine as its processes can tell it: the kernel's boot id (the same in every
-  container on one machine, different on every other machine) and the host name (different in
-  most containers: their memory limits differ too)."""
+  """The memory this process shares, as its processes can tell it: the kernel's boot id (the
+  same in every container on one machine, different on every other machine), the host name and
+  the cgroup (different in most containers, whose memory limits differ too). Containers with the
+  host's name (host networking) and cgroups of their own that look alike from inside still count
+  as one: their processes' memory is then counted together."""
   import socket
 
-  try:
-    with open(_BOOT_ID) as f:
-      boot_id = f.read().strip()
-  except OSError:
-    boot_id = ""
-  return f"{boot_id}/{socket.gethostname()}"
+  def read(path: str) -> str:
+    try:
+      with open(path) as f:
+        return f.read().strip()
+    except OSError:
+      return ""
+
+  return f"{read(_BOOT_ID)}/{socket.gethostname()}/{read(_PROC_CGROUP)}"
 
 
 def count_host_processes() -> int:

@@ -8,27 +8,34 @@ step, a start-up error that was not an agreed check) met the dump about half the
 
 So, on an error exit, process 0 sets a key in the service's key-value store and waits, up to
 _WAIT_S, for the others to answer; each of them watches for that key in a daemon thread
-(`watch`), writes one line (`error: process 0 stopped the run ...`, exit 1) and answers before
-it exits. A process exiting with an error of its own answers before it is asked. One that has
-died does not answer: process 0 then exits after _WAIT_S.
+(`watch`), writes one line (`error: process 0 stopped the run ...`, exit 1; or, where it has
+received a signal of its own not yet acted on, that signal's line and exit code) and answers
+before it exits; its main thread, if it is ending the process already, comes first. A process
+exiting with an error of its own answers before it is asked. One that has died does not answer:
+process 0 then exits after _WAIT_S.
 
 Like cluster.py, nothing heavy is imported at import time.
 """
 
+import contextlib
 import os
 import sys
 import threading
 import time
 
+from mfb_jax import signals
+
 _STOPPED = "mfb_jax/process_0_stopped"
+_LINE = "process 0 stopped the run (its own error line says why)"
 _LEFT = "mfb_jax/left/{}"
 _POLL_MS = 1000  # The watcher's wait per call: it wakes at once when the key is set.
 _WAIT_S = 5.0  # How long process 0 waits for the others' answers.
 # After the last answer: the time a process takes from its answer to its exit. Process 0 gone
 # sooner, the answering process could still meet the dump (seen on a 2-core Zen 5).
 _GRACE_S = 0.5
-
-_exiting = threading.Lock()  # Held by whichever thread ends this process: one line, one code.
+# How long the watcher leaves this process's main thread to end it first: on an error that every
+# process meets at once (errors.agreed), each exits with its own line and code.
+_CLAIM_GRACE_S = 1.0
 
 
 def _client():
@@ -44,14 +51,10 @@ def _client():
   return getattr(distributed.global_state, "client", None)
 
 
-def claim_exit() -> bool:
-  """Whether this thread is the one to end the process (False: the watcher already is)."""
-  return _exiting.acquire(blocking=False)
-
-
 def watch() -> None:
   """On a process other than 0 of a multi-process run, a daemon thread that ends this process
-  with one line and exit code 1 when process 0 stops with an error (`on_error_exit`)."""
+  with one line when process 0 stops with an error (`on_error_exit`): exit code 1, or its own
+  signal's line and code where it has received one."""
   import jax
 
   client = _client()
@@ -67,16 +70,22 @@ def watch() -> None:
       except Exception as e:  # noqa: BLE001 - JaxRuntimeError; a time-out just means no news.
         if "DEADLINE_EXCEEDED" not in str(e):
           return  # The run has finished (the client shut down), or the service is gone.
-    if not claim_exit():  # This process is already exiting with its own line.
+    deadline = time.monotonic() + _CLAIM_GRACE_S
+    while time.monotonic() < deadline and not signals.exit_claimed():
+      time.sleep(0.01)
+    if not signals.claim_exit():  # The main thread is ending this process with its own line.
       _answer(client, me)
       return
+    signum = signals.received()  # This process's own signal, not yet acted on, comes first.
+    line = signals.stop_message(signum) if signum else _LINE
     try:
-      sys.stdout.flush()
-      sys.stderr.flush()
+      with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+      os.write(2, f"error: {line}\n".encode())
     finally:
-      os.write(2, b"error: process 0 stopped the run (its own error line says why)\n")
       _answer(client, me)
-      os._exit(1)
+      os._exit(128 + signum if signum else 1)
 
   threading.Thread(target=wait_for_process_0, name="mfb_jax.peer_stop", daemon=True).start()
 

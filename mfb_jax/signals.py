@@ -200,13 +200,44 @@ def before_exit(hook) -> None:
   _state.before_exit = hook
 
 
+_exiting = threading.Lock()
+_exit_owner: list[int] = []  # The thread that ends the process: one line, one exit code.
+
+
+def claim_exit() -> bool:
+  """Whether the calling thread is the one to end the process: the first to ask, asked again
+  (a signal during its own exit) or not. False: another thread (peer_stop's watcher) is."""
+  with _exiting:
+    if not _exit_owner:
+      _exit_owner.append(threading.get_ident())
+    return _exit_owner[0] == threading.get_ident()
+
+
+def exit_claimed() -> bool:
+  return bool(_exit_owner)
+
+
+def received() -> int | None:
+  """The first signal this process received, if any (acted on or not)."""
+  return _state.received
+
+
+def stop_message(signum: int) -> str:
+  return (
+    f"stopped by {name(signum)}; no file was left half-written (rerun the same command to "
+    "start again)"
+  )
+
+
 def report(error: Interrupted) -> None:
   """Ends the process after an Interrupted: one line on stderr, the `before_exit` hook, exit
-  128 + signal number."""
-  message = (
-    f"stopped by {name(error.signum)}; no file was left half-written (rerun the same command "
-    "to start again)"
-  )
+  128 + signal number. Further signals are ignored from here (the hook may wait a few seconds:
+  a second Ctrl-C printed a second line and waited again)."""
+  with contextlib.suppress(Exception):  # Only the main thread may set handlers.
+    ignore_until_exit()
+  if not claim_exit():
+    threading.Event().wait()  # Another thread is ending the process with its own line.
+  message = stop_message(error.signum)
   with contextlib.suppress(Exception):
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -121,10 +121,12 @@ def test_the_processes_on_this_host_are_those_with_its_identity(monkeypatch, ide
   assert cluster.count_host_processes() == expected == cluster.host_processes()
 
 
-def test_a_host_identity_is_its_boot_and_its_name(monkeypatch, tmp_path):
-  boot = tmp_path / "boot_id"
+def test_a_host_identity_is_its_boot_its_name_and_its_cgroup(monkeypatch, tmp_path):
+  boot, cgroup = tmp_path / "boot_id", tmp_path / "cgroup"
   boot.write_text("1234-abcd\n")
+  cgroup.write_text("0::/job/42\n")
   monkeypatch.setattr(cluster, "_BOOT_ID", str(boot))
-  assert cluster.host_identity() == f"1234-abcd/{socket.gethostname()}"
+  monkeypatch.setattr(cluster, "_PROC_CGROUP", str(cgroup))
+  assert cluster.host_identity() == f"1234-abcd/{socket.gethostname()}/0::/job/42"
   monkeypatch.setattr(cluster, "_BOOT_ID", str(tmp_path / "none"))
-  assert cluster.host_identity() == f"/{socket.gethostname()}"
+  assert cluster.host_identity() == f"/{socket.gethostname()}/0::/job/42"

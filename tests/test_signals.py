@@ -285,3 +285,22 @@ def test_atomic_file_keeps_the_old_file_when_a_write_fails(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["eval_results.json"]
   workdir_files.write_text(path, "new")
   assert open(path).read() == "new" and sorted(os.listdir(tmp_path)) == ["eval_results.json"]
+
+
+def test_one_thread_ends_the_process_and_may_claim_it_again():
+  """peer_stop's watcher and the main thread could both end a process: two error lines, or
+  the watcher's exit code for the main thread's own error. The claim is the first thread's; it
+  may ask again (a signal during its own exit) without waiting for itself."""
+  import threading
+
+  fresh = signals  # No test ends its own process through it: the claim is free, and freed.
+  assert not fresh.exit_claimed()
+  others = []
+  try:
+    assert fresh.claim_exit() and fresh.claim_exit() and fresh.exit_claimed()
+    thread = threading.Thread(target=lambda: others.append(fresh.claim_exit()))
+    thread.start()
+    thread.join()
+    assert others == [False]
+  finally:
+    fresh._exit_owner.clear()
