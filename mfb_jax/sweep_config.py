@@ -26,6 +26,10 @@ OWN_FIELDS = {
 }
 
 
+# Fields each cell sets (its AGG,FUSION): --set may not set them for every cell.
+CELL_FIELDS = {"model.aggregator": "--aggregations", "model.fusion": "--fusions"}
+
+
 def load_config(config_path: str, arg: str) -> ml_collections.ConfigDict:
   """Calls get_config(arg) of a config file, as launch.py's `--config=FILE:ARG` does."""
   if str(REPO) not in sys.path:
@@ -151,9 +155,13 @@ class Sweep:
     for field, _ in overrides:
       if own.get(field) is not None:
         raise ConfigError(f"--set={field}=... and {OWN_FIELDS[field]} both given; keep one")
+      if field in CELL_FIELDS:  # The cell's name would then not be its model.
+        raise ConfigError(f"--set={field}=...: each cell sets it; use {CELL_FIELDS[field]}")
     cells = [(a.strip(), f.strip()) for a in flags.aggregations for f in flags.fusions]
     if not cells:
       raise ConfigError("no cells: --aggregations and --fusions must each name at least one")
+    if len(set(cells)) < len(cells):
+      raise ConfigError("a cell is named twice: --aggregations and --fusions each list a name once")
     config_path = os.path.abspath(flags.config)
     configs = {}
     for agg, fusion in cells:

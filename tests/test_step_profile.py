@@ -74,3 +74,6 @@ def test_command_line_errors_are_one_line_with_exit_code_2():
   bad = run_python(["-m", "mfb_jax.step_profile", "--config=configs/tiny.py", "--steps=0"])
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == "error: --steps=0; it must be at least 1"
+  top = run_python(["-m", "mfb_jax.step_profile", "--config=configs/tiny.py", "--top=-2"])
+  assert top.returncode == 2
+  assert top.stderr.strip() == "error: --top=-2; it must be at least 1"

@@ -73,6 +73,11 @@ def test_launch_args_of_a_cell(tmp_path):
   ]
   with pytest.raises(ConfigError, match="--steps"):
     sweep_config.Sweep.from_flags(sweep_flags(tmp_path, set=["train.num_steps=5"]), "cmd")
+  # A fusion for every cell trained concat in the 'avgpool,mfb' row of results.md.
+  with pytest.raises(ConfigError, match=r"^--set=model.fusion=...: each cell sets it; use --fus"):
+    sweep_config.Sweep.from_flags(sweep_flags(tmp_path, set=["model.fusion=concat"]), "cmd")
+  with pytest.raises(ConfigError, match="a cell is named twice"):
+    sweep_config.Sweep.from_flags(sweep_flags(tmp_path, aggregations=["avgpool", "avgpool"]), "cmd")
   missing = r"no files match '/nonexistent/e-\*' \(/nonexistent does not exist\)$"
   with pytest.raises(ConfigError, match="^--eval_pattern: " + missing):
     sweep_config.Sweep.from_flags(sweep_flags(tmp_path, eval_pattern="/nonexistent/e-*"), "cmd")
