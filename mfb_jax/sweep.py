@@ -14,6 +14,7 @@ rewritten (mfb_jax/sweep_report.py).
 """
 
 import datetime
+import json
 import os
 import re
 import shlex
@@ -175,16 +176,53 @@ def run_sweep(sweep: sweep_config.Sweep, stop: StopFlag) -> int:
 
 
 def check_cells(sweep: sweep_config.Sweep) -> None:
-  """Refuses a sweep whose workdir holds cells trained beyond --steps, before it rewrites the
-  report: run anyway, every such cell would fail and results.md would lose their results."""
+  """Refuses a sweep whose workdir holds cells trained beyond --steps, or with other data or
+  settings, before it rewrites the report: run anyway, every cell trained beyond would fail and
+  results.md would lose their results; a cell trained otherwise would be skipped (or resumed)
+  and reported under this sweep's header."""
   beyond = []
   for agg, fusion in sweep.cells:
     state = sweep_report.cell_state(sweep.cell_dir(agg, fusion), sweep.steps)
     if state not in ("todo", "done"):
       beyond.append(state)
+    _check_same_settings(sweep, agg, fusion)
   if beyond:
     more = f" (and {len(beyond) - 1} more cell(s))" if len(beyond) > 1 else ""
     raise ConfigError(f"{beyond[0]}{more}")
+
+
+# Settings that may differ between the runs of one cell: how often it logs, saves and evaluates,
+# how many steps, how its input is buffered, what predict would read.
+_MAY_DIFFER = (
+  "train.num_steps",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.log_every",
+  "eval.batch_size",
+  "data.prefetch_batches",
+  "data.predict_pattern",
+)
+
+
+def _check_same_settings(sweep: sweep_config.Sweep, agg: str, fusion: str) -> None:
+  """ConfigError where the cell's config.json (from an earlier sweep) differs from this sweep's
+  config of the cell in a setting that changes what its GAP means (data, model, optimizer)."""
+  path = os.path.join(sweep.cell_dir(agg, fusion), "config.json")
+  if not os.path.exists(path):
+    return
+  from mfb_jax import workdir_files  # Deferred: imports JAX.
+
+  with open(path) as f:
+    before = workdir_files.flat_hparams(json.load(f))
+  now = workdir_files.flat_hparams(json.loads(sweep.cell_config(agg, fusion).to_json_best_effort()))
+  for field in sorted(set(before) & set(now)):
+    if before[field] != now[field] and field not in _MAY_DIFFER:
+      raise ConfigError(
+        f"cell {agg},{fusion} in {sweep.workdir} was trained with {field}={before[field]!r}, "
+        f"and this sweep gives {now[field]!r}: rerun with the settings it was trained with, "
+        "or give this sweep another --workdir"
+      )
 
 
 def _summarize(sweep, outcomes: dict, paths: list[str], took: float, stop: StopFlag) -> int:

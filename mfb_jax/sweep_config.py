@@ -201,6 +201,14 @@ class Sweep:
       pattern_flags=tuple(k for k in ("train", "eval") if getattr(flags, f"{k}_pattern")),
     )
 
+  def cell_config(self, agg: str, fusion: str) -> ml_collections.ConfigDict:
+    """The config one cell's launch.py resolves (its config.json, once it has trained)."""
+    config = load_config(self.config_path, f"{agg},{fusion}")
+    apply_overrides(config, self.overrides)
+    config.train.num_steps, config.train.eval_every = self.steps, self.eval_every
+    config.data.train_pattern, config.data.eval_pattern = self.train_pattern, self.eval_pattern
+    return config
+
   def cell_dir(self, agg: str, fusion: str) -> str:
     return os.path.join(self.workdir, f"{agg}_{fusion}")
 

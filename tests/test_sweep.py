@@ -215,7 +215,7 @@ def sweep_data(tmp_path_factory) -> dict[str, str]:
   return {"train": str(root / "train-*"), "eval": str(root / "eval-*")}
 
 
-def _sweep(workdir, data, fusions: str):
+def _sweep(workdir, data, fusions: str, *more: str):
   return run_python(
     [
       "-m",
@@ -229,6 +229,7 @@ def _sweep(workdir, data, fusions: str):
       f"--train_pattern={data['train']}",
       f"--eval_pattern={data['eval']}",
       "--data_label=tiny synthetic",
+      *more,
     ],
     timeout=600,
   )
@@ -278,3 +279,13 @@ def test_sweep_runs_skips_and_reports(sweep_data, tmp_path):
   # The failed column (audio comes first in the paper's order), then the same numbers.
   assert table_row(text, "Avgpooling") == ["failed / 38.1", *cells]
   assert "- avgpool,audio: error:" in text and "not a directory" in text
+
+  # Rerun with another batch size: the cells were skipped and reported under its header.
+  third = _sweep(tmp_path, sweep_data, "concat,mfb", "--set=train.batch_size=4")
+  assert third.returncode == 2, third.stdout[-3000:]
+  assert last_line(third.stderr) == (
+    f"error: cell avgpool,concat in {tmp_path} was trained with train.batch_size=8, and this "
+    "sweep gives 4: rerun with the settings it was trained with, or give this sweep another "
+    "--workdir"
+  )
+  assert (tmp_path / "results.md").read_text() == text
