@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mfb_jax import runtime  # noqa: E402
+from mfb_jax import cli, runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (launch.py's).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Pairs of windows (bare, end to end).")
@@ -67,14 +67,24 @@ def measure(config, rounds: int, steps: int) -> dict:
 
 
 def main(argv) -> None:
-  if len(argv) > 1 or _ROUNDS.value < 1 or _STEPS.value < 3:
-    sys.exit("usage: e2e_windows.py --config=FILE[:ARG] [--rounds>=1] [--steps>=3]")
+  """Bad flags, configs and values are one line with exit code 2, as in launch.py."""
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  if _ROUNDS.value < 1 or _STEPS.value < 3:
+    cli.fail(f"--rounds={_ROUNDS.value} and --steps={_STEPS.value}: at least 1 and 3")
+  config = cli.config()
   runtime.preload_tcmalloc()
   runtime.set_xla_cpu_flags()
   runtime.quiet_library_logs()
-  print(json.dumps(measure(_CONFIG.value, _ROUNDS.value, _STEPS.value)), flush=True)
+  from mfb_jax import config_checks
+  from mfb_jax.errors import UserError
+
+  try:
+    config_checks.validate(config, "bench")
+    print(json.dumps(measure(config, _ROUNDS.value, _STEPS.value)), flush=True)
+  except UserError as e:
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -19,6 +19,16 @@ def test_windows_alternate_and_the_ratio_is_their_rounds_median():
   assert record["model"] == "netvlad+mfb+moe"
 
 
-def test_bad_flags_are_refused():
-  result = run_python(["scripts/e2e_windows.py", "--config=configs/tiny.py", "--rounds=0"])
-  assert result.returncode != 0 and "usage: e2e_windows.py" in result.stderr
+def test_bad_flags_and_configs_are_one_line_with_exit_code_2():
+  # A missing config file, an unknown field or a bad value were tracebacks with exit code 1.
+  tiny = "--config=configs/tiny.py"
+  for args, line in [
+    ([tiny, "--rounds=0"], "error: --rounds=0 and --steps=12: at least 1 and 3"),
+    (["--config=configs/nope.py"], "error: config file not found: configs/nope.py"),
+    (
+      [tiny, "--config.model.dtype=float16"],
+      "error: config.model.dtype='float16' is invalid; allowed: float32, bfloat16",
+    ),
+  ]:
+    result = run_python(["scripts/e2e_windows.py", *args])
+    assert (result.returncode, result.stderr.strip()) == (2, line)
