@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mfb_jax import tfrecord_files
+from mfb_jax import tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 RGB_SIZE, AUDIO_SIZE = 1024, 128
@@ -96,13 +96,23 @@ class Yt8mRecords(tfds.core.GeneratorBasedBuilder):
     for path in files:
       compression = tfrecord_files.compression_type(str(path))
       records_ds = tf.data.TFRecordDataset(str(path), compression_type=compression)
-      for index, record in enumerate(records_ds.as_numpy_iterator()):
+      for index, record in enumerate(_named_errors(records_ds, str(path), compression)):
         where = f"{path}: record {index}"
         example = parse(record, where)
         bad = [x for x in example["labels"] if not 0 <= x < num_classes]
         if bad:
           raise DataError(f"{where}: label {bad[0]} is outside [0, {num_classes})")
         yield f"{path.name}:{index}", example
+
+
+def _named_errors(records_ds: tf.data.Dataset, path: str, compression: str):
+  """The records; TensorFlow's read errors (a truncated file) as one line naming the file."""
+  try:
+    yield from records_ds.as_numpy_iterator()
+  except tf.errors.DataLossError as e:
+    raise tf_errors.corrupt(path, compression, e) from e
+  except tf.errors.OpError as e:
+    raise tf_errors.unreadable(path, e) from e
 
 
 def _id_and_labels(features) -> dict:
@@ -134,6 +144,7 @@ def _video_example(record: bytes, where: str) -> dict:
   for key, size in (("mean_rgb", RGB_SIZE), ("mean_audio", AUDIO_SIZE)):
     values = features[key].float_list.value if key in features else []
     if len(values) != size:
-      raise DataError(f"{where}: feature '{key}' has {len(values)} values, expected {size}")
+      hint = " (frame-level data? use yt8m_records/frame)" if not values else ""
+      raise DataError(f"{where}: feature '{key}' has {len(values)} values, expected {size}{hint}")
     example[key] = np.asarray(values, np.float32)
   return example

@@ -1,11 +1,13 @@
 """TFDS builder: tfds.load of tiny official-format shards from a manual dir."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mfb_jax import tfds_yt8m
 from mfb_jax.bench_input import frame_record, video_record
+from mfb_jax.errors import DataError
 
 
 def write(path, records: list[bytes]) -> None:
@@ -53,3 +55,25 @@ def test_tfds_load_reads_frame_and_video_records(tmp_path):
   assert test["id"] == b"v1" and test["labels"].tolist() == [4715]
   np.testing.assert_allclose(test["mean_rgb"], mean_rgb.astype(np.float32))
   np.testing.assert_allclose(test["mean_audio"], mean_audio.astype(np.float32))
+
+
+def test_a_truncated_shard_and_frame_data_read_as_video_name_the_problem(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb, audio = rng.integers(0, 256, (3, 1024), np.uint8), rng.integers(0, 256, (3, 128), np.uint8)
+  manual = tmp_path / "frame"
+  manual.mkdir()
+  write(manual / "validate0.tfrecord", [frame_record(f"v{i}", rgb, audio, [1]) for i in range(3)])
+  whole = (manual / "validate0.tfrecord").read_bytes()
+  (manual / "validate0.tfrecord").write_bytes(whole[: len(whole) - 100])
+  kwargs = dict(
+    data_dir=str(tmp_path / "tfds"),
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(manual_dir=str(manual))
+    },
+  )
+  # TensorFlow's DataLossError named no file.
+  with pytest.raises(DataError, match=r"validate0.tfrecord: corrupt or truncated tfrecord file"):
+    tfds.load("yt8m_records/frame", split="validation", **kwargs)
+  (manual / "validate0.tfrecord").write_bytes(whole)
+  with pytest.raises(DataError, match=r"'mean_rgb' has 0 values, expected 1024 \(frame-level data"):
+    tfds.load("yt8m_records/video", split="validation", **kwargs)
