@@ -5,6 +5,7 @@ bench_input) all end bad input with one `error: ...` line on stderr and exit sta
 CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which reads as a bug).
 """
 
+import argparse
 import os
 import re
 import sys
@@ -26,6 +27,14 @@ def fail(message: str, code: int = 2) -> None:
   """Exits with `message` as one line: `error: ...` on stderr."""
   print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser for the argparse tools (model, metrics): a bad or missing flag is one
+  line, `error: ... (--help lists the options)`, exit status 2, not usage plus a line."""
+
+  def error(self, message: str):
+    fail(f"{message} (--help lists the options)")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -13,7 +13,6 @@ sizes, O fused size, C classes.
   python -m mfb_jax.model --count --beyond    # and of the models beyond the paper
 """
 
-import argparse
 import functools
 from collections.abc import Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 from mfb_jax import (
   aggregation,
   classifier,
+  cli,
   frame_fusion,
   fusion,
   gating,
@@ -242,7 +242,7 @@ def beyond_configs() -> list[tuple[str, ml_collections.ConfigDict]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """Prints the parameter counts of the paper's 15 models (configs/paper.py), and more."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--count", action="store_true", help="print the parameter count table")
   parser.add_argument(
     "--beyond", action="store_true", help="with --count: also the models beyond the paper"

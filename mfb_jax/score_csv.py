@@ -9,7 +9,6 @@ missing from the labels are an error. The metrics come from mfb_jax.metrics.Metr
 the same code as training's evaluation; only the per-video summary is built here, from the pairs.
 """
 
-import argparse
 import contextlib
 import csv
 import itertools
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from mfb_jax import cli
 from mfb_jax.errors import DataError, UserError
 from mfb_jax.metrics import MetricsAccumulator
 
@@ -193,9 +193,7 @@ def _native_logs_off():
 
 def main(argv: list[str] | None = None) -> int:
   """Command line: prints the metrics as one JSON line; bad input gives one stderr line, exit 1."""
-  parser = argparse.ArgumentParser(
-    prog="python -m mfb_jax.metrics", description=__doc__.split("\n")[0]
-  )
+  parser = cli.ArgumentParser(prog="python -m mfb_jax.metrics", description=__doc__.split("\n")[0])
   parser.add_argument(
     "--predictions", required=True, help="Kaggle-format CSV (VideoId,LabelConfidencePairs)."
   )

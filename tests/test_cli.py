@@ -42,6 +42,10 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     ),
     (["launch.py", "--workdir=/tmp/w"], "error: --config=FILE is required: e.g. --config="),
     (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
+    # argparse printed its usage line before the error.
+    (["-m", "mfb_jax.model", "--counts"], "error: unrecognized arguments: --counts (--help"),
+    (["-m", "mfb_jax.model"], "error: nothing to do: pass --count (--help lists the options)"),
+    (["-m", "mfb_jax.metrics", "--labels=x"], "the following arguments are required: --pred"),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, error):
