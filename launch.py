@@ -17,7 +17,6 @@ once or when an import or JAX's compilation returns (mfb_jax/signals.py).
 
 import os
 import sys
-import threading
 import traceback
 
 from mfb_jax import cli, cluster, peer_stop, runtime, signals
@@ -114,32 +113,30 @@ def _exit_after_error(code: int, line: str) -> None:
   tells the others, which exit with one line (mfb_jax/peer_stop.py).
   """
   signals.ignore_until_exit()  # The exit code is decided: a late signal ended it with -2 or -15.
-  _claim_exit()
+  signals.own_exit()
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
   stderr = os.dup(sys.stderr.fileno())
   os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   os.write(stderr, f"error: {line}\n".encode("utf-8", "backslashreplace"))
-  if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+  if _several_processes():
     peer_stop.on_error_exit()
     os._exit(code)
   sys.exit(code)
 
 
+def _several_processes() -> bool:
+  """Whether this is a process of a multi-process run (JAX not imported yet: no)."""
+  return "jax" in sys.modules and sys.modules["jax"].process_count() > 1
+
+
 def _peer_timed_out(first: str) -> bool:
   """Whether an error of a multi-process run is a barrier that another process never reached
   (killed during a checkpoint save: orbax's barrier gives up after about 70 s)."""
-  if "jax" not in sys.modules or sys.modules["jax"].process_count() == 1:
-    return False
   text = first.lower()
-  return "barrier" in text and ("timed out" in text or "deadline_exceeded" in text)
-
-
-def _claim_exit() -> None:
-  """Returns unless peer_stop's watcher is already ending this process: then waits for it."""
-  if not signals.claim_exit():
-    threading.Event().wait()
+  timed_out = "timed out" in text or "deadline_exceeded" in text
+  return _several_processes() and "barrier" in text and timed_out
 
 
 _DEBUG_HINT = " (rerun with --debug for the traceback)"

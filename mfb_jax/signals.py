@@ -217,6 +217,13 @@ def exit_claimed() -> bool:
   return bool(_exit_owner)
 
 
+def own_exit() -> None:
+  """Returns if the calling thread is the one to end the process (claim_exit); else waits for
+  the thread that is (peer_stop's watcher) to end it."""
+  if not claim_exit():
+    threading.Event().wait()
+
+
 def received() -> int | None:
   """The first signal this process received, if any (acted on or not)."""
   return _state.received
@@ -235,8 +242,7 @@ def report(error: Interrupted) -> None:
   a second Ctrl-C printed a second line and waited again)."""
   with contextlib.suppress(Exception):  # Only the main thread may set handlers.
     ignore_until_exit()
-  if not claim_exit():
-    threading.Event().wait()  # Another thread is ending the process with its own line.
+  own_exit()
   message = stop_message(error.signum)
   with contextlib.suppress(Exception):
     sys.stdout.flush()
