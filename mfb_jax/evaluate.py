@@ -6,7 +6,6 @@ done, so all of them run the same number of (collective) steps.
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -95,20 +94,19 @@ def _no_id_in_two_processes(seen: set[str], pattern: str) -> None:
   """Gathers 8-byte digests of every process's video ids (about 8 MB a million videos) and
   raises DataError where one of this process's ids is another process's too."""
   ids = sorted(seen)
-  mine_Nx2 = np.array(
-    [np.frombuffer(hashlib.blake2b(i.encode(), digest_size=8).digest(), np.uint32) for i in ids],
-    np.uint32,
-  ).reshape(-1, 2)  # uint32 pairs: without jax_enable_x64, JAX would cut uint64 to 32 bits.
+  # Gathered as uint8 (without jax_enable_x64, JAX would cut uint64 to 32 bits), compared as one
+  # uint64 each.
+  mine_Nx8 = np.array([workdir_files.digest(i.encode()) for i in ids], np.uint8).reshape(-1, 8)
   counts = np.asarray(multihost_utils.process_allgather(np.int32(len(ids)))).reshape(-1)
-  padded = np.zeros((int(counts.max()), 2), np.uint32)
-  padded[: len(ids)] = mine_Nx2
-  every_PxNx2 = np.asarray(multihost_utils.process_allgather(padded))
-  as_int = lambda x: x[:, 0].astype(np.uint64) << np.uint64(32) | x[:, 1].astype(np.uint64)
-  mine = as_int(mine_Nx2)
+  padded = np.zeros((int(counts.max()), 8), np.uint8)
+  padded[: len(ids)] = mine_Nx8
+  every_PxNx8 = np.asarray(multihost_utils.process_allgather(padded))
+  as_int = lambda x_Nx8: np.ascontiguousarray(x_Nx8).view(np.uint64).reshape(-1)
+  mine = as_int(mine_Nx8)
   for process, count in enumerate(counts):
     if process == jax.process_index():
       continue
-    shared = np.flatnonzero(np.isin(mine, as_int(every_PxNx2[process, :count])))
+    shared = np.flatnonzero(np.isin(mine, as_int(every_PxNx8[process, :count])))
     if shared.size:
       raise DataError(
         f"video id {ids[shared[0]]!r} appears in the files of process {jax.process_index()} and "
