@@ -95,13 +95,19 @@ def apply_overrides(config: ml_collections.ConfigDict, pairs: list[tuple[str, st
     node[leaf] = _coerce(node[leaf], raw, field)
 
 
+def _as_run(config, steps: int, eval_every: int, train: str, eval_: str):
+  """A copy of a cell's config with the sweep's own settings: what its launch.py resolves."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.num_steps, config.train.eval_every = steps, eval_every
+  config.data.train_pattern, config.data.eval_pattern = train, eval_
+  return config
+
+
 def _validate_cell(config, cell: str, steps: int, eval_every: int, train: str, eval_: str):
   """launch.py's checks of one cell's config as the sweep will run it, now rather than per cell."""
   from mfb_jax import config_checks  # Deferred: imports flax for the model registries.
 
-  config = ml_collections.ConfigDict(config.to_dict())  # A copy, with the sweep's own settings.
-  config.train.num_steps, config.train.eval_every = steps, eval_every
-  config.data.train_pattern, config.data.eval_pattern = train, eval_
+  config = _as_run(config, steps, eval_every, train, eval_)
   try:
     config_checks.validate(config, "train")
   except ConfigError as e:
@@ -205,9 +211,7 @@ class Sweep:
     """The config one cell's launch.py resolves (its config.json, once it has trained)."""
     config = load_config(self.config_path, f"{agg},{fusion}")
     apply_overrides(config, self.overrides)
-    config.train.num_steps, config.train.eval_every = self.steps, self.eval_every
-    config.data.train_pattern, config.data.eval_pattern = self.train_pattern, self.eval_pattern
-    return config
+    return _as_run(config, self.steps, self.eval_every, self.train_pattern, self.eval_pattern)
 
   def cell_dir(self, agg: str, fusion: str) -> str:
     return os.path.join(self.workdir, f"{agg}_{fusion}")
