@@ -177,8 +177,7 @@ def _check_process_flags(num_processes: int | None, process_id: int | None) -> N
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  cli.no_positional_arguments(argv)
   cli.config(FLAGS)  # Loaded, and a ConfigDict.
   if not FLAGS.workdir and FLAGS.mode != "bench":
     cli.fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")

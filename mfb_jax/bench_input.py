@@ -226,8 +226,7 @@ def _check_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  cli.no_positional_arguments(argv)
   _check_flags()
   runtime.preload_tcmalloc(module=__spec__.name)
   runtime.quiet_library_logs()

@@ -29,6 +29,12 @@ def fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def no_positional_arguments(argv: list[str]) -> None:
+  """One line and exit 2 where absl left arguments that are not flags (app.run's argv[1:])."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse's parser for the argparse tools (model, metrics): a bad or missing flag is one
   line, `error: ... (--help lists the options)`, exit status 2, not usage plus a line."""

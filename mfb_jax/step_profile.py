@@ -127,8 +127,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  cli.no_positional_arguments(argv)
   if FLAGS.top < 1:  # Before the minute of tracing: -2 printed all but the last two.
     cli.fail(f"--top={FLAGS.top}; it must be at least 1")
   cli.config(FLAGS)  # Loaded (the default configs/default.py is relative to the working directory).

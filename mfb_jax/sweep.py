@@ -239,8 +239,7 @@ def _summarize(sweep, outcomes: dict, paths: list[str], took: float, stop: StopF
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  cli.no_positional_arguments(argv)
   try:
     command = shlex.join(["python", "-m", "mfb_jax.sweep", *sys.argv[1:]])
     sweep = sweep_config.Sweep.from_flags(FLAGS, command)

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mfb_jax import cli, runtime  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (launch.py's).")
+config_flags.DEFINE_config_file("config", None, "Config file (launch.py's).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Pairs of windows (bare, end to end).")
 _STEPS = flags.DEFINE_integer("steps", 12, "Steps per window; its first 2 are not counted.")
 
@@ -68,8 +68,7 @@ def measure(config, rounds: int, steps: int) -> dict:
 
 def main(argv) -> None:
   """Bad flags, configs and values are one line with exit code 2, as in launch.py."""
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag=value)")
+  cli.no_positional_arguments(argv)
   if _ROUNDS.value < 1 or _STEPS.value < 3:
     cli.fail(f"--rounds={_ROUNDS.value} and --steps={_STEPS.value}: at least 1 and 3")
   config = cli.config()
