@@ -119,7 +119,11 @@ class DBoF(nn.Module):
     # After ReLU every value is >= 0, so zeroing padded frames leaves the max over valid frames
     # unchanged (and a video with no valid frame gives zeros).
     h_BxTxH = (h_NxH * valid_Nx1.astype(h_NxH.dtype)).reshape(B, T, self.hidden_size)
-    return jnp.max(h_BxTxH, axis=1).astype(jnp.float32)
+    # The max as a gather at the argmax: jnp.max's gradient finds the max's frame by comparing
+    # values, and under jit XLA recomputes them in the backward pass with other rounding, so
+    # that for some (video, unit) no frame matched and the gradient was lost.
+    at_Bx1xH = jnp.argmax(h_BxTxH, axis=1)[:, None, :]
+    return jnp.take_along_axis(h_BxTxH, at_Bx1xH, axis=1)[:, 0].astype(jnp.float32)
 
 
 class NetVLAD(nn.Module):
