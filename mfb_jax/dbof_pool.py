@@ -43,7 +43,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mfb_jax.pooling_common import accumulation_dtype, sum_over_rows
+from mfb_jax.pooling_common import accumulation_dtype, batch_sharded, sum_over_rows
 
 # Frames per scan step: enough rows (B x 4) for an efficient matmul, few enough that the
 # chunk's h stays in cache. Other frame counts are padded up with masked frames.
@@ -113,11 +113,14 @@ def extremes(x_BxTxF, mask_BxT, kernel_FxH, scale_H, with_moments: bool = False)
       sum_x_DxF,
     ), None
 
+  # On a mesh with Explicit axes the carry is split as the scan's outputs are: by the batch.
+  rows = batch_sharded(mask_BxT)
+  groups = rows if with_moments and D > 1 else None
   init = (
-    jnp.full((B, H), -jnp.inf, acc),
-    jnp.zeros((B, H), jnp.int32),
-    jnp.zeros((D, F, F) if with_moments else (), acc),
-    jnp.zeros((D, F) if with_moments else (), acc),
+    jnp.full((B, H), -jnp.inf, acc, out_sharding=rows),
+    jnp.zeros((B, H), jnp.int32, out_sharding=rows),
+    jnp.zeros((D, F, F) if with_moments else (), acc, out_sharding=groups),
+    jnp.zeros((D, F) if with_moments else (), acc, out_sharding=groups),
   )
   firsts = jnp.arange(0, T + pad, chunk, dtype=jnp.int32)
   (best_BxH, t_star_BxH, gram_DxFxF, sum_x_DxF), _ = jax.lax.scan(

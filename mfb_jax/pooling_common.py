@@ -18,6 +18,17 @@ def replicated_under_explicit_sharding(x: jax.Array):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def batch_sharded(x: jax.Array):
+  """out_sharding for a new array whose first axis is split as x's first (the batch,
+  or one group of videos per device): x's when x is explicitly sharded (where JAX asks for it),
+  else left to the compiler (None)."""
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+
+
 def transposed_copy(x: jax.Array, axes: tuple[int, ...], pad_axis: int = 0) -> jax.Array:
   """jnp.transpose(x, axes) as an array of its own (a real copy, not a view).
 
