@@ -55,11 +55,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
 
   A workdir another training run holds is refused before anything in it is touched.
   """
+  _check_batches(config)  # Before the lock, which creates the workdir.
   # cleanup closes the checkpointer however the run ends: a save still being written when an
   # error stops the run is finished, not left as a temporary directory, and no orbax thread is
   # left to print tracebacks at exit.
   with workdir_files.TrainingLock(workdir), contextlib.ExitStack() as cleanup:
     return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _check_batches(config) -> None:
+  """ConfigError unless the train batch (and, with eval data, the eval batch: now, not at the
+  first evaluation) splits evenly over the run's processes and devices."""
+  fields = ["train"] + (["eval"] if config.data.eval_pattern else [])
+  for field in fields:
+    size, name = config[field].batch_size, f"{field}.batch_size"
+    config_checks.check_batch_split(size, name, jax.process_count(), jax.device_count())
 
 
 def _evaluation_missed(config, workdir: str, step: int) -> bool:
@@ -143,13 +153,7 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
 
 def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> dict | None:
   train_cfg = config.train
-  local_batch = config_checks.check_batch_split(
-    train_cfg.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
-  )
-  if config.data.eval_pattern:  # Now, not at the first evaluation.
-    config_checks.check_batch_split(
-      config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
-    )
+  local_batch = train_cfg.batch_size // jax.process_count()  # Split evenly (_check_batches).
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   state_shapes = train_lib.abstract_state(config, model, tx, mesh)

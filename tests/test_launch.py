@@ -79,11 +79,12 @@ def test_bad_config_values_give_one_line(tiny_args, tmp_path):
     result = launch(tmp_path, *tiny_args, bad, "--debug")
     assert result.returncode == 2 and "Traceback" in result.stderr, result.stderr[-2000:]
     assert last_line(result.stderr).startswith("error: "), result.stderr[-2000:]
-  # An eval batch that does not split over the devices fails before training, not after it.
+  # An eval batch that does not split over the devices fails before training, not after it,
+  # and before the workdir is made (it was left holding only .train.lock).
   eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  result = launch(tmp_path, *tiny_args, "--config.eval.batch_size=4", env=eight)
+  result = launch(tmp_path / "new", *tiny_args, "--config.eval.batch_size=4", env=eight)
   assert_one_line_error(result, "eval.batch_size")
-  assert not (tmp_path / "checkpoints").exists()
+  assert not (tmp_path / "new").exists()
 
 
 def test_a_missing_workdir_gives_one_line():
