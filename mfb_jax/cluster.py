@@ -5,6 +5,7 @@ and leaving the cluster.
 Like runtime.py, nothing heavy is imported at import time.
 """
 
+import collections
 import contextlib
 import os
 import sys
@@ -191,7 +192,9 @@ def check_port_free(address: str, port: int) -> None:
 def check_same_config(config) -> None:
   """Raises ConfigError on every process of a multi-process run whose processes were given
   different configs (a batch size or a model on one command line only): they trained on with
-  unequal batches, or crashed in a collective without a word on why. Data paths may differ."""
+  unequal batches, or crashed in a collective without a word on why. Data paths may differ.
+  Also where the processes have different numbers of devices (the gathers fail on it with
+  "cannot reshape array of size 5 into shape (2,2)")."""
 
   import jax
   import numpy as np
@@ -202,6 +205,14 @@ def check_same_config(config) -> None:
 
   if jax.process_count() == 1:
     return
+  # Read from the global device list, with no collective: the gathers below assume it.
+  devices = collections.Counter(d.process_index for d in jax.devices())
+  if len(set(devices.values())) > 1:
+    counts = ", ".join(f"{n} in process {i}" for i, n in sorted(devices.items()))
+    raise ConfigError(
+      f"the processes of this run have different numbers of devices ({counts}): every process "
+      "needs the same number (the same XLA_FLAGS, or as many visible accelerators, on each host)"
+    )
   leaves = sorted(workdir_files.flat_hparams(config).items())
   leaves = [(k, v) for k, v in leaves if not k.endswith(("_pattern", "vocabulary"))]
   digest = lambda text: workdir_files.digest(text.encode())

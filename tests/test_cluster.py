@@ -130,3 +130,22 @@ def test_a_host_identity_is_its_boot_its_name_and_its_cgroup(monkeypatch, tmp_pa
   assert cluster.host_identity() == f"1234-abcd/{socket.gethostname()}/0::/job/42"
   monkeypatch.setattr(cluster, "_BOOT_ID", str(tmp_path / "none"))
   assert cluster.host_identity() == f"/{socket.gethostname()}/0::/job/42"
+
+
+def test_processes_with_different_numbers_of_devices_are_named(monkeypatch):
+  # Hosts of different sizes (or XLA_FLAGS on one only) stopped with "error: cannot reshape
+  # array of size 5 into shape (2,2)" from the config check's gather, on both processes.
+  import types
+
+  import jax
+
+  devices = [types.SimpleNamespace(process_index=i) for i in (0, 0, 1, 1, 1)]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "devices", lambda: devices)
+  with pytest.raises(ConfigError) as raised:
+    cluster.check_same_config(config=None)  # Checked before the config is read.
+  assert str(raised.value) == (
+    "the processes of this run have different numbers of devices (2 in process 0, 3 in process "
+    "1): every process needs the same number (the same XLA_FLAGS, or as many visible "
+    "accelerators, on each host)"
+  )
