@@ -36,13 +36,16 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _brief(error: Exception) -> str:
-  """An orbax/tensorstore error's first line without the store spec it quotes."""
+  """An orbax/tensorstore error's first line without the store spec it quotes, after the
+  system's reason where there is one (a long line is cut, and the reason may be at its end)."""
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   for tail in (" [tensorstore_spec=", " See full TensorStore details"):
     text = text.split(tail)[0]
   if "Unable to retrieve default item" in text:  # orbax's words for a step without its item.
     text = "its 'default' item is missing"
-  return text if len(text) <= 400 else text[:400] + "..."
+  text = text if len(text) <= 300 else text[:300] + "..."
+  reason = workdir_files.failure_reason(error)
+  return f"{reason}: {text}" if reason and reason not in text else text
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -167,11 +170,26 @@ class Checkpointer:
     with self._save_errors():
       self._manager.wait_until_finished()
 
-  def close(self) -> None:
+  def close(self, quietly: bool = False) -> None:
+    """Waits for the last save and stops orbax's threads. quietly: an error is already on its
+    way out, and a failure here (orbax raises the failed save's error again) is only logged, so
+    that it does not take that error's place."""
     try:
-      self.wait()
-    finally:
-      self._manager.close()
+      with self._save_errors():
+        try:
+          self._manager.wait_until_finished()
+        finally:
+          self._manager.close()
+    except CheckpointError as e:
+      if not quietly:
+        raise
+      logging.error("%s", e)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, error_type, *_) -> None:
+    self.close(quietly=error_type is not None)
 
   @contextlib.contextmanager
   def _save_errors(self):

@@ -257,11 +257,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   model, tx = train_lib.build(config)
   abstract = train_lib.abstract_state(config, model, tx, mesh)
   errors.agreed(lambda: memory.check_state_and_inputs(config, abstract, "eval"))
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  try:
+  # Closed after a failed restore too: no orbax thread left to print tracebacks at exit.
+  with checkpoint_lib.Checkpointer(workdir) as checkpointer:
     state = checkpointer.restore(abstract)
-  finally:  # Also after a failed restore: no orbax thread left to print tracebacks at exit.
-    checkpointer.close()
   return mesh, model, abstract, state
 
 

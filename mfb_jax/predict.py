@@ -44,8 +44,9 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
 
   Each process writes its videos to a part file of this run's own (a second predict run on the
   workdir writes others), merged by process 0. A failed, stopped or empty pass leaves no part
-  file of its process, and an earlier predictions.csv as it was; a pass that replaces it removes
-  the earlier predictions_named.csv first (run_predict writes this pass's)."""
+  file of its process, and earlier predictions.csv and predictions_named.csv as they were; a
+  pass that replaces predictions.csv removes the earlier named file (run_predict writes this
+  pass's)."""
   token = _run_token()
   part = _part_path(workdir, token, jax.process_index())
   path = os.path.join(workdir, PREDICTIONS_FILE)
@@ -57,11 +58,8 @@ def predict_split(config, state, predict_fn, mesh, pattern: str, workdir: str) -
       raise DataError(f"no videos to predict: the files matching {pattern!r} hold no records")
     multihost_utils.sync_global_devices("predictions written")
     if jax.process_index() == 0:
-      # The named file reads the CSV it came from: none is better than one naming older rows.
-      named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
-      if tf.io.gfile.exists(named):
-        tf.io.gfile.remove(named)
-      _merge_parts(path, [_part_path(workdir, token, i) for i in range(jax.process_count())])
+      parts = [_part_path(workdir, token, i) for i in range(jax.process_count())]
+      _merge_parts(path, parts, os.path.join(workdir, NAMED_PREDICTIONS_FILE))
     multihost_utils.sync_global_devices("predictions merged")
   except BaseException:  # A signal too (errors.Interrupted).
     with contextlib.suppress(Exception):
@@ -115,12 +113,18 @@ def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int
   return written
 
 
-def _merge_parts(path: str, parts: list[str]) -> None:
-  """PATH from the processes' part files under one header (then removed)."""
+def _merge_parts(path: str, parts: list[str], named: str) -> None:
+  """PATH from the processes' part files under one header (then removed). The earlier named
+  file is removed once the new rows are written, before they replace PATH: it names the CSV it
+  came from, and none is better than one naming older rows; a merge that fails (a full disk)
+  leaves both as they were."""
   with workdir_files.atomic_file(path) as out:
     out.write("VideoId,LabelConfidencePairs\n")
     for part in parts:
       with tf.io.gfile.GFile(part) as f:
         out.write(f.read())
+    out.flush()  # A full disk fails here, before anything is removed.
+    if tf.io.gfile.exists(named):
+      tf.io.gfile.remove(named)
   for part in parts:
     tf.io.gfile.remove(part)

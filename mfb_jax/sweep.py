@@ -13,6 +13,7 @@ code is then 1. After every cell DIR/results.md, DIR/results.json and DIR/gap_cu
 rewritten (mfb_jax/sweep_report.py).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -87,37 +88,61 @@ class StopFlag:
 
 def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: StopFlag):
   """Runs launch.py ARGS, streaming progress lines; returns (exit code, error line or '')."""
-  os.makedirs(os.path.dirname(log_path), exist_ok=True)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env[runtime.STOP_WITH_ENV] = str(os.getpid())  # The cell stops if the sweep dies (kill -9).
-  error, last = "", ""
-  with open(log_path, "a") as log:
-    log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
-    log.flush()
-    # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
-    process = subprocess.Popen(
-      args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-    )
-    stop.child = process
-    for line in process.stdout:
-      log.write(line)
-      text = _ABSL_PREFIX.sub("", line.rstrip())
-      if not text.strip():
-        continue
-      last = text
-      if text.startswith("error:"):
-        error = text
-      if verbose or _PROGRESS.search(text):
-        print(f"  {prefix} {text}", flush=True)
-    code = process.wait()
+  error, last, process, log = "", "", None, None
+  try:
+    with _log_errors(log_path):
+      os.makedirs(os.path.dirname(log_path), exist_ok=True)
+      log = open(log_path, "a")  # noqa: SIM115 - closed below, after the cell has stopped.
+      log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
+      log.flush()
+      # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
+      process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+      )
+      stop.child = process
+      for line in process.stdout:
+        log.write(line)
+        text = _ABSL_PREFIX.sub("", line.rstrip())
+        if not text.strip():
+          continue
+        last = text
+        if text.startswith("error:"):
+          error = text
+        if verbose or _PROGRESS.search(text):
+          print(f"  {prefix} {text}", flush=True)
+      code = process.wait()
+      log.close()
+  finally:
+    if process is not None and process.poll() is None:  # The log failed: stop the cell.
+      process.terminate()
+      for _ in process.stdout:  # Read on, so that it never waits on a full pipe.
+        pass
+      process.wait()
     stop.child = None
+    if log is not None and not log.closed:
+      with contextlib.suppress(OSError):  # The error on its way names the log already.
+        log.close()
   if code < 0 and not error:  # No line of its own: the OOM killer's SIGKILL, for one.
     error = f"launch.py was killed by {signals.name(-code)}"
     error += f"; its last line: {last}" if last else ""
   elif code != 0 and not error:
     error = last or f"launch.py exited with code {code}"
   return code, error
+
+
+@contextlib.contextmanager
+def _log_errors(log_path: str):
+  """A cell log that cannot be written (a full disk) as WorkdirError naming it; the cell, whose
+  output has nowhere to go, is stopped (SIGTERM: it saves a checkpoint if it can)."""
+  try:
+    yield
+  except OSError as e:
+    from mfb_jax import workdir_files  # Deferred: imports JAX.
+
+    raise workdir_files.write_error(log_path, e) from e
 
 
 def _eta(durations: list[float], remaining: int) -> str:
@@ -247,10 +272,15 @@ def main(argv) -> None:
   except (UserError, ValueError) as e:  # Bad flags or config: one line, before any training.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  sweep.record_run()
   stop = StopFlag()
-  stop.install()
-  sys.exit(run_sweep(sweep, stop))
+  try:
+    sweep.record_run()
+    stop.install()
+    code = run_sweep(sweep, stop)
+  except UserError as e:  # The sweep's own files (a full disk): one line; cells keep theirs.
+    print(f"error: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(2)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -239,8 +239,15 @@ class Sweep:
     return meta
 
   def record_run(self) -> None:
-    """Appends this invocation to DIR/sweep_runs.jsonl (results.md lists every run)."""
-    os.makedirs(self.workdir, exist_ok=True)
+    """Appends this invocation to DIR/sweep_runs.jsonl (results.md lists every run); a line an
+    earlier run left cut short (a full disk, a kill) stays alone on its line."""
+    from mfb_jax import workdir_files  # Deferred: imports JAX.
+
+    path = os.path.join(self.workdir, RUNS_FILE)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+    except OSError as e:
+      raise workdir_files.write_error(path, e) from e
     cells = [f"{a},{f}" for a, f in self.cells]
-    with open(os.path.join(self.workdir, RUNS_FILE), "a") as f:
-      f.write(json.dumps({"date": self.date, "command": self.command, "cells": cells}) + "\n")
+    run = {"date": self.date, "command": self.command, "cells": cells}
+    workdir_files.append_line(path, json.dumps(run))

@@ -1,5 +1,6 @@
 """A sweep's results: reading cell workdirs, results.md (ours beside the paper) and GAP curves."""
 
+import contextlib
 import json
 import os
 
@@ -237,8 +238,12 @@ def _runs(workdir: str) -> list[dict]:
   path = os.path.join(workdir, sweep_config.RUNS_FILE)
   if not os.path.exists(path):
     return []
+  runs = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      with contextlib.suppress(ValueError):  # A line cut short by a full disk or a kill.
+        runs.append(json.loads(line))
+  return [run for run in runs if isinstance(run, dict)]
 
 
 def write_report(sweep, outcomes: dict) -> list[str]:
@@ -251,11 +256,28 @@ def write_report(sweep, outcomes: dict) -> list[str]:
     ("results.json", json.dumps({"meta": meta, "cells": rows}, indent=1)),
   ):
     path = os.path.join(sweep.workdir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+    with _write_errors(path):
+      try:
+        with open(path + ".tmp", "w") as f:
+          f.write(text)
+        os.replace(path + ".tmp", path)
+      finally:
+        with contextlib.suppress(OSError):
+          os.remove(path + ".tmp")
     paths.append(path)
-  return paths + sweep_plots.plot_curves(rows, sweep.workdir)
+  with _write_errors(os.path.join(sweep.workdir, "gap_curves_*.png")):
+    return paths + sweep_plots.plot_curves(rows, sweep.workdir)
+
+
+@contextlib.contextmanager
+def _write_errors(path: str):
+  """A failed write (a full disk) as WorkdirError, one line naming PATH."""
+  try:
+    yield
+  except OSError as e:
+    from mfb_jax import workdir_files  # Deferred: imports JAX.
+
+    raise workdir_files.write_error(path, e) from e
 
 
 def summary_lines(sweep, outcomes: dict) -> str:

@@ -24,6 +24,7 @@ in kinds decided by different evidence, so that the paper's comparisons mean som
 Most label ids never occur (like the rare classes of the real 3862), about 3 labels per video.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -140,12 +141,21 @@ def write_split(
   for path, first, end in zip(paths, bounds[:-1], bounds[1:], strict=True):
     # Written under a hidden name and renamed when complete: no glob sees a half-written shard.
     tmp_path = os.path.join(output_dir, f".{os.path.basename(path)}.tmp")
-    with tf.io.TFRecordWriter(tmp_path) as writer:
-      for index in range(first, end):
-        video = generate_video(world, video_rng(seed, split, index), *frames)
-        total_frames += len(video.rgb)
-        writer.write(serialize(video_id(split, index), video))
-    os.replace(tmp_path, path)
+    try:
+      with tf.io.TFRecordWriter(tmp_path) as writer:
+        for index in range(first, end):
+          video = generate_video(world, video_rng(seed, split, index), *frames)
+          total_frames += len(video.rgb)
+          writer.write(serialize(video_id(split, index), video))
+      os.replace(tmp_path, path)
+    except BaseException as e:  # A full disk, Ctrl-C: no hidden half-written shard stays.
+      with contextlib.suppress(OSError):
+        os.remove(tmp_path)
+      if isinstance(e, OSError | tf.errors.OpError):
+        from mfb_jax import workdir_files  # Deferred: imports JAX.
+
+        raise workdir_files.write_error(path, e) from e
+      raise
     elapsed = time.perf_counter() - start_time
     print(
       f"wrote {path} ({end - first} videos)  {split}: {end}/{num_videos} videos, "

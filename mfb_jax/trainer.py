@@ -20,7 +20,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from mfb_jax import checkpoint as checkpoint_lib
@@ -28,6 +27,7 @@ from mfb_jax import (
   config_checks,
   errors,
   evaluate,
+  event_writer,
   input_files,
   input_pipeline,
   memory,
@@ -158,7 +158,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
   model, tx = train_lib.build(config)
   state_shapes = train_lib.abstract_state(config, model, tx, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints, writer=True)
-  cleanup.callback(checkpointer.close)
+  cleanup.enter_context(checkpointer)
   # Before anything in the workdir is touched; if any process fails them, all stop.
   resuming = checkpointer.latest_step() is not None
   init = None if resuming else train_lib.state_initializer(config, model, tx, mesh)
@@ -177,7 +177,7 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     jax.process_count(),
     len(train_files.paths),
   )
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = event_writer.EventWriter(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(workdir_files.flat_hparams(config))
 
@@ -287,6 +287,5 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
     checkpointer.wait()
 
   signals.work_done()  # Saved and evaluated: a signal from here on is ignored (exit code 0).
-  writer.flush()
   writer.close()
   return result

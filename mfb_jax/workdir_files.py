@@ -3,10 +3,12 @@ writers that eval and predict use for theirs, and the lock that keeps a second t
 of a workdir in use. A workdir may be local or any tf.io.gfile URL (gs://bucket/run)."""
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -101,9 +103,13 @@ class TrainingLock:
       return None
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     self._written = f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, self._written, 0)
-    os.fsync(fd)  # Other hosts read it (_unshared) while this process keeps it open.
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, self._written, 0)
+      os.fsync(fd)  # Other hosts read it (_unshared) while this process keeps it open.
+    except OSError as e:  # A full disk: the empty file the start-up probe made still fitted.
+      os.close(fd)
+      return f"cannot write to {self.workdir} ({e.strerror}): training saves there"
     self._fd = fd
     return None
 
@@ -205,11 +211,39 @@ def atomic_file(path: str):
 
 
 def write_error(path: str, e: Exception) -> WorkdirError:
-  reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
+  reason = failure_reason(e) or str(e).split(";")[-1].strip()
   return WorkdirError(
-    f"writing {path} failed ({reason.split(';')[-1].strip()}: a directory or a read-only file "
-    "in its place, or a full disk?)"
+    f"writing {path} failed ({reason}: a directory or a read-only file in its place, or a full "
+    "disk?)"
   )
+
+
+# The system's reasons a write fails, as TensorFlow's messages quote them.
+_REASONS = [
+  os.strerror(code)
+  for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+]
+
+
+def failure_reason(error: BaseException | None) -> str | None:
+  """The system's reason for a failed write ('No space left on device'), from the first OSError,
+  TensorFlow error or tensorstore error code in the error's chain of causes; None if none."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    message = getattr(error, "message", None)  # tf.errors.OpError: "PATH; REASON".
+    if isinstance(message, str) and type(error).__module__.startswith("tensorflow"):
+      known = [reason for reason in _REASONS if reason in message]  # Some add more after it.
+      # Eager ops wrap it as "{{function_node NAME}} PATH; REASON [Op:NAME] name:".
+      message = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", message)
+      return known[0] if known else message.split(";")[-1].strip()
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+      return os.strerror(int(code.group(1)))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def write_text(path: str, text: str) -> None:
@@ -222,9 +256,7 @@ def append_line(path: str, line: str) -> None:
   """Appends `line` and a newline to a small file, after a newline if the file's last line was
   cut short (a kill mid-write), so that line alone is lost. Object stores cannot append: there
   the file is read and rewritten."""
-  import tensorflow as tf  # Deferred, as in check_workdir.
-
-  if not is_url(path):
+  if not is_url(path):  # No TensorFlow for a local file (the sweep's process has none).
     try:
       with open(path, "ab+") as f:
         size = f.seek(0, os.SEEK_END)
@@ -233,6 +265,8 @@ def append_line(path: str, line: str) -> None:
     except OSError as e:
       raise write_error(path, e) from e
     return
+  import tensorflow as tf  # Deferred, as in check_workdir.
+
   old = tf.io.gfile.GFile(path).read() if tf.io.gfile.exists(path) else ""
   write_text(path, old + ("\n" if old and not old.endswith("\n") else "") + line + "\n")
 

@@ -1,11 +1,12 @@
 """--mode=predict's CSV, in-process on the tiny trained workdir: whole, or not there at all."""
 
+import contextlib
 import re
 import signal
 
 import pytest
 
-from mfb_jax import predict
+from mfb_jax import predict, workdir_files
 from mfb_jax.errors import Interrupted, WorkdirError
 
 HEADER = "VideoId,LabelConfidencePairs"
@@ -48,7 +49,7 @@ def test_a_signal_while_merging_leaves_no_part_and_the_earlier_csv(
   predict.run_predict(tiny_config, str(trained_workdir))
   earlier = (trained_workdir / predict.PREDICTIONS_FILE).read_text()
 
-  def signalled(path, parts):
+  def signalled(path, parts, named):
     assert all((trained_workdir / part).exists() for part in parts)
     raise Interrupted(signal.SIGTERM)
 
@@ -87,4 +88,36 @@ def test_a_full_disk_is_one_line_naming_the_part_file(tiny_config, trained_workd
     r"left on device: a directory or a read-only file in its place, or a full disk\?\)",
     str(raised.value),
   )
+  assert _leftovers(trained_workdir) == []
+
+
+def test_a_full_disk_while_merging_keeps_both_earlier_files(
+  tiny_config, trained_workdir, monkeypatch
+):
+  # The earlier predictions_named.csv was removed before the merge, which then failed: lost.
+  import tensorflow as tf
+
+  predict.run_predict(tiny_config, str(trained_workdir))
+  named = trained_workdir / predict.NAMED_PREDICTIONS_FILE
+  named.write_text("VideoId,Labels\nv,music (0.900)\n")
+  earlier = (trained_workdir / predict.PREDICTIONS_FILE).read_text()
+  real = workdir_files.atomic_file
+
+  @contextlib.contextmanager
+  def full_disk(path):
+    with real(path) as f:
+
+      class Full:
+        write = f.write
+
+        def flush(self):
+          raise tf.errors.ResourceExhaustedError(None, None, f"{f.name}; No space left on device")
+
+      yield Full()
+
+  monkeypatch.setattr(predict.workdir_files, "atomic_file", full_disk)
+  with pytest.raises(WorkdirError, match=r"predictions\.csv failed \(No space left on device"):
+    predict.run_predict(tiny_config, str(trained_workdir))
+  assert (trained_workdir / predict.PREDICTIONS_FILE).read_text() == earlier
+  assert named.read_text() == "VideoId,Labels\nv,music (0.900)\n"
   assert _leftovers(trained_workdir) == []

@@ -13,7 +13,7 @@ from conftest import PYTHON, REPO, last_line, run_python, write_synthetic
 from sweep_fakes import TINY, fake_result, sweep_flags, table_row
 
 from mfb_jax import sweep, sweep_config
-from mfb_jax.errors import ConfigError
+from mfb_jax.errors import ConfigError, WorkdirError
 
 
 def test_a_config_files_own_error_is_one_line_naming_it(tmp_path):
@@ -186,6 +186,23 @@ def test_ctrl_c_while_the_sweep_starts_is_one_line(tmp_path):
   assert process.returncode == 130, err[-2000:]
   assert "Traceback" not in err
   assert last_line(err).startswith("error: stopped by SIGINT")
+
+
+def test_files_the_sweep_cannot_write_are_one_line(tmp_path):
+  # A full disk or a read-only folder: tracebacks and exit 1, from the run record, a cell's log
+  # or the report.
+  with pytest.raises(WorkdirError, match=r"^writing /dev/full failed \(No space left on device"):
+    sweep.run_cell([PYTHON, "-c", "print(1)"], "/dev/full", "[a,b]", False, sweep.StopFlag())
+  flags = sweep_flags(tmp_path)
+  (tmp_path / "sweep" / sweep_config.RUNS_FILE).mkdir(parents=True)
+  args = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in vars(flags).items()]
+  args = [a for a in args if not a.startswith(("--eval_every=", "--verbose="))]
+  result = run_python(["-m", "mfb_jax.sweep", *args])
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert last_line(result.stderr).startswith(
+    f"error: writing {tmp_path}/sweep/{sweep_config.RUNS_FILE} failed (Is a directory: "
+  )
+  assert last_line(result.stderr).endswith("; rerun the same command to resume")
 
 
 def test_stop_flag_forwards_sigterm_to_the_running_cell():

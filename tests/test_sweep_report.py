@@ -4,9 +4,11 @@ import json
 import os
 
 import matplotlib.image
+import pytest
 from sweep_fakes import fake_result, sweep_flags, table_row
 
 from mfb_jax import sweep_config, sweep_plots, sweep_report
+from mfb_jax.errors import WorkdirError
 
 
 def _fake_row(agg, fusion, status, gap=None, step=100, error="", history=()) -> dict:
@@ -139,3 +141,32 @@ def test_plots_of_fake_histories(tmp_path):
   both = matplotlib.image.imread(tmp_path / "gap_curves.png")
   assert single.ndim == 3 and single.shape[2] in (3, 4) and single.shape[0] > 100
   assert both.shape[1] > single.shape[1]  # Two panels side by side.
+
+
+def test_a_cut_run_line_is_skipped_and_a_report_that_cannot_be_written_is_one_line(tmp_path):
+  # A full disk cut sweep_runs.jsonl's last line short: every later sweep in that directory
+  # then ended with a JSONDecodeError traceback, even after space was freed.
+  sweep = sweep_config.Sweep.from_flags(sweep_flags(tmp_path), "python -m mfb_jax.sweep ...")
+  runs = tmp_path / "sweep" / sweep_config.RUNS_FILE
+  runs.parent.mkdir()
+  runs.write_text('{"date": "2026-12-01", "command": "first", "cells": []}\n{"date": "2026-1')
+  sweep.record_run()
+  assert runs.read_text().splitlines()[1:] == [
+    '{"date": "2026-1',
+    json.dumps({"date": sweep.date, "command": sweep.command, "cells": sweep_cells(sweep)}),
+  ]
+  assert [run["command"] for run in sweep_report._runs(sweep.workdir)] == ["first", sweep.command]
+  sweep_report.write_report(sweep, {})
+  (tmp_path / "sweep" / "results.json").unlink()
+  (tmp_path / "sweep" / "results.json").mkdir()  # Cannot be replaced: as a full disk, one line.
+  with pytest.raises(WorkdirError, match=rf"^writing {tmp_path}/sweep/results.json failed \("):
+    sweep_report.write_report(sweep, {})
+  assert sorted(os.listdir(tmp_path / "sweep")) == [
+    "results.json",
+    "results.md",
+    "sweep_runs.jsonl",
+  ]
+
+
+def sweep_cells(sweep) -> list[str]:
+  return [f"{agg},{fusion}" for agg, fusion in sweep.cells]

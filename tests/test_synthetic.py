@@ -238,3 +238,20 @@ def test_bad_flag_is_one_line_and_nonzero_exit(tmp_path, bad, expected):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
   assert not list(tmp_path.glob("*.tfrecord"))
+
+
+def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_no_hidden_file(tmp_path):
+  # A full disk: a TensorFlow traceback (exit 1), and the hidden .tmp shard left behind.
+  out = tmp_path / "d"
+  (out / "train-00001-of-00002.tfrecord").mkdir(parents=True)  # Cannot be replaced.
+  flags = ["--num_train=4", "--num_eval=0", "--num_shards=2", "--min_frames=2", "--max_frames=3"]
+  result = _synthetic_cli(f"--output_dir={out}", *flags)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+    f"error: writing {out}/train-00001-of-00002.tfrecord failed (Is a directory: "
+  )
+  assert sorted(p.name for p in out.iterdir()) == [
+    "train-00000-of-00002.tfrecord",
+    "train-00001-of-00002.tfrecord",
+  ]

@@ -118,7 +118,7 @@ def test_url_workdir_files_go_through_gfile(tmp_path, monkeypatch):
   for part, row in zip(parts, ["v1,3 0.900000 1 0.100000\n", "v2,2 0.500000\n"], strict=True):
     with tf.io.gfile.GFile(part, "w") as f:
       f.write(row)
-  predict._merge_parts(path, parts)
+  predict._merge_parts(path, parts, f"{workdir}/predictions_named.csv")
   assert tf.io.gfile.GFile(path).read() == (
     "VideoId,LabelConfidencePairs\nv1,3 0.900000 1 0.100000\nv2,2 0.500000\n"
   )
@@ -213,6 +213,37 @@ def test_a_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, m
   monkeypatch.undo()
   assert saver.all_steps() == [1]
   saver.close()
+
+
+def test_a_failed_save_names_the_reason_and_closing_keeps_its_line(tmp_path, monkeypatch):
+  """tensorstore's lines put the reason last, past the 400 characters kept; and orbax's close()
+  raised the failed save's error again, a raw ValueError that took the one line's place."""
+  import jax.numpy as jnp
+
+  saver = checkpoint.Checkpointer(str(tmp_path), writer=True)
+  saver.save({"w": jnp.zeros(2)}, 1)
+  saver.wait()
+  long_path = "/".join(["a-long-folder-name"] * 30)
+  text = f'RESOURCE_EXHAUSTED: Error writing local file "{long_path}": [OS error {{}}'
+  full = ValueError(text + " No space left on device [os_error_code='28']")
+
+  def disk_full(*args, **kwargs):
+    raise full
+
+  monkeypatch.setattr(saver._manager, "save", disk_full)
+  monkeypatch.setattr(saver._manager, "wait_until_finished", disk_full)
+  close = saver._manager.close
+  monkeypatch.setattr(saver._manager, "close", lambda: (close(), disk_full()))
+  with pytest.raises(checkpoint.CheckpointError) as info, saver:
+    saver.save({"w": jnp.ones(2)}, 2)
+  message = str(info.value)
+  assert message.startswith(
+    f"saving a checkpoint in {tmp_path}/checkpoints failed (No space left on device: "
+    "RESOURCE_EXHAUSTED: Error writing local file"
+  )
+  assert message.endswith("...); the checkpoints saved before it are intact") and len(message) < 500
+  with pytest.raises(checkpoint.CheckpointError, match=r"failed \(No space left on device: "):
+    saver.close()  # Not quietly: raised, as a CheckpointError.
 
 
 def test_two_writers_of_one_file_do_not_mix(tmp_path):
