@@ -199,7 +199,10 @@ class Checkpointer:
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - orbax raises ValueError, OSError, RuntimeError...
+      earlier = "none was saved before it"
+      with contextlib.suppress(Exception):
+        if self._manager.all_steps(read=True):  # From the disk: finished saves only.
+          earlier = "the checkpoints saved before it are intact"
       raise CheckpointError(
-        f"saving a checkpoint in {self.directory} failed ({_brief(e)}); the checkpoints saved "
-        "before it are intact"
+        f"saving a checkpoint in {self.directory} failed ({_brief(e)}); {earlier}"
       ) from e

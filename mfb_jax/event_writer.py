@@ -44,7 +44,4 @@ class EventWriter:
       reason = workdir_files.failure_reason(e)
       if reason is None:
         raise
-      raise WorkdirError(
-        f"writing TensorBoard events in {self._workdir} failed ({reason}); the checkpoints "
-        "saved before it are intact"
-      ) from e
+      raise WorkdirError(f"writing TensorBoard events in {self._workdir} failed ({reason})") from e

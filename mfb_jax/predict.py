@@ -118,13 +118,15 @@ def _merge_parts(path: str, parts: list[str], named: str) -> None:
   file is removed once the new rows are written, before they replace PATH: it names the CSV it
   came from, and none is better than one naming older rows; a merge that fails (a full disk)
   leaves both as they were."""
-  with workdir_files.atomic_file(path) as out:
+
+  def remove_named():  # Once the new rows are written and closed: a full disk has failed.
+    if tf.io.gfile.exists(named):
+      tf.io.gfile.remove(named)
+
+  with workdir_files.atomic_file(path, before_rename=remove_named) as out:
     out.write("VideoId,LabelConfidencePairs\n")
     for part in parts:
       with tf.io.gfile.GFile(part) as f:
         out.write(f.read())
-    out.flush()  # A full disk fails here, before anything is removed.
-    if tf.io.gfile.exists(named):
-      tf.io.gfile.remove(named)
   for part in parts:
     tf.io.gfile.remove(part)

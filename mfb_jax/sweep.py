@@ -98,25 +98,27 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
       log = open(log_path, "a")  # noqa: SIM115 - closed below, after the cell has stopped.
       log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
       log.flush()
-      # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
-      process = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-      )
-      stop.child = process
-      for line in process.stdout:
+    # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
+    process = subprocess.Popen(
+      args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+    )
+    stop.child = process
+    for line in process.stdout:
+      with _log_errors(log_path):
         log.write(line)
-        text = _ABSL_PREFIX.sub("", line.rstrip())
-        if not text.strip():
-          continue
-        last = text
-        if text.startswith("error:"):
-          error = text
-        if verbose or _PROGRESS.search(text):
-          print(f"  {prefix} {text}", flush=True)
-      code = process.wait()
+      text = _ABSL_PREFIX.sub("", line.rstrip())
+      if not text.strip():
+        continue
+      last = text
+      if text.startswith("error:"):
+        error = text
+      if verbose or _PROGRESS.search(text):
+        print(f"  {prefix} {text}", flush=True)
+    code = process.wait()
+    with _log_errors(log_path):
       log.close()
   finally:
-    if process is not None and process.poll() is None:  # The log failed: stop the cell.
+    if process is not None and process.poll() is None:  # Its log failed (or a signal): stop it.
       process.terminate()
       for _ in process.stdout:  # Read on, so that it never waits on a full pipe.
         pass

@@ -1,5 +1,6 @@
 """GAP against training steps, one line per fusion, like the paper's Fig. 3 (PNG, no display)."""
 
+import contextlib
 import os
 
 import matplotlib
@@ -40,10 +41,15 @@ def _draw(ax, agg: str, rows: list[dict], with_paper: bool) -> None:
 
 
 def _save(fig, path: str) -> str:
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=110)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  """Writes PATH whole or not at all (a full disk leaves no temporary file)."""
+  try:
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+  finally:
+    plt.close(fig)
+    with contextlib.suppress(OSError):
+      os.remove(path + ".tmp.png")
   return path
 
 

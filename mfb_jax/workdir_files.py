@@ -184,28 +184,34 @@ def is_url(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str):
+def atomic_file(path: str, before_rename=None):
   """A file opened for writing that appears at PATH whole or not at all: written to
   PATH.<pid>-<random>.tmp, then renamed (atomic on local file systems). On any failure (a full
   disk, a signal) PATH is as it was and no .tmp file is left. The name is the writer's own: an
   evaluation run beside training writes eval_results.json too, and with one shared PATH.tmp
-  the two writes could mix, or the second rename find no file."""
+  the two writes could mix, or the second rename find no file. before_rename: called once the
+  file is written and closed (a full disk has failed by then), before it replaces PATH."""
   import tensorflow as tf  # Deferred, as in check_workdir.
 
   tf.io.gfile.makedirs(os.path.dirname(path) or ".")
   tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-  in_body = False
+  stage = "open"
   try:
     with tf.io.gfile.GFile(tmp, "w") as f:
-      in_body = True
+      stage = "body"
       yield f
-      in_body = False
+      stage = "close"
+    stage = "before_rename"
+    if before_rename is not None:
+      before_rename()
+    stage = "rename"
     tf.io.gfile.rename(tmp, path, overwrite=True)
   except BaseException as e:
     with contextlib.suppress(Exception):
       tf.io.gfile.remove(tmp)
     # Writing, closing or renaming the file failed (not the caller's own code): name PATH.
-    if isinstance(e, tf.errors.OpError | OSError) and (not in_body or tmp in str(e)):
+    ours = stage in ("open", "close", "rename") or (stage == "body" and tmp in str(e))
+    if isinstance(e, tf.errors.OpError | OSError) and ours:
       raise write_error(path, e) from e
     raise
 
@@ -225,9 +231,22 @@ _REASONS = [
 ]
 
 
+# TensorFlow's errors for a file it could not write (others, an OOM's or a bad argument's, are
+# not the file system's); a ResourceExhaustedError only with a reason above.
+_IO_ERRORS = (
+  "PermissionDeniedError",
+  "NotFoundError",
+  "FailedPreconditionError",
+  "UnavailableError",
+  "DataLossError",
+  "AlreadyExistsError",
+)
+
+
 def failure_reason(error: BaseException | None) -> str | None:
   """The system's reason for a failed write ('No space left on device'), from the first OSError,
-  TensorFlow error or tensorstore error code in the error's chain of causes; None if none."""
+  TensorFlow file error or tensorstore error code in the error's chain of causes (`raise ...
+  from`); None if none."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -235,14 +254,19 @@ def failure_reason(error: BaseException | None) -> str | None:
       return error.strerror
     message = getattr(error, "message", None)  # tf.errors.OpError: "PATH; REASON".
     if isinstance(message, str) and type(error).__module__.startswith("tensorflow"):
-      known = [reason for reason in _REASONS if reason in message]  # Some add more after it.
-      # Eager ops wrap it as "{{function_node NAME}} PATH; REASON [Op:NAME] name:".
-      message = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", message)
-      return known[0] if known else message.split(";")[-1].strip()
+      known = [reason for reason in _REASONS if reason in message]
+      if known:
+        return known[0]
+      if type(error).__name__ in _IO_ERRORS:
+        # Eager ops wrap it as "{{function_node NAME}} PATH; REASON [Op:NAME] name:", and some
+        # add lines after it.
+        first = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", message.split("\n")[0])
+        return first.split(";")[-1].strip()
+      return None
     code = re.search(r"os_error_code='?(\d+)", str(error))
     if code:
       return os.strerror(int(code.group(1)))
-    error = error.__cause__ or error.__context__
+    error = error.__cause__  # Not __context__: an error met while handling another is not it.
   return None
 
 

@@ -28,8 +28,7 @@ def test_a_write_that_fails_in_the_background_names_the_reason(tmp_path, monkeyp
   with pytest.raises(WorkdirError) as raised:
     writer.write_scalars(2, {"train/loss": 1.0})
   assert str(raised.value) == (
-    f"writing TensorBoard events in {tmp_path} failed (No space left on device); the "
-    "checkpoints saved before it are intact"
+    f"writing TensorBoard events in {tmp_path} failed (No space left on device)"
   )
   monkeypatch.undo()
   writer.close()
@@ -40,9 +39,9 @@ def test_a_workdir_under_a_file_is_named_and_a_programming_error_passes_through(
   (tmp_path / "a-file").write_text("x")
   with pytest.raises(WorkdirError) as raised:
     event_writer.EventWriter(str(tmp_path / "a-file" / "run"), just_logging=False)
-  assert str(raised.value).startswith(
+  assert str(raised.value) == (
     f"writing TensorBoard events in {tmp_path}/a-file/run failed ({tmp_path}/a-file is not a "
-    "directory); "
+    "directory)"
   )
   writer = event_writer.EventWriter(str(tmp_path), just_logging=False)
   with pytest.raises(KeyError), writer._errors():  # Not a failed write: raised as it is.

@@ -104,14 +104,15 @@ def test_a_full_disk_while_merging_keeps_both_earlier_files(
   real = workdir_files.atomic_file
 
   @contextlib.contextmanager
-  def full_disk(path):
-    with real(path) as f:
+  def full_disk(path, **kwargs):
+    with real(path, **kwargs) as f:
 
       class Full:
-        write = f.write
-
-        def flush(self):
-          raise tf.errors.ResourceExhaustedError(None, None, f"{f.name}; No space left on device")
+        def write(self, text):  # The header fits, the rows do not.
+          if not text.startswith("VideoId,"):
+            message = f"{f.name}; No space left on device"
+            raise tf.errors.ResourceExhaustedError(None, None, message)
+          f.write(text)
 
       yield Full()
 

@@ -205,6 +205,37 @@ def test_files_the_sweep_cannot_write_are_one_line(tmp_path):
   assert last_line(result.stderr).endswith("; rerun the same command to resume")
 
 
+def test_a_cell_whose_log_fills_the_disk_is_stopped(tmp_path, monkeypatch):
+  pid_file = tmp_path / "cell.pid"
+  code = (
+    f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+    "while True: print('step', flush=True); time.sleep(0.01)"
+  )
+
+  class FullAfterThreeLines:
+    def __init__(self):
+      self.lines, self.closed = 0, False
+
+    def write(self, text):
+      self.lines += 1
+      if self.lines > 3:
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+      pass
+
+    def close(self):
+      self.closed = True
+
+  monkeypatch.setattr(sweep, "open", lambda path, mode: FullAfterThreeLines(), raising=False)
+  stop, log = sweep.StopFlag(), str(tmp_path / "logs" / "a_b.log")
+  with pytest.raises(WorkdirError, match=rf"^writing {log} failed \(No space left on device"):
+    sweep.run_cell([PYTHON, "-c", code], log, "[a,b]", False, stop)
+  with pytest.raises(ProcessLookupError):  # Stopped and reaped, not left running.
+    os.kill(int(pid_file.read_text()), 0)
+  assert stop.child is None
+
+
 def test_stop_flag_forwards_sigterm_to_the_running_cell():
   stop = sweep.StopFlag()
   stop.child = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])

@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import subprocess
@@ -275,3 +276,42 @@ def test_a_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
   with pytest.raises(tf.errors.NotFoundError), workdir_files.atomic_file(str(tmp_path / "x")):
     tf.io.gfile.GFile(str(tmp_path / "missing")).read()
   assert sorted(os.listdir(tmp_path)) == ["eval_history.jsonl", "eval_results.json"]
+
+
+def test_the_reason_of_a_failed_write_is_the_file_systems_alone():
+  reason = workdir_files.failure_reason
+  assert reason(OSError(28, "No space left on device")) == "No space left on device"
+  assert reason(ValueError("Failed writing [os_error_code='122']")) == "Disk quota exceeded"
+  flush = (
+    "{{function_node __wrapped__FlushSummaryWriter}} /w/events; No space left on device\n\tFailed"
+    " to flush 3 events to /w/events\n\tCould not flush events file. [Op:FlushSummaryWriter] name:"
+  )
+  assert reason(tf.errors.ResourceExhaustedError(None, None, flush)) == "No space left on device"
+  stale = flush.replace("No space left on device", "Stale file handle")
+  assert reason(tf.errors.UnavailableError(None, None, stale)) == "Stale file handle"
+  # Not the file system's: an OOM, a bad argument, an error met while handling a missing file.
+  oom = "OOM when allocating tensor with shape[1024,1024]"
+  assert reason(tf.errors.ResourceExhaustedError(None, None, oom)) is None
+  assert reason(tf.errors.InvalidArgumentError(None, None, "Expected scalar shape")) is None
+  try:
+    try:
+      raise FileNotFoundError(2, "No such file or directory")
+    except FileNotFoundError:
+      raise KeyError("train/loss")  # noqa: B904 - its __context__ only, as a bug's would be.
+  except KeyError as e:
+    assert reason(e) is None
+  try:
+    raise RuntimeError("Consider re-running") from OSError(30, "Read-only file system")
+  except RuntimeError as e:
+    assert reason(e) == "Read-only file system"
+
+
+def test_before_rename_runs_on_the_closed_file_and_only_if_it_was_written(tmp_path):
+  path, seen = str(tmp_path / "predictions.csv"), []
+  check = lambda: seen.append([open(p).read() for p in glob.glob(f"{path}.*.tmp")])
+  with workdir_files.atomic_file(path, before_rename=check) as f:
+    f.write("VideoId,LabelConfidencePairs\n" + "v,1 0.5\n" * 1000)
+  assert seen == [["VideoId,LabelConfidencePairs\n" + "v,1 0.5\n" * 1000]]  # Whole, not yet PATH.
+  with pytest.raises(RuntimeError), workdir_files.atomic_file(path, before_rename=check) as f:
+    raise RuntimeError("the rows could not be computed")
+  assert len(seen) == 1 and os.listdir(tmp_path) == ["predictions.csv"]
