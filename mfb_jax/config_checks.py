@@ -58,6 +58,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, field)
     if _get(config, field) >= 2**31:  # TensorFlow's shapes are int32: larger values wrap.
       raise ConfigError(f"config.{field}={_get(config, field)!r} is invalid; it must be < 2**31")
+  for field in ("train.batch_size", "eval.batch_size"):
+    if isinstance(_get(config, field), int) and _get(config, field) >= 2**31:
+      raise ConfigError(f"config.{field}={_get(config, field)!r} is invalid; it must be < 2**31")
   _positive(config, "data.shuffle_buffer")
   _positive(config, "data.prefetch_batches", 0)
   _choice(config, "model.aggregator", sorted(model_lib.AGGREGATORS))

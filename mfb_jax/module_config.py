@@ -33,11 +33,20 @@ POSITIVE_INT_FIELDS = (
 )
 
 
+# Each order of MFH is one more MFB block, built by a Python loop: a huge order would trace for
+# hours before any memory check (the MFH paper uses 2 or 3).
+MAX_ORDER = 16
+
+
 def check_value(name: str, field: str, value) -> None:
   """Rejects the values that would otherwise fail deep inside a jitted step."""
   where = f"config.model.{name}.{field}"
   if field in POSITIVE_INT_FIELDS and (not isinstance(value, int) or value < 1):
     raise ConfigError(f"{where} must be a positive integer, got {value!r}")
+  if field in POSITIVE_INT_FIELDS and value >= 2**31:  # XLA aborted the process on some.
+    raise ConfigError(f"{where}={value!r} is invalid; it must be < 2**31")
+  if field == "order" and value > MAX_ORDER:
+    raise ConfigError(f"{where}={value!r} is invalid; it must be at most {MAX_ORDER}")
   if field == "dropout" and not 0.0 <= value < 1.0:
     raise ConfigError(f"{where} must be in [0, 1), got {value!r}")
   finite = isinstance(value, int | float) and math.isfinite(value)

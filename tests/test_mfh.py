@@ -129,3 +129,14 @@ def test_mfh_order_must_be_positive():
   config.model.mfh.order = 0
   with pytest.raises(ConfigError, match="config.model.mfh.order must be a positive integer"):
     model.build_model(config)
+
+
+def test_huge_orders_and_sizes_are_refused_before_anything_is_built():
+  # order=100000 traced for hours without a word; factor=1e12 aborted the process in XLA.
+  config = paper.get_config("dbof,mfh")
+  config.model.mfh.order = 17
+  with pytest.raises(ConfigError, match=r"^config.model.mfh.order=17 is invalid; it must be at"):
+    model.build_model(config)
+  config.model.mfh.order, config.model.mfh.factor = 2, 10**12
+  with pytest.raises(ConfigError, match=r"^config.model.mfh.factor=1000000000000 is invalid; it "):
+    model.build_model(config)
