@@ -266,13 +266,15 @@ def check_state_and_inputs(
   mode: str,
   init=None,
   shuffled_record_bytes: int = 0,
+  with_eval: bool = False,
 ):
   """Refuses (ResourceError) a state and input buffers that the devices cannot hold, before they
   are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
   creates it, with its temporaries; the batches the input pipeline holds (prefetched, being
   finished, in the step) of the "train" or the "eval" (eval and predict) batch size; and, given
   the serialized size of a training record, the data.shuffle_buffer records of the shuffle
-  buffer (with tf.data's and the allocator's overhead)."""
+  buffer (with tf.data's and the allocator's overhead). with_eval: training that evaluates, whose
+  eval batches are held beside the training batches."""
   section = "train" if mode == "train" else "eval"
   local_batch = max(config[section].batch_size // jax.process_count(), 1)
   held = config.data.prefetch_batches + 2
@@ -288,6 +290,12 @@ def check_state_and_inputs(
   frames = ", data.max_frames" if config.data.format == "frame" else ""
   settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
   host_bytes = batches
+  if with_eval:
+    eval_batch = max(config.eval.batch_size // jax.process_count(), 1)
+    eval_batches = held * batch_bytes(config, eval_batch)
+    host_bytes += eval_batches
+    inputs.append(f"{held} eval batches of {eval_batch} videos ({amount(eval_batches)})")
+    settings = settings.replace("train.batch_size", "train.batch_size, eval.batch_size")
   if shuffled_record_bytes:
     buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
     host_bytes += buffer

@@ -230,6 +230,13 @@ def test_a_shuffle_buffer_beyond_the_host_stops_training_before_it_fills(
   assert not (tmp_path / "checkpoints").exists()
   tiny_config.data.shuffle_buffer = 1000  # The same host holds a buffer of usual size.
   memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", None, record)
+  # Training that evaluates holds eval batches beside its own: a huge eval batch (or frames) was
+  # found only at the first evaluation, after a checkpoint, as an exit 1 or the OOM killer.
+  tiny_config.eval.batch_size = 10_000_000
+  with pytest.raises(ResourceError) as raised:
+    memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", None, record, True)
+  assert "4 eval batches of 10000000 videos (" in str(raised.value)
+  assert "lower train.batch_size, eval.batch_size, data.max_frames or" in str(raised.value)
 
 
 def test_on_an_accelerator_the_state_and_the_host_buffers_are_refused_apart(
