@@ -17,14 +17,17 @@ NAME_COLUMNS = ("Name", "label_name")
 
 def load(path: str) -> dict[int, str]:
   """{label id: name}; ConfigError naming the file if it is missing or has neither layout."""
-  if not tf.io.gfile.exists(path):
-    raise ConfigError(f"config.predict.vocabulary: no such file {path}")
-  if tf.io.gfile.isdir(path):
-    raise ConfigError(f"config.predict.vocabulary: {path} is a directory, not a vocabulary file")
   try:
+    if not tf.io.gfile.exists(path):
+      raise ConfigError(f"config.predict.vocabulary: no such file {path}")
+    if tf.io.gfile.isdir(path):
+      raise ConfigError(f"config.predict.vocabulary: {path} is a directory, not a vocabulary file")
     return _read(path)
   except UnicodeDecodeError as e:
     raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+  except tf.errors.OpError as e:  # A URL of no file system, an unreachable bucket.
+    why = " ".join(e.message.split())
+    raise ConfigError(f"config.predict.vocabulary: cannot read {path} ({why})") from e
 
 
 def _read(path: str) -> dict[int, str]:
@@ -46,6 +49,8 @@ def _read(path: str) -> dict[int, str]:
         raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
       if label < 0:
         raise ConfigError(f"{path}: label id {label} in line {reader.line_num} is negative")
+      if row[name_col] is None:  # A row cut short: its name would read "None".
+        raise ConfigError(f"{path}: line {reader.line_num} has no {name_col} for label {label}")
       if names.get(label, row[name_col]) != row[name_col]:  # Which name won hung on the order.
         raise ConfigError(
           f"{path}: label id {label} named twice ({names[label]!r}, then {row[name_col]!r} in "

@@ -51,3 +51,15 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
   config.data.num_classes = 8  # Names beyond the model's classes (the other way round).
   with pytest.raises(ConfigError, match=r"names label id 11, but data.num_classes=8"):
     config_checks.validate(config, "predict")
+
+
+def test_a_vocabulary_row_without_a_name_or_at_an_unknown_url_is_one_line(tmp_path):
+  # The first was read as the name "None"; the second ended with exit 1 and TensorFlow's text.
+  path = tmp_path / "vocab.csv"
+  path.write_text("label_id,label_name\n0,zero\n1\n")
+  with pytest.raises(ConfigError, match=r"vocab\.csv: line 3 has no label_name for label 1$"):
+    vocabulary.load(str(path))
+  with pytest.raises(
+    ConfigError, match=r"^config.predict.vocabulary: cannot read foo://x/v.csv \("
+  ):
+    vocabulary.load("foo://x/v.csv")
