@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax.errors import WorkdirError
+from mfb_jax.errors import UserError, WorkdirError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".train.lock"
@@ -45,6 +46,7 @@ class TrainingLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
     self._written = b""  # The lock file's text (process 0; none for a URL workdir).
+    self._created = False  # Whether this run made the workdir (process 0).
 
   def __enter__(self) -> "TrainingLock":
     busy = self._take() if jax.process_index() == 0 else None
@@ -55,7 +57,7 @@ class TrainingLock:
       if busy is None:
         busy = self._unshared()
     if busy is not None:
-      self.__exit__()
+      self.__exit__(WorkdirError)
       raise WorkdirError(busy)
     return self
 
@@ -84,6 +86,7 @@ class TrainingLock:
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
     try:
+      self._created = not os.path.exists(self.workdir)
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -113,10 +116,15 @@ class TrainingLock:
     self._fd = fd
     return None
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, error_type=None, *_) -> None:
     if self._fd is not None:
       os.close(self._fd)  # Drops the lock; the file stays (deleting it would race a newcomer).
       self._fd = None
+    # A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
+    # keeping before the first checkpoint, and a new user would take it for a started run.
+    refused = error_type is not None and issubclass(error_type, UserError)
+    if refused and self._created and not os.path.exists(os.path.join(self.workdir, "checkpoints")):
+      shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def digest(text: bytes) -> np.ndarray:

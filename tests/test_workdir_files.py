@@ -315,3 +315,28 @@ def test_before_rename_runs_on_the_closed_file_and_only_if_it_was_written(tmp_pa
   with pytest.raises(RuntimeError), workdir_files.atomic_file(path, before_rename=check) as f:
     raise RuntimeError("the rows could not be computed")
   assert len(seen) == 1 and os.listdir(tmp_path) == ["predictions.csv"]
+
+
+def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
+  # A refusal after the lock (bad data found at start-up) left a new workdir holding .train.lock,
+  # config.json and an events file: a new user took it for a started run.
+  from mfb_jax.errors import DataError
+
+  fresh = tmp_path / "fresh"
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(fresh)):
+    (fresh / "config.json").write_text("{}")
+    raise DataError("none of the 16 training videos has a label")
+  assert not fresh.exists()
+  # Kept: a workdir that was there before, one with checkpoints, one a bug stopped (its logs).
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(existing)):
+    raise DataError("bad data")
+  assert os.listdir(existing) == [".train.lock"]
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(fresh)):
+    (fresh / "checkpoints").mkdir()
+    raise DataError("bad data")
+  assert sorted(os.listdir(fresh)) == [".train.lock", "checkpoints"]
+  with pytest.raises(RuntimeError), workdir_files.TrainingLock(str(tmp_path / "bug")):
+    raise RuntimeError("a bug")
+  assert (tmp_path / "bug").exists()
