@@ -210,6 +210,13 @@ def _schedule_fits(config) -> None:
 
 def _check_patterns(config, mode: str) -> None:
   data = config.data
+  for field in ("train_pattern", "eval_pattern", "predict_pattern"):
+    value = data.get(field) or ""
+    if value.strip() and not any(glob.strip() for glob in value.split(",")):
+      # "," was reported later as an empty train/eval pattern, whichever field it was.
+      raise ConfigError(
+        f"config.data.{field}={value!r} names no file: give a glob (or several, comma-separated)"
+      )
   if mode == "train" and not data.train_pattern:
     raise ConfigError("config.data.train_pattern is empty; set it to a glob of training tfrecords")
   if mode == "eval" and not data.eval_pattern:

@@ -112,6 +112,20 @@ def test_paper_argument_tolerates_spaces_and_case():
   assert (config.model.aggregator, config.model.fusion) == ("netvlad", "mfb")
 
 
+def test_a_pattern_of_commas_alone_is_named():
+  # predict_pattern="," was reported as "empty file pattern: set data.train_pattern /
+  # data.eval_pattern to a glob", naming the wrong fields.
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*", predict_pattern=",")
+  with pytest.raises(ConfigError, match=r"^config\.data\.predict_pattern=',' names no file"):
+    config_checks.validate(config, "predict")
+  config.data.predict_pattern = " /data/test*, "  # A trailing comma and spaces are fine.
+  config_checks.validate(config, "predict")
+
+
 @pytest.mark.parametrize("field, value", [("steps", 0), ("warmup_steps", -1)])
 def test_bench_mode_rejects_impossible_step_counts(field, value):
   """Zero timed steps used to end in 'no median for empty data'."""
