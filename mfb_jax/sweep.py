@@ -87,13 +87,17 @@ class StopFlag:
 
 
 def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: StopFlag):
-  """Runs launch.py ARGS, streaming progress lines; returns (exit code, error line or '')."""
+  """Runs launch.py ARGS, streaming progress lines; returns (exit code, error line or ''). A log
+  that cannot be written (a full disk) is a WorkdirError naming it; the cell, whose output has
+  nowhere to go, is stopped (SIGTERM: it saves a checkpoint if it can)."""
+  from mfb_jax import workdir_files  # Deferred: imports JAX.
+
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env[runtime.STOP_WITH_ENV] = str(os.getpid())  # The cell stops if the sweep dies (kill -9).
   error, last, process, log = "", "", None, None
   try:
-    with _log_errors(log_path):
+    with workdir_files.write_errors(log_path):
       os.makedirs(os.path.dirname(log_path), exist_ok=True)
       log = open(log_path, "a")  # noqa: SIM115 - closed below, after the cell has stopped.
       log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
@@ -104,7 +108,7 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
     )
     stop.child = process
     for line in process.stdout:
-      with _log_errors(log_path):
+      with workdir_files.write_errors(log_path):
         log.write(line)
       text = _ABSL_PREFIX.sub("", line.rstrip())
       if not text.strip():
@@ -115,7 +119,7 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
       if verbose or _PROGRESS.search(text):
         print(f"  {prefix} {text}", flush=True)
     code = process.wait()
-    with _log_errors(log_path):
+    with workdir_files.write_errors(log_path):
       log.close()
   finally:
     if process is not None and process.poll() is None:  # Its log failed (or a signal): stop it.
@@ -133,18 +137,6 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
   elif code != 0 and not error:
     error = last or f"launch.py exited with code {code}"
   return code, error
-
-
-@contextlib.contextmanager
-def _log_errors(log_path: str):
-  """A cell log that cannot be written (a full disk) as WorkdirError naming it; the cell, whose
-  output has nowhere to go, is stopped (SIGTERM: it saves a checkpoint if it can)."""
-  try:
-    yield
-  except OSError as e:
-    from mfb_jax import workdir_files  # Deferred: imports JAX.
-
-    raise workdir_files.write_error(log_path, e) from e
 
 
 def _eta(durations: list[float], remaining: int) -> str:

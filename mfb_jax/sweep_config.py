@@ -244,10 +244,8 @@ class Sweep:
     from mfb_jax import workdir_files  # Deferred: imports JAX.
 
     path = os.path.join(self.workdir, RUNS_FILE)
-    try:
+    with workdir_files.write_errors(path):
       os.makedirs(self.workdir, exist_ok=True)
-    except OSError as e:
-      raise workdir_files.write_error(path, e) from e
     cells = [f"{a},{f}" for a, f in self.cells]
     run = {"date": self.date, "command": self.command, "cells": cells}
     workdir_files.append_line(path, json.dumps(run))

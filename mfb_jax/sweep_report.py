@@ -247,7 +247,10 @@ def _runs(workdir: str) -> list[dict]:
 
 
 def write_report(sweep, outcomes: dict) -> list[str]:
-  """Writes DIR/results.md, DIR/results.json and the GAP curves; returns their paths."""
+  """Writes DIR/results.md, DIR/results.json and the GAP curves; returns their paths. A failed
+  write (a full disk) is a WorkdirError, one line naming the file."""
+  from mfb_jax import workdir_files  # Deferred: imports JAX.
+
   rows = collect(sweep, outcomes)
   meta = sweep.meta()
   paths = []
@@ -256,7 +259,7 @@ def write_report(sweep, outcomes: dict) -> list[str]:
     ("results.json", json.dumps({"meta": meta, "cells": rows}, indent=1)),
   ):
     path = os.path.join(sweep.workdir, name)
-    with _write_errors(path):
+    with workdir_files.write_errors(path):
       try:
         with open(path + ".tmp", "w") as f:
           f.write(text)
@@ -265,19 +268,8 @@ def write_report(sweep, outcomes: dict) -> list[str]:
         with contextlib.suppress(OSError):
           os.remove(path + ".tmp")
     paths.append(path)
-  with _write_errors(os.path.join(sweep.workdir, "gap_curves_*.png")):
+  with workdir_files.write_errors(os.path.join(sweep.workdir, "gap_curves_*.png")):
     return paths + sweep_plots.plot_curves(rows, sweep.workdir)
-
-
-@contextlib.contextmanager
-def _write_errors(path: str):
-  """A failed write (a full disk) as WorkdirError, one line naming PATH."""
-  try:
-    yield
-  except OSError as e:
-    from mfb_jax import workdir_files  # Deferred: imports JAX.
-
-    raise workdir_files.write_error(path, e) from e
 
 
 def summary_lines(sweep, outcomes: dict) -> str:

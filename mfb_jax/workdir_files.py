@@ -224,6 +224,15 @@ def atomic_file(path: str, before_rename=None):
     raise
 
 
+@contextlib.contextmanager
+def write_errors(path: str):
+  """An OSError inside (a full disk, a read-only folder) as write_error's one line naming PATH."""
+  try:
+    yield
+  except OSError as e:
+    raise write_error(path, e) from e
+
+
 def write_error(path: str, e: Exception) -> WorkdirError:
   reason = failure_reason(e) or str(e).split(";")[-1].strip()
   return WorkdirError(
@@ -289,13 +298,10 @@ def append_line(path: str, line: str) -> None:
   cut short (a kill mid-write), so that line alone is lost. Object stores cannot append: there
   the file is read and rewritten."""
   if not is_url(path):  # No TensorFlow for a local file (the sweep's process has none).
-    try:
-      with open(path, "ab+") as f:
-        size = f.seek(0, os.SEEK_END)
-        cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
-        f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
-    except OSError as e:
-      raise write_error(path, e) from e
+    with write_errors(path), open(path, "ab+") as f:
+      size = f.seek(0, os.SEEK_END)
+      cut = size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
+      f.write(("\n" if cut else "").encode() + line.encode() + b"\n")
     return
   import tensorflow as tf  # Deferred, as in check_workdir.
 
