@@ -8,7 +8,7 @@ import csv
 
 import tensorflow as tf
 
-from mfb_jax import workdir_files
+from mfb_jax import tf_errors, workdir_files
 from mfb_jax.errors import ConfigError
 
 ID_COLUMNS = ("Index", "label_id")
@@ -26,8 +26,9 @@ def load(path: str) -> dict[int, str]:
   except UnicodeDecodeError as e:
     raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
   except tf.errors.OpError as e:  # A URL of no file system, an unreachable bucket.
-    why = " ".join(e.message.split())
-    raise ConfigError(f"config.predict.vocabulary: cannot read {path} ({why})") from e
+    raise ConfigError(
+      f"config.predict.vocabulary: cannot read {path} ({tf_errors.message(e)})"
+    ) from e
 
 
 def _read(path: str) -> dict[int, str]:
