@@ -35,6 +35,12 @@ def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> N
     )
 
 
+def _below_2_31(config, field: str) -> None:
+  """TensorFlow's shapes are int32: larger values wrap (or fail deep in the input pipeline)."""
+  if _get(config, field) >= 2**31:
+    raise ConfigError(f"config.{field}={_get(config, field)!r} is invalid; it must be < 2**31")
+
+
 def _fraction(config, field: str) -> None:
   value = _get(config, field)
   if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
@@ -56,11 +62,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _choice(config, "data.format", FORMATS)
   for field in ("data.num_classes", "data.max_frames", "data.rgb_size", "data.audio_size"):
     _positive(config, field)
-    if _get(config, field) >= 2**31:  # TensorFlow's shapes are int32: larger values wrap.
-      raise ConfigError(f"config.{field}={_get(config, field)!r} is invalid; it must be < 2**31")
-  for field in ("train.batch_size", "eval.batch_size"):
-    if isinstance(_get(config, field), int) and _get(config, field) >= 2**31:
-      raise ConfigError(f"config.{field}={_get(config, field)!r} is invalid; it must be < 2**31")
+    _below_2_31(config, field)
   _positive(config, "data.shuffle_buffer")
   _positive(config, "data.prefetch_batches", 0)
   _choice(config, "model.aggregator", sorted(model_lib.AGGREGATORS))
@@ -85,6 +87,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, field)
   for field in ("train.keep_checkpoints", "train.log_every", "eval.batch_size"):
     _positive(config, field)
+  for field in ("train.batch_size", "eval.batch_size"):
+    _below_2_31(config, field)
   _positive(config, "train.num_steps", 0)
   _schedule_fits(config)
   seed = config.get("seed", 0)

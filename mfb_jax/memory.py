@@ -276,7 +276,8 @@ def check_state_and_inputs(
   buffer (with tf.data's and the allocator's overhead). with_eval: training that evaluates, whose
   eval batches are held beside the training batches."""
   section = "train" if mode == "train" else "eval"
-  local_batch = max(config[section].batch_size // jax.process_count(), 1)
+  local = lambda section: max(config[section].batch_size // jax.process_count(), 1)
+  local_batch = local(section)
   held = config.data.prefetch_batches + 2
   # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
   initializing = init is not None and step_needs(init.lower().compile())
@@ -291,7 +292,7 @@ def check_state_and_inputs(
   settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
   host_bytes = batches
   if with_eval:
-    eval_batch = max(config.eval.batch_size // jax.process_count(), 1)
+    eval_batch = local("eval")
     eval_batches = held * batch_bytes(config, eval_batch)
     host_bytes += eval_batches
     inputs.append(f"{held} eval batches of {eval_batch} videos ({amount(eval_batches)})")
