@@ -112,7 +112,7 @@ class TrainingLock:
       os.fsync(fd)  # Other hosts read it (_unshared) while this process keeps it open.
     except OSError as e:  # A full disk: the empty file the start-up probe made still fitted.
       os.close(fd)
-      return f"cannot write to {self.workdir} ({e.strerror}): training saves there"
+      return _cannot_write(self.workdir, e, inference=False)
     self._fd = fd
     return None
 
@@ -182,8 +182,13 @@ def check_workdir(workdir: str, inference: bool) -> None:
         pass
       os.remove(probe)
     except OSError as e:
-      uses = "eval and predict write results there" if inference else "training saves there"
-      raise WorkdirError(f"cannot write to {folder} ({e.strerror}): {uses}") from e
+      raise WorkdirError(_cannot_write(folder, e, inference)) from e
+
+
+def _cannot_write(folder: str, error: OSError, inference: bool) -> str:
+  """The line for a workdir (or its checkpoints/ folder) that takes no new file."""
+  uses = "eval and predict write results there" if inference else "training saves there"
+  return f"cannot write to {folder} ({error.strerror}): {uses}"
 
 
 def is_url(path: str) -> bool:
