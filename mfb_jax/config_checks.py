@@ -6,6 +6,7 @@ import math
 import ml_collections
 from absl import logging
 
+from mfb_jax import file_patterns
 from mfb_jax.errors import ConfigError
 
 FORMATS = ("frame", "video")
@@ -216,7 +217,7 @@ def _check_patterns(config, mode: str) -> None:
   data = config.data
   for field in ("train_pattern", "eval_pattern", "predict_pattern"):
     value = data.get(field) or ""
-    if value.strip() and not any(glob.strip() for glob in value.split(",")):
+    if value.strip() and not file_patterns.split(value):
       # "," was reported later as an empty train/eval pattern, whichever field it was.
       raise ConfigError(
         f"config.data.{field}={value!r} names no file: give a glob (or several, comma-separated)"

@@ -7,18 +7,19 @@ Each problem raises DataError with one line naming the file and the pattern.
 import tensorflow as tf
 from absl import logging
 
-from mfb_jax import tf_errors, tfrecord_files
+from mfb_jax import file_patterns, tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 
 def list_files(pattern: str, process_index: int = 0, process_count: int = 1) -> list[str]:
-  """This process's share of the files matching comma-separated globs (sorted, then strided)."""
+  """This process's share of the files matching comma-separated globs (file_patterns.split;
+  sorted, then strided)."""
   return listed(pattern, process_index, process_count)[0]
 
 
 def listed(pattern: str, process_index: int, process_count: int) -> tuple[list[str], list[int]]:
   """list_files(...) and the files' lengths in bytes."""
-  globs = [g.strip() for g in pattern.split(",") if g.strip()]
+  globs = file_patterns.split(pattern)
   if not globs:
     raise DataError("empty file pattern: set data.train_pattern / data.eval_pattern to a glob")
   files = set()

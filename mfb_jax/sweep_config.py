@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from mfb_jax import file_patterns
 from mfb_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def _check_pattern(pattern: str, what: str, from_flag: bool) -> None:
   if not pattern:
     raise ConfigError(f"no {what} data: pass --{what}_pattern=GLOB (or set it in the config)")
   source = f"--{what}_pattern" if from_flag else f"the config's data.{what}_pattern"
-  for part in (p.strip() for p in pattern.split(",")):
+  for part in file_patterns.split(pattern):
     local = os.path.expanduser(part)
     if "://" not in part and not glob.glob(local):
       from mfb_jax import tfrecord_files  # Deferred (TensorFlow): only to say why.

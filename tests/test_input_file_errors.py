@@ -15,7 +15,7 @@ from pipeline_fakes import (
   write_shards,
 )
 
-from mfb_jax import input_files, input_pipeline
+from mfb_jax import file_patterns, input_files, input_pipeline
 from mfb_jax.bench_input import frame_record
 from mfb_jax.errors import ConfigError, DataError
 
@@ -35,6 +35,22 @@ def test_file_patterns(tmp_path):
   (tmp_path / "part-9.tfrecord").symlink_to(tmp_path / "gone.tfrecord")
   with pytest.raises(DataError, match="part-9.tfrecord: cannot read tfrecord file"):
     input_files.list_files(good)
+
+
+def test_a_comma_inside_a_glob_bracket_belongs_to_it(tmp_path):
+  assert file_patterns.split(" a, /d/[0,5]x ,, [],]y,[!,]z, b[,c ") == [
+    "a",
+    "/d/[0,5]x",
+    "[],]y",
+    "[!,]z",
+    "b[",  # An unclosed bracket is no bracket expression: the comma splits.
+    "c",
+  ]
+  write_shards(tmp_path, [1, 1, 1])
+  assert input_files.list_files(str(tmp_path / "part-[0,2].tfrecord")) == [
+    str(tmp_path / "part-0.tfrecord"),
+    str(tmp_path / "part-2.tfrecord"),
+  ]
 
 
 def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
