@@ -1,5 +1,7 @@
 """User-facing errors: bad input that launch.py reports as one line and a non-zero exit."""
 
+import contextlib
+
 
 class UserError(Exception):
   """Bad input or configuration; the message is shown to the user as one line."""
@@ -40,6 +42,16 @@ class Interrupted(BaseException):
   def __init__(self, signum: int):
     super().__init__(signum)
     self.signum = signum
+
+
+@contextlib.contextmanager
+def about(source: str):
+  """DataErrors raised within start with `source: `, the config field or flag that named the
+  files (`data.eval_pattern: no file matches ...`)."""
+  try:
+    yield
+  except DataError as e:
+    raise type(e)(f"{source}: {e}") from e
 
 
 def lost_peer(text: str) -> bool:

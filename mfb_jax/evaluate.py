@@ -60,22 +60,31 @@ def lockstep(
 
 
 def local_batches(
-  config, pattern: str, max_examples: int = 0, stop=lambda: False, check_labels: bool = True
+  config,
+  pattern: str,
+  max_examples: int = 0,
+  stop=lambda: False,
+  check_labels: bool = True,
+  source: str = "data.eval_pattern",
 ) -> Iterator[dict]:
+  """This process's share of the videos matched by `pattern` (from `source`, which the listing's
+  errors name), in lockstep batches across processes, each video once."""
   local_batch = config_checks.check_batch_split(
     config.eval.batch_size, "eval.batch_size", jax.process_count(), jax.device_count()
   )
-  batches = errors.agreed(  # Its files are listed and checked now: if one process fails, all stop.
-    lambda: input_pipeline.make_eval_iterator(
-      config,
-      pattern,
-      local_batch,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      max_examples=max_examples,
-      check_labels=check_labels,
+  # Its files are listed and checked now: if one process fails, all stop.
+  with errors.about(source):
+    batches = errors.agreed(
+      lambda: input_pipeline.make_eval_iterator(
+        config,
+        pattern,
+        local_batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        max_examples=max_examples,
+        check_labels=check_labels,
+      )
     )
-  )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
   seen: set[str] = set()
   unique = lockstep(_unique_ids(batches, pattern, config.data.id_feature, seen), empty, stop)

@@ -98,7 +98,9 @@ def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int
   with tf.io.gfile.GFile(part, "w") as f:
     writer = csv.writer(f, lineterminator="\n")
     # Labels outside num_classes (another dataset version's) do not matter to predictions.
-    for count, batch in enumerate(evaluate.local_batches(config, pattern, check_labels=False)):
+    source = "data.predict_pattern" if config.data.predict_pattern else "data.eval_pattern"
+    batches = evaluate.local_batches(config, pattern, check_labels=False, source=source)
+    for count, batch in enumerate(batches):
       global_batch = input_pipeline.to_global(batch, mesh)
       if count == 0:
         memory.check_step(config, predict_fn, (state, global_batch), "predict")

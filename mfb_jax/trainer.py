@@ -141,13 +141,15 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
   memory that the state (restored, or made by `init`), the input batches and the shuffle buffer
   need."""
   index, count = jax.process_index(), jax.process_count()
-  train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
+  with errors.about("data.train_pattern"):
+    train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   record = train_files.record_bytes  # Of the records the shuffle buffer will hold.
   with_eval = bool(config.data.eval_pattern)
   memory.check_state_and_inputs(config, state_shapes, "train", init, record, with_eval)
   checkpointer.check_compatible(state_shapes)
   if config.data.eval_pattern:
-    eval_files = input_files.list_files(config.data.eval_pattern, index, count)
+    with errors.about("data.eval_pattern"):
+      eval_files = input_files.list_files(config.data.eval_pattern, index, count)
     evaluate.check_eval_file(config, eval_files[0])
   return train_files
 

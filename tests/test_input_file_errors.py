@@ -15,7 +15,7 @@ from pipeline_fakes import (
   write_shards,
 )
 
-from mfb_jax import file_patterns, input_files, input_pipeline
+from mfb_jax import errors, evaluate, file_patterns, input_files, input_pipeline
 from mfb_jax.bench_input import frame_record
 from mfb_jax.errors import ConfigError, DataError
 
@@ -51,6 +51,21 @@ def test_a_comma_inside_a_glob_bracket_belongs_to_it(tmp_path):
     str(tmp_path / "part-0.tfrecord"),
     str(tmp_path / "part-2.tfrecord"),
   ]
+
+
+def test_listing_errors_name_the_field_of_the_pattern(tmp_path):
+  config = small_config()
+  with pytest.raises(DataError) as info:
+    evaluate.local_batches(config, f"{tmp_path}/none-*", source="data.predict_pattern")
+  assert str(info.value).startswith(f"data.predict_pattern: no file matches '{tmp_path}/none-*'")
+  with pytest.raises(DataError, match="^data.eval_pattern: no file matches"):
+    evaluate.local_batches(config, f"{tmp_path}/none-*")
+  with pytest.raises(errors.UnlabelledError, match="^--x: no labels$"):  # The type is kept.
+    with errors.about("--x"):
+      raise errors.UnlabelledError("no labels")
+  with pytest.raises(ConfigError, match="^bad$"):  # Other errors pass unchanged.
+    with errors.about("--x"):
+      raise ConfigError("bad")
 
 
 def test_a_glob_in_an_unreadable_directory_says_so(tmp_path, monkeypatch):
@@ -155,7 +170,6 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
   tmp_path, monkeypatch
 ):
   """The first evaluation, hours into a run, used to be the first to read the eval files."""
-  from mfb_jax import evaluate
 
   warnings = []
   monkeypatch.setattr(evaluate.logging, "warning", lambda *args: warnings.append(args))
@@ -184,7 +198,6 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
 
 
 def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_path):
-  from mfb_jax import evaluate
 
   config = small_config()
   config.eval.batch_size = 4

@@ -59,6 +59,9 @@ def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
   assert_one_line_error(result, "no videos to predict", "empty.tfrecord")
   assert (work / "predictions.csv").read_bytes() == before
   assert not [p for p in os.listdir(work) if p.startswith("predictions.csv.")]
+  missing = "--config.data.predict_pattern=/nonexistent/p*"
+  result = launch(work, "--mode=predict", *tiny_args, missing)
+  assert_one_line_error(result, "data.predict_pattern: no file matches '/nonexistent/p*'")
   result = launch(work, "--mode=predict", *tiny_args, "--config.data.id_feature=vid")
   assert_one_line_error(result, "has no id (data.id_feature='vid'")
   assert (work / "predictions.csv").read_bytes() == before
@@ -148,7 +151,7 @@ def test_missing_files_give_one_line(tmp_path):
     "--config.data.train_pattern=/nonexistent/train*",
     "--config.data.eval_pattern=/nonexistent/x*",
   )
-  assert_one_line_error(result, "/nonexistent/train*")
+  assert_one_line_error(result, "data.train_pattern: no file matches '/nonexistent/train*'")
   assert not (tmp_path / "checkpoints").exists()  # A run stopped at start-up leaves none.
   # Nothing else on stderr: TensorFlow's and XLA's start-up notices are silenced too.
   assert result.stderr.strip().splitlines() == [last_line(result.stderr)], result.stderr
