@@ -201,7 +201,8 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - orbax raises ValueError, OSError, RuntimeError...
       earlier = "none was saved before it"
       with contextlib.suppress(Exception):
-        if self._manager.all_steps(read=True):  # From the disk: finished saves only.
+        self._manager.reload()  # From the disk: finished saves only.
+        if self._manager.all_steps():
           earlier = "the checkpoints saved before it are intact"
       raise CheckpointError(
         f"saving a checkpoint in {self.directory} failed ({_brief(e)}); {earlier}"

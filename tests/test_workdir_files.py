@@ -214,6 +214,11 @@ def test_a_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, m
   monkeypatch.undo()
   assert saver.all_steps() == [1]
   saver.close()
+  first = checkpoint.Checkpointer(str(tmp_path / "new"), asynchronous=False, writer=True)
+  monkeypatch.setattr(first._manager, "save", disk_full)
+  with pytest.raises(checkpoint.CheckpointError, match="; none was saved before it$"):
+    first.save({"w": jnp.ones(2)}, 1)
+  first.close()
 
 
 def test_a_failed_save_names_the_reason_and_closing_keeps_its_line(tmp_path, monkeypatch):
