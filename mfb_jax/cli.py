@@ -36,8 +36,8 @@ def no_positional_arguments(argv: list[str]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse's parser for the argparse tools (model, metrics): a bad or missing flag is one
-  line, `error: ... (--help lists the options)`, exit status 2, not usage plus a line."""
+  """argparse's parser for the argparse tools (model, metrics, scripts/): a bad or missing flag
+  is one line, `error: ... (--help lists the options)`, exit status 2, not usage plus a line."""
 
   def error(self, message: str):
     fail(f"{message} (--help lists the options)")

@@ -12,7 +12,6 @@ the models with targets, first). Progress goes to stderr; the table, preceded by
 was measured, to stdout.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -22,6 +21,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from mfb_jax import cli  # noqa: E402 - one-line flag errors; imports neither JAX nor TensorFlow.
+
 # The paper's 9 models, those with throughput targets first.
 PAPER = [
   f"configs/paper.py:{cell}"
@@ -103,7 +105,7 @@ def git_commit() -> str:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("configs", nargs="*", default=PAPER, help="config specs (default: paper's 9)")
   parser.add_argument("--dtypes", default="float32", help="comma-separated config.model.dtype")
   parser.add_argument("--end_to_end", choices=["mfb", "all", "none"], default="mfb")

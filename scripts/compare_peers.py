@@ -10,7 +10,6 @@ the median of the repeats and mfb-jax's ratio to each implementation (to itself:
 Figures are only comparable within one run: these 2-core machines are not all the same CPU.
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -19,6 +18,7 @@ import sys
 import types
 
 import bench_table  # scripts/, beside this file.
+from bench_table import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -53,7 +53,7 @@ def peer_bench(python: str, script: str, args: list[str], steps: int) -> float:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--peers_dir", default=os.path.join(REPO, "..", "shared", "peers"))
   parser.add_argument("--torch_python", default=None, help="a python with torch installed")
   parser.add_argument("--models", default="netvlad_mfb,dbof_mfb")

@@ -11,13 +11,17 @@ no implementation built on these kernels can go below (elementwise work and Adam
 Run it with tcmalloc preloaded and nothing else busy, as the bench mode.
 """
 
-import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mfb_jax import cli  # noqa: E402
 
 _barrier = jax.lax.optimization_barrier  # Keeps XLA from re-orienting a product.
 
@@ -89,7 +93,7 @@ def time_product(fn, shapes, repeats: int) -> float:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--frames", type=int, default=300)
   parser.add_argument("--repeats", type=int, default=15)
