@@ -219,7 +219,7 @@ def read_ids_and_labels(
     for name, video_id, labels in zip(
       batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True
     ):
-      video_id = video_id.decode("utf-8", "replace")
+      video_id = records.id_text(video_id)
       bad = labels[(labels < 0) | (labels >= spec.num_classes)]
       if bad.size:
         c = spec.num_classes

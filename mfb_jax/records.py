@@ -111,6 +111,13 @@ def video_ids(spec: RecordSpec, context: dict) -> tf.Tensor:
   return ids_B
 
 
+def id_text(raw: bytes) -> str:
+  """A video id as text: its UTF-8, with any byte that is not UTF-8 written as \\xNN, so that
+  distinct ids stay distinct (in the duplicate checks, and in a predictions CSV that the metrics
+  CLI scores against the same files)."""
+  return raw.decode("utf-8", "backslashreplace")
+
+
 def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
   """(labels_C in {0, 1}, (bad, why)) for one video's label ids."""
   in_range_L = (values_L >= 0) & (values_L < spec.num_classes)

@@ -52,9 +52,9 @@ def _parse_rows(path: str, reader, num_classes: int) -> dict:
     where = f"{path}:{reader.line_num}"
     if not row or (len(row) == 1 and not row[0].strip()):
       continue  # Blank line.
-    if len(row) != 2 or not row[0].strip():
+    if len(row) != 2 or not row[0]:
       raise DataError(f"{where}: expected 'VideoId,\"label score ...\"', found {row!r}")
-    video_id = row[0].strip()
+    video_id = row[0]  # As written: predict writes ids with their spaces, as the files hold them.
     if video_id in predictions:
       raise DataError(f"{where}: video id {video_id!r} appears twice")
     predictions[video_id] = _parse_pairs(where, row[1], num_classes)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     with _native_logs_off():
       result = score_files(args.predictions, args.labels, args.num_classes, args.top_k)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # A video id may hold "\n".
     return 1
   if result["num_predicted"] == 0:  # Valid (a submission without predictions), rarely meant.
     print(f"warning: {args.predictions} has no rows: every video scores 0", file=sys.stderr)

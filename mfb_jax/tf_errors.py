@@ -53,7 +53,7 @@ def checked_batches(
     if ends is not None:
       ends.add(files_B, sizes_B)
     if decode_ids:
-      batch["id"] = np.array([i.decode("utf-8", "replace") for i in batch["id"]], dtype=object)
+      batch["id"] = np.array([records.id_text(i) for i in batch["id"]], dtype=object)
     yield batch
 
 

@@ -1,5 +1,6 @@
 """Scoring Kaggle-format prediction CSVs: hand-worked values, bad input, the command line."""
 
+import csv
 import json
 
 import pytest
@@ -92,6 +93,10 @@ def test_labels_outside_num_classes_are_an_error():
     score_csv.score({}, [("", [1]), ("", [2])], num_classes=6, top_k=2)
 
 
+def _raw(video_id: str | bytes) -> bytes:
+  return video_id if isinstance(video_id, bytes) else video_id.encode()
+
+
 def write_frame_level_records(path, videos):
   """SequenceExamples with the 2018 frame-level schema (context id, labels; rgb, audio frames)."""
   import tensorflow as tf
@@ -102,7 +107,7 @@ def write_frame_level_records(path, videos):
       example = tf.train.SequenceExample(
         context=tf.train.Features(
           feature={
-            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[video_id.encode()])),
+            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_raw(video_id)])),
             "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=label_ids)),
           }
         ),
@@ -132,6 +137,34 @@ def test_command_line_on_tfrecords(tmp_path, capsys):
   few = write(tmp_path, HEADER + 'A,"1 0.5"\n', "few.csv")
   assert score_csv.main([f"--predictions={few}", *args]) == 1
   assert "is outside [0, 3) (--num_classes=3)" in capsys.readouterr().err
+
+
+def test_ids_as_the_files_hold_them_round_trip_through_eval_and_the_metrics_cli(tmp_path, capsys):
+  """Ids that were not UTF-8 collapsed into one ('appears twice'), the scorer stripped the spaces
+  that predict writes, and an id with a newline made its error two lines."""
+  from pipeline_fakes import small_config
+
+  from mfb_jax import evaluate
+
+  ids = [b"\xff\xfeA", b"\xfe\xfeA", b" lead", b"trail ", "caf\u00e9".encode()]
+  write_frame_level_records(tmp_path / "v.tfrecord", [(i, [1]) for i in ids])
+  config = small_config()
+  config.data.update(num_classes=6, rgb_size=1024, audio_size=128)
+  batches = evaluate.local_batches(config, str(tmp_path / "v.tfrecord"))
+  seen = [i for b in batches for i in b["id"][b["valid"] > 0]]
+  assert seen == ["\\xff\\xfeA", "\\xfe\\xfeA", " lead", "trail ", "caf\u00e9"]
+  with open(tmp_path / "p.csv", "w", newline="", encoding="utf-8") as f:  # As predict writes.
+    csv.writer(f, lineterminator="\n").writerows(
+      [HEADER.strip().split(",")] + [[i, "1 0.9"] for i in seen]
+    )
+  args = [f"--predictions={tmp_path / 'p.csv'}", f"--labels={tmp_path / 'v.tfrecord'}"]
+  assert score_csv.main([*args, "--num_classes=6"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["num_examples"] == result["num_predicted"] == 5 and result["gap"] == 1.0
+  write_frame_level_records(tmp_path / "v.tfrecord", [(b"new\nline", [7])])
+  assert score_csv.main([*args, "--num_classes=6"]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "video 'new line': label 7 is outside [0, 6)" in err
 
 
 def test_a_corrupt_labels_file_is_one_line(tmp_path):
