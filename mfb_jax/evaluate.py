@@ -212,25 +212,39 @@ def evaluate_split(
   return result
 
 
-def check_eval_file(config, path: str, count: int = 16) -> None:
-  """At a training run's start, the first `count` videos of an eval file through the eval
-  pipeline's checks: another format, feature sizes, labels beyond num_classes or videos without
-  the named data.id_feature raise the DataError that the first evaluation, hours later, would.
-  Warns when none has labels (test shards?): that evaluation would stop the run."""
+def check_eval_files(config, paths: list[str], count: int = 16) -> None:
+  """At a training run's start, the first `count` videos of this process's eval files (in file
+  order, past files without a record) through the eval pipeline's checks: another format, feature
+  sizes, labels beyond num_classes or videos without the named data.id_feature raise the
+  DataError that the first evaluation, hours later, would; so does, in a one-process run, a split
+  without any video. Warns when none has labels (test shards?): that evaluation would stop the
+  run."""
   if config.eval.max_examples > 0:  # Only the videos the evaluation will read.
     count = min(count, _max_examples_here(config))
-  first = lambda p: input_pipeline.eval_dataset(config, [p], count, max_examples=count)
-  for batch in tf_errors.checked_batches(first(path), lambda: [path], first, decode_ids=False):
-    if config.data.id_feature != "auto" and not all(batch["id"][batch["valid"] > 0]):
-      raise no_id_error(path, config.data.id_feature)  # As _unique_ids would at that evaluation.
-    labels_BxC = batch["labels"][batch["valid"] > 0]
-    if not labels_BxC.any():
-      logging.warning(
-        "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
-        "first evaluation will stop the run, since GAP needs labelled videos",
-        len(labels_BxC),
-        path,
-      )
+  labelled, read = [], []
+  for path in paths:
+    left = count - len(labelled)
+    if left <= 0:
+      break
+    # One batch shape for every file: the kept frames' checks compile for each new one.
+    first = lambda p, left=left: input_pipeline.eval_dataset(config, [p], count, max_examples=left)
+    batches = tf_errors.checked_batches(first(path), lambda p=path: [p], first, decode_ids=False)
+    for batch in batches:
+      valid_B = batch["valid"] > 0
+      if config.data.id_feature != "auto" and not all(batch["id"][valid_B]):
+        raise no_id_error(path, config.data.id_feature)  # As _unique_ids would at that evaluation.
+      labelled.extend(batch["labels"][valid_B].any(axis=1))
+      read += [path] if valid_B.any() and path not in read else []
+  if not labelled and jax.process_count() == 1:
+    files = paths[0] if len(paths) == 1 else f"{len(paths)} files, {paths[0]} first"
+    raise DataError(f"data.eval_pattern: no videos to evaluate: its files hold no record ({files})")
+  if labelled and not any(labelled):
+    logging.warning(
+      "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
+      "first evaluation will stop the run, since GAP needs labelled videos",
+      len(labelled),
+      read[0] if len(read) == 1 else f"{read[0]} and {len(read) - 1} more file(s)",
+    )
 
 
 def write_results(workdir: str, step: int, result: dict) -> dict:

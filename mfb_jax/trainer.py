@@ -150,7 +150,7 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
   if config.data.eval_pattern:
     with errors.about("data.eval_pattern"):
       eval_files = input_files.list_files(config.data.eval_pattern, index, count)
-    evaluate.check_eval_file(config, eval_files[0])
+    evaluate.check_eval_files(config, eval_files)
   return train_files
 
 

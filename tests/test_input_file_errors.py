@@ -1,6 +1,7 @@
 """Bad input files and patterns: missing, empty, damaged or unreadable files, unlabelled eval files,
 files and videos met twice, bad data configs. Each is one line naming the problem."""
 
+import gzip
 import os
 
 import pytest
@@ -176,25 +177,38 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
   labelled = write(tmp_path / "a.tfrecord", [frame_record("a", *video(5), [3])])
   test_shard = [frame_record(f"b{i}", *video(5), []) for i in range(3)]
   unlabelled = write(tmp_path / "b.tfrecord", test_shard)
-  evaluate.check_eval_file(small_config(), labelled)
+  evaluate.check_eval_files(small_config(), [labelled])
   assert warnings == []
-  evaluate.check_eval_file(small_config(), unlabelled)
+  evaluate.check_eval_files(small_config(), [unlabelled])
   assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)
   good_then_wide = [frame_record("a", *video(5), [3]), frame_record("c", *video(5), [3, 12])]
   wide = write(tmp_path / "c.tfrecord", good_then_wide)
   with pytest.raises(DataError, match=r"c.tfrecord: video 'c': label 12 is outside \[0, 10\)"):
-    evaluate.check_eval_file(small_config(), wide)
+    evaluate.check_eval_files(small_config(), [wide])
   config = small_config()
   config.eval.max_examples = 1  # The evaluation reads only the first video: so does the check.
-  evaluate.check_eval_file(config, wide)
+  evaluate.check_eval_files(config, [wide])
   with pytest.raises(
     DataError, match=r"a.tfrecord: video 'a': no feature 'mean_rgb' \(is this video-level"
   ):
-    evaluate.check_eval_file(small_config("video"), labelled)
+    evaluate.check_eval_files(small_config("video"), [labelled])
   misnamed = small_config()
   misnamed.data.id_feature = "xid"  # Its first evaluation would stop the run (_unique_ids).
   with pytest.raises(DataError, match=r"a.tfrecord' has no id \(data.id_feature='xid'"):
-    evaluate.check_eval_file(misnamed, labelled)
+    evaluate.check_eval_files(misnamed, [labelled])
+  # A first file without a record (an empty GZIP stream, as a writer leaves a shard it gave no
+  # video) was the whole check: the bad file after it stopped the run at its first evaluation.
+  empty = tmp_path / "0-empty.tfrecord"
+  empty.write_bytes(gzip.compress(b""))
+  with pytest.raises(DataError, match=r"c.tfrecord: video 'c': label 12 is outside"):
+    evaluate.check_eval_files(small_config(), [str(empty), wide])
+  warnings.clear()
+  evaluate.check_eval_files(small_config(), [str(empty), unlabelled, labelled])
+  assert warnings == []  # The 4 videos read include a.tfrecord's labelled one.
+  evaluate.check_eval_files(small_config(), [str(empty), unlabelled])
+  assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)
+  with pytest.raises(DataError, match=r"^data.eval_pattern: no videos to evaluate: .*\(2 files, "):
+    evaluate.check_eval_files(small_config(), [str(empty), str(empty)])
 
 
 def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_path):
