@@ -111,8 +111,8 @@ def check_output(kind: str, module: nn.Module, out, batch_size: int) -> None:
   if shape is None or len(shape) != 2 or shape[0] != batch_size:
     got = f"shape {tuple(shape)}" if shape is not None else type(out).__name__
     raise ConfigError(
-      f"{kind} {type(module).__name__} returned {got} for a batch of {batch_size}; a {kind} "
-      "returns one vector per video, [batch, size]"
+      f"{kind} {type(module).__name__} returned {got} for a batch of {batch_size}; it must "
+      "return one vector per video, [batch, size]"
     )
 
 
