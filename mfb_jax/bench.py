@@ -85,13 +85,14 @@ def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> 
     config.bench.warmup_steps,
     config.bench.steps,
   )
-  times = []
-  for i in range(config.bench.warmup_steps + config.bench.steps):
-    start = time.perf_counter()
+  step_metrics = None
+
+  def step(i: int) -> None:
+    nonlocal state, step_metrics
     state, step_metrics = step_fn(state, batches[i % num_batches])
     jax.block_until_ready(state)
-    if i >= config.bench.warmup_steps:
-      times.append(time.perf_counter() - start)
+
+  times = timed_steps(step, config.bench.warmup_steps, config.bench.steps, "bare step")
   return {
     "step_s": statistics.median(times),
     "min_step_ms": 1e3 * min(times),
@@ -99,6 +100,23 @@ def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> 
     "first_step_s": compile_s,
     "final_loss": float(step_metrics["loss"]),
   }
+
+
+def timed_steps(step, untimed: int, timed: int, what: str, every_s: float = 30.0) -> list[float]:
+  """Seconds each of `timed` calls of step(i) took, after `untimed` warm-up calls; a progress
+  line every `every_s` seconds (logged after a step's time is taken, so outside it)."""
+  times, last = [], time.perf_counter()
+  for i in range(untimed + timed):
+    start = time.perf_counter()
+    step(i)
+    end = time.perf_counter()
+    if i >= untimed:
+      times.append(end - start)
+    if end - last >= every_s:
+      last = end
+      so_far = f", median {1e3 * statistics.median(times):.1f} ms" if times else " (warm-up)"
+      logging.info("bench: %s: %d of %d steps%s", what, i + 1, untimed + timed, so_far)
+  return times
 
 
 @contextlib.contextmanager
@@ -138,14 +156,15 @@ def time_end_to_end(config: ml_collections.ConfigDict) -> float:
     batches = input_pipeline.make_train_iterator(
       config, pattern, seed=0, local_batch_size=batch_size
     )
-    times = []
-    for i in range(config.bench.warmup_steps + config.bench.steps + 1):
-      start = time.perf_counter()
+
+    def step(i: int) -> None:
+      nonlocal state
       state, _ = step_fn(state, input_pipeline.to_global(next(batches), mesh))
       jax.block_until_ready(state)
-      if i > config.bench.warmup_steps:
-        times.append(time.perf_counter() - start)
-    del batches
+
+    # One more untimed step than the bare figure: its first, compiling step was untimed too.
+    times = timed_steps(step, config.bench.warmup_steps + 1, config.bench.steps, "end to end")
+    batches = None  # The reader closes before its shards are removed.
   return statistics.median(times)
 
 

@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 from conftest import REPO, last_line, run_python
 
-from mfb_jax import runtime
+from mfb_jax import bench, runtime
 
 
 def test_bench_prints_one_json_line_with_the_contract_keys():
@@ -65,3 +65,17 @@ def test_the_bare_step_bench_needs_no_tensorflow():
     "error: the end-to-end figure reads tfrecords and needs tensorflow, which is not "
     "installed; --config.bench.end_to_end=False measures the bare step alone"
   )
+
+
+def test_timed_steps_time_only_the_steps_after_the_warm_up_and_report_progress(monkeypatch):
+  lines, calls = [], []
+  monkeypatch.setattr(bench.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  clock = iter(range(100))  # Each perf_counter() call: one second later.
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+  times = bench.timed_steps(calls.append, untimed=2, timed=3, what="bare step", every_s=4)
+  assert calls == [0, 1, 2, 3, 4] and times == [1.0] * 3
+  # Clock 0 at the start; step i starts at 2i + 1 and ends at 2i + 2: lines at ends 4 and 8.
+  assert lines == [
+    "bench: bare step: 2 of 5 steps (warm-up)",
+    "bench: bare step: 4 of 5 steps, median 1000.0 ms",
+  ]
