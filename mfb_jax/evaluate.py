@@ -221,29 +221,24 @@ def check_eval_files(config, paths: list[str], count: int = 16) -> None:
   run."""
   if config.eval.max_examples > 0:  # Only the videos the evaluation will read.
     count = min(count, _max_examples_here(config))
-  labelled, read = [], []
-  for path in paths:
-    left = count - len(labelled)
-    if left <= 0:
-      break
-    # One batch shape for every file: the kept frames' checks compile for each new one.
-    first = lambda p, left=left: input_pipeline.eval_dataset(config, [p], count, max_examples=left)
-    batches = tf_errors.checked_batches(first(path), lambda p=path: [p], first, decode_ids=False)
-    for batch in batches:
-      valid_B = batch["valid"] > 0
-      if config.data.id_feature != "auto" and not all(batch["id"][valid_B]):
-        raise no_id_error(path, config.data.id_feature)  # As _unique_ids would at that evaluation.
-      labelled.extend(batch["labels"][valid_B].any(axis=1))
-      read += [path] if valid_B.any() and path not in read else []
+  # One dataset over the files (a pipeline per file took 0.4 s each: minutes for empty shards).
+  first = lambda files: input_pipeline.eval_dataset(config, files, count, max_examples=count)
+  where = paths[0] if len(paths) == 1 else f"{len(paths)} eval files from {paths[0]} on"
+  labelled = []
+  one_file = lambda path: first([path])
+  for batch in tf_errors.checked_batches(first(paths), lambda: paths, one_file, decode_ids=False):
+    valid_B = batch["valid"] > 0
+    if config.data.id_feature != "auto" and not all(batch["id"][valid_B]):
+      raise no_id_error(where, config.data.id_feature)  # As _unique_ids would at that evaluation.
+    labelled.extend(batch["labels"][valid_B].any(axis=1))
   if not labelled and jax.process_count() == 1:
-    files = paths[0] if len(paths) == 1 else f"{len(paths)} files, {paths[0]} first"
-    raise DataError(f"data.eval_pattern: no videos to evaluate: its files hold no record ({files})")
+    raise DataError(f"data.eval_pattern: no videos to evaluate: no record in {where}")
   if labelled and not any(labelled):
     logging.warning(
       "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
       "first evaluation will stop the run, since GAP needs labelled videos",
       len(labelled),
-      read[0] if len(read) == 1 else f"{read[0]} and {len(read) - 1} more file(s)",
+      where,
     )
 
 
