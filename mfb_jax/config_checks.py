@@ -217,7 +217,7 @@ def _check_patterns(config, mode: str) -> None:
   data = config.data
   for field in ("train_pattern", "eval_pattern", "predict_pattern"):
     value = data.get(field) or ""
-    if value.strip() and not file_patterns.split(value):
+    if value and not file_patterns.split(value):  # "," or " ": set, but naming no file.
       # "," was reported later as an empty train/eval pattern, whichever field it was.
       raise ConfigError(
         f"config.data.{field}={value!r} names no file: give a glob (or several, comma-separated)"

@@ -3,9 +3,10 @@ flags): globs separated by commas. Pure Python, so that the sweep checks them wi
 
 import re
 
-# A glob's bracket expression, as fnmatch and tf.io.gfile.glob read it: '[', an optional '!', a
-# ']' taken literally when it comes first, then anything up to the closing ']'.
-_BRACKET = re.compile(r"\[!?\]?[^\]]*\]")
+# A glob's bracket expression, as glibc's fnmatch (tf.io.gfile.glob, gs:// included) reads it: a
+# '[' not escaped by a backslash, an optional '!' or '^', a ']' taken literally when it comes
+# first, then characters and classes such as '[:digit:]' up to the closing ']'.
+_BRACKET = re.compile(r"(?<!\\)\[[!^]?\]?(?:\[:[a-z]+:\]|[^\]])*\]")
 
 
 def split(pattern: str) -> list[str]:

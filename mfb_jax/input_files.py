@@ -21,7 +21,7 @@ def listed(pattern: str, process_index: int, process_count: int) -> tuple[list[s
   """list_files(...) and the files' lengths in bytes."""
   globs = file_patterns.split(pattern)
   if not globs:
-    raise DataError("empty file pattern: set data.train_pattern / data.eval_pattern to a glob")
+    raise DataError(f"empty file pattern {pattern!r}: give one or more comma-separated globs")
   files = set()
   for glob in globs:
     try:

@@ -122,6 +122,9 @@ def test_a_pattern_of_commas_alone_is_named():
   config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*", predict_pattern=",")
   with pytest.raises(ConfigError, match=r"^config\.data\.predict_pattern=',' names no file"):
     config_checks.validate(config, "predict")
+  config.data.predict_pattern = " "  # Set (it is not the empty default), but to no glob.
+  with pytest.raises(ConfigError, match=r"^config\.data\.predict_pattern=' ' names no file"):
+    config_checks.validate(config, "predict")
   config.data.predict_pattern = " /data/test*, "  # A trailing comma and spaces are fine.
   config_checks.validate(config, "predict")
 

@@ -47,6 +47,13 @@ def test_a_comma_inside_a_glob_bracket_belongs_to_it(tmp_path):
     "b[",  # An unclosed bracket is no bracket expression: the comma splits.
     "c",
   ]
+  # Classes and '^' inside a bracket, as glibc's fnmatch reads them; an escaped '[' is a literal.
+  assert file_patterns.split("p[[:digit:],]x,p[^,]y,pa\\[,pb]") == [
+    "p[[:digit:],]x",
+    "p[^,]y",
+    "pa\\[",
+    "pb]",
+  ]
   write_shards(tmp_path, [1, 1, 1])
   assert input_files.list_files(str(tmp_path / "part-[0,2].tfrecord")) == [
     str(tmp_path / "part-0.tfrecord"),
