@@ -112,9 +112,10 @@ def video_ids(spec: RecordSpec, context: dict) -> tf.Tensor:
 
 
 def id_text(raw: bytes) -> str:
-  """A video id as text: its UTF-8, with any byte that is not UTF-8 written as \\xNN, so that
-  distinct ids stay distinct (in the duplicate checks, and in a predictions CSV that the metrics
-  CLI scores against the same files)."""
+  """A video id (or a line naming one) as text: its UTF-8, with any byte that is not UTF-8
+  written as \\xNN. Ids that differ in such bytes stay distinct, in the duplicate checks and in
+  a predictions CSV that the metrics CLI scores against the same files (only an id that spells
+  out the same backslash-x text would read the same)."""
   return raw.decode("utf-8", "backslashreplace")
 
 

@@ -48,7 +48,7 @@ def checked_batches(
       raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
     problem = batch.pop("problem", b"")
     if problem:
-      raise DataError(problem.decode("utf-8", "replace"))
+      raise DataError(records.id_text(problem))  # It names the video by its id.
     files_B, sizes_B = batch.pop("file"), batch.pop("bytes")
     if ends is not None:
       ends.add(files_B, sizes_B)

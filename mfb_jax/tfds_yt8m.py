@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mfb_jax import tf_errors, tfrecord_files
+from mfb_jax import records, tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 RGB_SIZE, AUDIO_SIZE = 1024, 128
@@ -117,7 +117,7 @@ def _named_errors(records_ds: tf.data.Dataset, path: str, compression: str):
 
 def _id_and_labels(features) -> dict:
   key = "id" if "id" in features else "video_id"
-  video_id = features[key].bytes_list.value[0].decode() if key in features else ""
+  video_id = records.id_text(features[key].bytes_list.value[0]) if key in features else ""
   return {"id": video_id, "labels": list(features["labels"].int64_list.value)}
 
 

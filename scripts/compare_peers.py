@@ -17,8 +17,9 @@ import subprocess
 import sys
 import types
 
-import bench_table  # scripts/, beside this file.
-from bench_table import cli
+import bench_table  # scripts/, beside this file; it puts the repository on sys.path.
+
+from mfb_jax import cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"

@@ -165,6 +165,17 @@ def test_ids_as_the_files_hold_them_round_trip_through_eval_and_the_metrics_cli(
   assert score_csv.main([*args, "--num_classes=6"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "video 'new line': label 7 is outside [0, 6)" in err
+  write_frame_level_records(tmp_path / "v.tfrecord", [(ids[0], [7])])  # The same in both lines.
+  assert score_csv.main([*args, "--num_classes=6"]) == 1
+  assert "video '\\xff\\xfeA': label 7 is outside" in capsys.readouterr().err
+  with pytest.raises(DataError, match=r"video '\\xff\\xfeA': label 7 is outside \[0, 6\)"):
+    list(evaluate.local_batches(config, str(tmp_path / "v.tfrecord")))
+  import tensorflow as tf
+
+  from mfb_jax import tfds_yt8m  # The TFDS builder's ids too (a UnicodeDecodeError before).
+
+  example = tf.train.SequenceExample.FromString((tmp_path / "v.tfrecord").read_bytes()[12:-4])
+  assert tfds_yt8m._id_and_labels(example.context.feature)["id"] == "\\xff\\xfeA"
 
 
 def test_a_corrupt_labels_file_is_one_line(tmp_path):
