@@ -4,6 +4,8 @@ process's share, directories, empty and truncated files, compression, and a firs
 Each problem raises DataError with one line naming the file and the pattern.
 """
 
+import os
+
 import tensorflow as tf
 from absl import logging
 
@@ -25,11 +27,12 @@ def listed(pattern: str, process_index: int, process_count: int) -> tuple[list[s
   files = set()
   for glob in globs:
     try:
-      matched = tf.io.gfile.glob(glob)
+      matched = globbed(glob)
     except tf.errors.OpError as e:
       raise DataError(f"cannot list files matching {glob!r}: {tf_errors.message(e)}") from e
     if not matched:
-      raise DataError(f"no file matches {glob!r}{tfrecord_files.unreadable_directory(glob)}")
+      where = tfrecord_files.unreadable_directory(os.path.expanduser(glob))
+      raise DataError(f"no file matches {glob!r}{where}")
     files.update(matched)
   files = tfrecord_files.without_aliases(sorted(files))
   mine = files[process_index::process_count]
@@ -50,6 +53,12 @@ def listed(pattern: str, process_index: int, process_count: int) -> tuple[list[s
         f"({tfrecord_files.RECORD_FRAMING_BYTES} or more)"
       )
   return mine, lengths
+
+
+def globbed(glob: str) -> list[str]:
+  """tf.io.gfile.glob, with a local path's leading '~' expanded (a shell leaves the one in
+  `--config.data.train_pattern=~/yt8m/train*` as it is)."""
+  return tf.io.gfile.glob(glob if "://" in glob else os.path.expanduser(glob))
 
 
 def file_lengths(files: list[str]) -> list[int | None]:

@@ -122,8 +122,12 @@ def _check_pattern(pattern: str, what: str, from_flag: bool) -> None:
   for part in file_patterns.split(pattern):
     local = os.path.expanduser(part)
     if "://" not in part and not glob.glob(local):
-      from mfb_jax import tfrecord_files  # Deferred (TensorFlow): only to say why.
+      # Deferred (TensorFlow): only where Python's glob, which lacks '[[:digit:]]' and '[^...]',
+      # matched nothing. The runs list files with TensorFlow's (glibc's fnmatch).
+      from mfb_jax import input_files, tfrecord_files
 
+      if input_files.globbed(part):
+        continue
       where = tfrecord_files.unreadable_directory(local)
       raise ConfigError(f"{source}: no files match {part!r}{where}")
 

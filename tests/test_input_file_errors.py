@@ -61,6 +61,14 @@ def test_a_comma_inside_a_glob_bracket_belongs_to_it(tmp_path):
   ]
 
 
+def test_a_leading_tilde_is_the_home_directory(tmp_path, monkeypatch):
+  write_shards(tmp_path, [1])
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert input_files.list_files("~/part-*.tfrecord") == [str(tmp_path / "part-0.tfrecord")]
+  with pytest.raises(DataError, match=f"^no file matches '~/gone/x\\*' \\({tmp_path}/gone does"):
+    input_files.list_files("~/gone/x*")
+
+
 def test_listing_errors_name_the_field_of_the_pattern(tmp_path):
   config = small_config()
   with pytest.raises(DataError) as info:
