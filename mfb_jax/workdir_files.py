@@ -46,7 +46,7 @@ class TrainingLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
     self._written = b""  # The lock file's text (process 0; none for a URL workdir).
-    self._created = False  # Whether this run made the workdir (process 0).
+    self._created = None  # The outermost folder this run made for the workdir (process 0).
 
   def __enter__(self) -> "TrainingLock":
     busy = self._take() if jax.process_index() == 0 else None
@@ -86,7 +86,7 @@ class TrainingLock:
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
     try:
-      self._created = not os.path.exists(self.workdir)
+      self._created = _first_missing(self.workdir)
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -124,7 +124,22 @@ class TrainingLock:
     # keeping before the first checkpoint, and a new user would take it for a started run.
     refused = error_type is not None and issubclass(error_type, UserError)
     if refused and self._created and not os.path.exists(os.path.join(self.workdir, "checkpoints")):
-      shutil.rmtree(self.workdir, ignore_errors=True)
+      made = os.path.abspath(self.workdir)
+      shutil.rmtree(made, ignore_errors=True)
+      while made != self._created:  # The parents it made too, while empty: another run may
+        made = os.path.dirname(made)  # have made its own workdir beside this one meanwhile.
+        try:
+          os.rmdir(made)
+        except OSError:
+          break
+
+
+def _first_missing(path: str) -> str | None:
+  """The outermost folder of `path` (itself included) that does not exist yet; None if it does."""
+  missing, path = None, os.path.abspath(path)
+  while not os.path.exists(path):
+    missing, path = path, os.path.dirname(path)
+  return missing
 
 
 def digest(text: bytes) -> np.ndarray:

@@ -144,6 +144,13 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   assert_one_line_error(result, "unknown config field 'top_k'")
 
 
+def test_a_workdir_under_the_home_directory(tmp_path, tiny_args):
+  # '--workdir=~/w' (a shell leaves the '~' after '=') made a folder named '~' in the cwd.
+  result = launch("~/w", "--mode=eval", *tiny_args, env={"HOME": str(tmp_path)})
+  assert_one_line_error(result, f"workdir {tmp_path}/w does not exist: train into it first")
+  assert not (REPO / "~").exists()
+
+
 def test_missing_files_give_one_line(tmp_path):
   result = launch(
     tmp_path,

@@ -345,3 +345,12 @@ def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
   with pytest.raises(RuntimeError), workdir_files.TrainingLock(str(tmp_path / "bug")):
     raise RuntimeError("a bug")
   assert (tmp_path / "bug").exists()
+  # The parents it made go too ('--workdir=~/runs/a' left a folder '~' behind), but not one
+  # where another run made its own workdir meanwhile.
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(tmp_path / "new/runs/a")):
+    raise DataError("bad data")
+  assert not (tmp_path / "new").exists()
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(tmp_path / "new/runs/a")):
+    (tmp_path / "new/runs/b").mkdir()
+    raise DataError("bad data")
+  assert os.listdir(tmp_path / "new/runs") == ["b"]
