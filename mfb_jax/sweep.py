@@ -102,11 +102,15 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
       log = open(log_path, "a")  # noqa: SIM115 - closed below, after the cell has stopped.
       log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
       log.flush()
+    if stop.signum:  # A signal since run_sweep looked: the cell is not started.
+      return -stop.signum, ""
     # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
     process = subprocess.Popen(
       args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
     )
     stop.child = process
+    if stop.signum:  # It came while Popen ran, before _handle could see the cell: passed on now.
+      process.send_signal(signal.SIGTERM)
     for line in process.stdout:
       with workdir_files.write_errors(log_path):
         log.write(line)

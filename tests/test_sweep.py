@@ -115,6 +115,28 @@ def test_run_cell_streams_progress_and_keeps_the_error_line(tmp_path, capsys):
   assert "chatter" in log.read_text()  # Everything goes to the cell's log.
 
 
+def test_a_signal_as_a_cell_starts_reaches_it(tmp_path, monkeypatch):
+  """A SIGTERM to the sweep between run_sweep's look and StopFlag knowing the cell was dropped:
+  the cell trained to its end (a paper cell: 250k steps) before the sweep stopped."""
+  stop, sleeper = sweep.StopFlag(), [PYTHON, "-c", "import time; time.sleep(60)"]
+  popen = subprocess.Popen
+
+  def signal_arrives_during_popen(*args, **kwargs):
+    process = popen(*args, **kwargs)
+    stop._handle(signal.SIGTERM, None)  # stop.child is not this process yet.
+    return process
+
+  monkeypatch.setattr(subprocess, "Popen", signal_arrives_during_popen)
+  start = time.monotonic()
+  assert sweep.run_cell(sleeper, str(tmp_path / "a.log"), "[a]", False, stop)[0] == -15
+  assert time.monotonic() - start < 30
+  monkeypatch.undo()
+  started = []  # A signal before run_cell starts the cell: none is started.
+  monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+  assert sweep.run_cell(sleeper, str(tmp_path / "b.log"), "[b]", False, stop) == (-15, "")
+  assert started == []
+
+
 def test_a_cell_killed_by_a_signal_is_reported_as_such(tmp_path):
   # Killed after a progress line (by the OOM killer, say), the cell's "error" was that line.
   code = "import os; print('step 4/20 (20.0%) loss 10.4', flush=True); os.kill(os.getpid(), 9)"
