@@ -64,8 +64,7 @@ def run(config, workdir: str, mode: str) -> None:
   elif mode == "predict":
     from mfb_jax import predict
 
-    path = predict.run_predict(config, workdir)
-    signals.work_done()
+    path = predict.run_predict(config, workdir)  # It calls signals.work_done().
     _print(f"wrote {path}")
     if config.predict.vocabulary:
       _print(f"wrote {workdir}/{predict.NAMED_PREDICTIONS_FILE} (label names)")

@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import evaluate, input_pipeline, memory, vocabulary, workdir_files
+from mfb_jax import evaluate, input_pipeline, memory, signals, vocabulary, workdir_files
 from mfb_jax import train as train_lib
 from mfb_jax.errors import DataError
 
@@ -27,6 +27,9 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str) -> str:
   predict_fn = train_lib.jit_predict_step(config, model, mesh, abstract)
   pattern = config.data.predict_pattern or config.data.eval_pattern
   path = predict_split(config, state, predict_fn, mesh, pattern, workdir)
+  # The predictions are written: a signal from here on is ignored, so that naming them (seconds
+  # for a large split) is not cut short, leaving no named file and a rerun of the whole pass.
+  signals.work_done()
   if config.predict.vocabulary and jax.process_index() == 0:
     named = os.path.join(workdir, NAMED_PREDICTIONS_FILE)
     vocabulary.name_predictions(path, config.predict.vocabulary, named)

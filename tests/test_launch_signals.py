@@ -219,6 +219,34 @@ def test_a_signal_once_the_results_are_written_is_ignored(tiny_args, trained_wor
   assert f"results: {trained_workdir}/eval_results.json" in result.stdout
 
 
+# launch.py that gets a SIGTERM as it starts to name the predictions (predictions.csv written).
+SIGNALLED_WHILE_NAMING = """
+import os, runpy, signal, sys
+from mfb_jax import vocabulary
+name_predictions = vocabulary.name_predictions
+def signalled(*args):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return name_predictions(*args)
+vocabulary.name_predictions = signalled
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_a_signal_while_predictions_are_named_is_ignored(tiny_args, trained_workdir, tmp_path):
+  # It exited 143 with predictions.csv written but no predictions_named.csv; a rerun predicted
+  # the whole split again.
+  names = tmp_path / "vocabulary.csv"
+  names.write_text("label_id,label_name\n" + "".join(f"{i},name{i}\n" for i in range(64)))
+  args = ["-c", SIGNALLED_WHILE_NAMING, f"--workdir={trained_workdir}", "--mode=predict"]
+  args += [*tiny_args, f"--config.predict.vocabulary={names}"]
+  result = run_python(args, env={"MFB_JAX_NO_TCMALLOC": "1"}, timeout=180)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "error:" not in result.stderr
+  named = (trained_workdir / "predictions_named.csv").read_text().splitlines()
+  assert named[0] == "VideoId,Labels" and len(named) == 41 and "name" in named[1]
+
+
 # launch.py whose error exit gets a SIGINT as it starts (absl's log flush sends it).
 SIGNALLED_AT_AN_ERROR_EXIT = """
 import os, runpy, signal, sys
