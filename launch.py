@@ -181,8 +181,6 @@ def main(argv) -> None:
   if not FLAGS.workdir and FLAGS.mode != "bench":
     cli.fail(f"--workdir=DIR is required for --mode={FLAGS.mode} (only --mode=bench runs without)")
   _check_process_flags(FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.workdir and "://" not in FLAGS.workdir:  # A shell leaves the '~' of --workdir=~/x.
-    FLAGS.workdir = os.path.expanduser(FLAGS.workdir)
 
   if not FLAGS.debug:
     runtime.quiet_library_logs()

@@ -46,7 +46,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for app.run(..., flags_parser=parse_flags): a bad flag, a config file that
   is missing or raises, and an unknown `--config.x.y` field are each one line with exit status 2
-  (`--debug`, where a program defines it, adds the traceback); --help exits 0."""
+  (`--debug`, where a program defines it, adds the traceback); --help exits 0. A value that
+  starts with '~/' is under the home directory, as a shell would have it without the '='."""
+  argv = [argv[0], *map(_home, argv[1:])]
   config_args = _config_values(argv)
   if len(config_args) > 1:
     fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
@@ -70,6 +72,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "--debug" in argv:
       traceback.print_exc()
     fail(_one_line(e, argv, config_file, config_arg))
+
+
+def _home(arg: str) -> str:
+  """'--flag=~/x' with the home directory for '~': a shell expands '~' only at a word's start
+  (so '--workdir=~/runs/a' made a folder named '~')."""
+  name, equals, value = arg.partition("=")
+  if name.startswith("-") and equals and (value == "~" or value.startswith("~/")):
+    return f"{name}={os.path.expanduser(value)}"
+  return arg
 
 
 def _config_values(argv: list[str]) -> list[str]:

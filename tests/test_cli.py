@@ -6,6 +6,8 @@ import subprocess
 import pytest
 from conftest import PYTHON, REPO
 
+from mfb_jax import cli
+
 # No TF_CPP_MIN_LOG_LEVEL from the test environment: the programs must quieten TensorFlow
 # themselves (its C++ start-up notices came before the error line of every tool but launch.py).
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
@@ -84,3 +86,12 @@ def test_a_world_json_inside_the_output_dir_is_refused_before_any_shard(tmp_path
   result = _run([*args, "--num_train=4", "--num_eval=0", "--num_classes=64"])
   assert result.returncode == 2 and "inside --output_dir" in result.stderr, result.stderr
   assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_flag_value_under_the_home_directory(monkeypatch):
+  # A shell expands '~' only at a word's start: '--workdir=~/runs/a' made a folder named '~'.
+  monkeypatch.setenv("HOME", "/home/me")
+  assert cli._home("--workdir=~/runs/a") == "--workdir=/home/me/runs/a"
+  assert cli._home("--config.data.train_pattern=~") == "--config.data.train_pattern=/home/me"
+  for unchanged in ("--output_dir=a/~/b", "--workdir=~other/x", "~/positional", "--flag"):
+    assert cli._home(unchanged) == unchanged
