@@ -42,6 +42,10 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message: str):
     fail(f"{message} (--help lists the options)")
 
+  def parse_known_args(self, args=None, namespace=None):
+    args = sys.argv[1:] if args is None else list(args)
+    return super().parse_known_args([_home(a) for a in args], namespace)  # As parse_flags.
+
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for app.run(..., flags_parser=parse_flags): a bad flag, a config file that

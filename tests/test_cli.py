@@ -95,3 +95,6 @@ def test_a_flag_value_under_the_home_directory(monkeypatch):
   assert cli._home("--config.data.train_pattern=~") == "--config.data.train_pattern=/home/me"
   for unchanged in ("--output_dir=a/~/b", "--workdir=~other/x", "~/positional", "--flag"):
     assert cli._home(unchanged) == unchanged
+  parser = cli.ArgumentParser()  # The argparse tools' (metrics, scripts/) too.
+  parser.add_argument("--predictions")
+  assert parser.parse_args(["--predictions=~/p.csv"]).predictions == "/home/me/p.csv"
