@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from mfb_jax import file_patterns
+from mfb_jax import cli, file_patterns
 from mfb_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def parse_sets(values: list[str]) -> list[tuple[str, str]]:
     field = field.strip().removeprefix("config.")
     if not sep or not field:
       raise ConfigError(f"--set={value!r} must look like FIELD=VALUE, e.g. data.format=video")
-    pairs.append((field, raw))
+    pairs.append((field, cli.home(raw)))  # As the cell's launch.py reads --config.FIELD=VALUE.
   return pairs
 
 

@@ -54,6 +54,12 @@ def test_overrides_are_typed_and_checked():
     sweep_config.apply_overrides(config, [("train.batch_size", "big")])
   with pytest.raises(ConfigError, match="FIELD=VALUE"):
     sweep_config.parse_sets(["data.format"])
+  # Read as the cell's launch.py reads it: a rerun compared '~/e-*' with its cells' '/home/me/e-*'.
+  home = sweep_config.parse_sets(["data.eval_pattern=~/e-*", "predict.vocabulary=a/~/v"])
+  assert home == [
+    ("data.eval_pattern", os.path.expanduser("~/e-*")),
+    ("predict.vocabulary", "a/~/v"),
+  ]
 
 
 def test_launch_args_of_a_cell(tmp_path):
