@@ -28,12 +28,9 @@ if __name__ == "__main__":
   runtime.set_xla_cpu_flags()
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Config file (configs/X.py[:ARG]).", lock_config=True
-)
+cli.define_config_file(None, "Config file (configs/X.py[:ARG]).", lock_config=True)
 flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, logs and results (optional for --mode=bench)."
 )

@@ -47,12 +47,28 @@ class ArgumentParser(argparse.ArgumentParser):
     return super().parse_known_args([_home(a) for a in args], namespace)  # As parse_flags.
 
 
+def define_config_file(default: str | None, help_text: str, **kwargs) -> None:
+  """config_flags.DEFINE_config_file("config", ...), whose definition reads the command line's
+  --flagfile(s) already: one that cannot be read is one line here, not a traceback there."""
+  from ml_collections import config_flags
+
+  try:
+    flags.FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)
+  except flags.Error as e:
+    fail(str(e).removeprefix("ERROR:: "))
+  config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for app.run(..., flags_parser=parse_flags): a bad flag, a config file that
   is missing or raises, and an unknown `--config.x.y` field are each one line with exit status 2
   (`--debug`, where a program defines it, adds the traceback); --help exits 0. A value that
   starts with '~/' is under the home directory, as a shell would have it without the '='."""
   argv = [argv[0], *map(_home, argv[1:])]
+  try:  # A --flagfile's flags in its place, so that they are read as the command line's.
+    argv = [argv[0], *map(_home, flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False))]
+  except flags.Error as e:
+    fail(str(e).removeprefix("ERROR:: "))
   config_args = _config_values(argv)
   if len(config_args) > 1:
     fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
@@ -78,13 +94,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(_one_line(e, argv, config_file, config_arg))
 
 
+def home(value: str) -> str:
+  """A flag's value with the home directory for a leading '~' or '~/': a shell expands '~' only
+  at a word's start (so '--workdir=~/runs/a' made a folder named '~')."""
+  return os.path.expanduser(value) if value == "~" or value.startswith("~/") else value
+
+
 def _home(arg: str) -> str:
-  """'--flag=~/x' with the home directory for '~': a shell expands '~' only at a word's start
-  (so '--workdir=~/runs/a' made a folder named '~')."""
+  """'--flag=~/x' with home(): the value of the flag."""
   name, equals, value = arg.partition("=")
-  if name.startswith("-") and equals and (value == "~" or value.startswith("~/")):
-    return f"{name}={os.path.expanduser(value)}"
-  return arg
+  return f"{name}={home(value)}" if name.startswith("-") and equals else arg
 
 
 def _config_values(argv: list[str]) -> list[str]:

@@ -119,9 +119,7 @@ def format_table(rows: list[OpTime], wall_ms: float, top: int, cores: int) -> st
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (configs/X.py).")
+  cli.define_config_file("configs/default.py", "Config file (configs/X.py).")
   flags.DEFINE_integer("steps", 3, "Traced steps (after the config's bench.warmup_steps).")
   flags.DEFINE_integer("top", 30, "Operations printed, slowest first.")
 

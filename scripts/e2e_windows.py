@@ -18,12 +18,11 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mfb_jax import cli, runtime  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Config file (launch.py's).")
+cli.define_config_file(None, "Config file (launch.py's).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Pairs of windows (bare, end to end).")
 _STEPS = flags.DEFINE_integer("steps", 12, "Steps per window; its first 2 are not counted.")
 

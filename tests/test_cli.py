@@ -13,9 +13,14 @@ from mfb_jax import cli
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [PYTHON, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    [PYTHON, *args],
+    cwd=REPO,
+    env={**ENV, **(env or {})},
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
 
 
@@ -88,13 +93,23 @@ def test_a_world_json_inside_the_output_dir_is_refused_before_any_shard(tmp_path
   assert not out.exists() or not list(out.iterdir())
 
 
-def test_a_flag_value_under_the_home_directory(monkeypatch):
+def test_a_flag_value_under_the_home_directory(monkeypatch, tmp_path):
   # A shell expands '~' only at a word's start: '--workdir=~/runs/a' made a folder named '~'.
   monkeypatch.setenv("HOME", "/home/me")
   assert cli._home("--workdir=~/runs/a") == "--workdir=/home/me/runs/a"
   assert cli._home("--config.data.train_pattern=~") == "--config.data.train_pattern=/home/me"
   for unchanged in ("--output_dir=a/~/b", "--workdir=~other/x", "~/positional", "--flag"):
     assert cli._home(unchanged) == unchanged
+  # In a --flagfile too (absl read it after parse_flags had expanded the command line).
+  flagfile = tmp_path / "flags"
+  flagfile.write_text("--workdir=~/w\n--config=configs/tiny.py\n--config.data.eval_pattern=x\n")
+  result = _run(["launch.py", f"--flagfile={flagfile}", "--mode=eval"], env={"HOME": "/home/me"})
+  assert (
+    result.stderr
+    == "error: workdir /home/me/w does not exist: train into it first (--mode=train)\n"
+  )
+  result = _run(["launch.py", f"--flagfile={tmp_path}/gone"])
+  assert result.returncode == 2 and result.stderr.startswith("error: Unable to open flagfile: ")
   parser = cli.ArgumentParser()  # The argparse tools' (metrics, scripts/) too.
   parser.add_argument("--predictions")
   assert parser.parse_args(["--predictions=~/p.csv"]).predictions == "/home/me/p.csv"
