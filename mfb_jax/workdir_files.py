@@ -46,7 +46,7 @@ class TrainingLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd = None
     self._written = b""  # The lock file's text (process 0; none for a URL workdir).
-    self._created = None  # The outermost folder this run made for the workdir (process 0).
+    self._made: list[str] = []  # The folders this run made for the workdir (process 0).
 
   def __enter__(self) -> "TrainingLock":
     busy = self._take() if jax.process_index() == 0 else None
@@ -86,8 +86,7 @@ class TrainingLock:
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
     try:
-      self._created = _first_missing(self.workdir)
-      os.makedirs(self.workdir, exist_ok=True)
+      self._made = _make_dirs(self.workdir)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       return f"cannot use workdir {self.workdir}: {e.strerror}"
@@ -96,6 +95,7 @@ class TrainingLock:
     except BlockingIOError:  # EWOULDBLOCK: another process holds it.
       holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
       os.close(fd)
+      self._made = []  # Folders this run made, but the other run now trains in: kept.
       return (
         f"workdir {self.workdir} is in use by another training run ({holder}); wait for it "
         "to finish, stop it, or use another --workdir"
@@ -123,23 +123,31 @@ class TrainingLock:
     # A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
     # keeping before the first checkpoint, and a new user would take it for a started run.
     refused = error_type is not None and issubclass(error_type, UserError)
-    if refused and self._created and not os.path.exists(os.path.join(self.workdir, "checkpoints")):
-      made = os.path.abspath(self.workdir)
-      shutil.rmtree(made, ignore_errors=True)
-      while made != self._created:  # The parents it made too, while empty: another run may
-        made = os.path.dirname(made)  # have made its own workdir beside this one meanwhile.
-        try:
-          os.rmdir(made)
-        except OSError:
-          break
+    made = self._made if refused else []
+    if made and made[-1] == os.path.abspath(self.workdir):
+      if not os.path.exists(os.path.join(self.workdir, "checkpoints")):
+        shutil.rmtree(made[-1], ignore_errors=True)
+        for parent in reversed(made[:-1]):  # While empty: another run may have made its own
+          try:  # workdir beside this one meanwhile.
+            os.rmdir(parent)
+          except OSError:
+            break
 
 
-def _first_missing(path: str) -> str | None:
-  """The outermost folder of `path` (itself included) that does not exist yet; None if it does."""
-  missing, path = None, os.path.abspath(path)
-  while not os.path.exists(path):
-    missing, path = path, os.path.dirname(path)
-  return missing
+def _make_dirs(path: str) -> list[str]:
+  """os.makedirs(path, exist_ok=True); returns the folders that this call made, outermost first
+  (one that another process made meanwhile is not among them)."""
+  missing, path = [], os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  made = []
+  for folder in reversed(missing):
+    with contextlib.suppress(FileExistsError):
+      os.mkdir(folder)
+      made.append(folder)
+  os.makedirs(missing[0] if missing else path, exist_ok=True)  # A dangling symlink: its error.
+  return made
 
 
 def digest(text: bytes) -> np.ndarray:

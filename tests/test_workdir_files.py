@@ -354,3 +354,26 @@ def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
     (tmp_path / "new/runs/b").mkdir()
     raise DataError("bad data")
   assert os.listdir(tmp_path / "new/runs") == ["b"]
+
+
+def test_a_run_refused_for_a_busy_workdir_removes_nothing(tmp_path, monkeypatch):
+  """Two runs started at once on a new workdir: the one that made it can lose the lock to the
+  other, and its refusal removed the workdir (and the lock file) that the other trained in."""
+  import fcntl
+
+  from mfb_jax.errors import WorkdirError
+
+  workdir, held, real_open = tmp_path / "new" / "w", [], os.open
+
+  def the_other_run_locks_first(path, flags, *args):
+    held.append(real_open(path, flags, *args))
+    fcntl.flock(held[0], fcntl.LOCK_EX)
+    monkeypatch.setattr(os, "open", real_open)
+    return real_open(path, flags, *args)
+
+  monkeypatch.setattr(os, "open", the_other_run_locks_first)
+  with pytest.raises(WorkdirError, match="is in use by another training run"):
+    with workdir_files.TrainingLock(str(workdir)):
+      pass
+  assert os.listdir(workdir) == [".train.lock"]
+  os.close(held[0])
