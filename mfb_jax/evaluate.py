@@ -223,22 +223,27 @@ def check_eval_files(config, paths: list[str], count: int = 16) -> None:
     count = min(count, _max_examples_here(config))
   # One dataset over the files (a pipeline per file took 0.4 s each: minutes for empty shards).
   first = lambda files: input_pipeline.eval_dataset(config, files, count, max_examples=count)
-  where = paths[0] if len(paths) == 1 else f"{len(paths)} eval files from {paths[0]} on"
-  labelled = []
-  one_file = lambda path: first([path])
-  for batch in tf_errors.checked_batches(first(paths), lambda: paths, one_file, decode_ids=False):
+  labelled, read = [], {}  # read: the files of the videos read, in order.
+  batches = tf_errors.checked_batches(
+    first(paths), lambda: paths, lambda path: first([path]), decode_ids=False, keep_files=True
+  )
+  for batch in batches:
     valid_B = batch["valid"] > 0
-    if config.data.id_feature != "auto" and not all(batch["id"][valid_B]):
-      raise no_id_error(where, config.data.id_feature)  # As _unique_ids would at that evaluation.
+    files_B = batch["file"][valid_B]
+    read.update(dict.fromkeys(files_B))
+    no_id_B = batch["id"][valid_B] == b""
+    if config.data.id_feature != "auto" and no_id_B.any():  # As _unique_ids would at evaluation.
+      raise no_id_error(files_B[no_id_B][0], config.data.id_feature)
     labelled.extend(batch["labels"][valid_B].any(axis=1))
   if not labelled and jax.process_count() == 1:
-    raise DataError(f"data.eval_pattern: no videos to evaluate: no record in {where}")
+    files = paths[0] if len(paths) == 1 else f"{len(paths)} files, {paths[0]} first"
+    raise DataError(f"data.eval_pattern: no videos to evaluate: no record in its {files}")
   if labelled and not any(labelled):
     logging.warning(
-      "data.eval_pattern: the first %d videos of %s have no labels (test shards?); the "
+      "data.eval_pattern: the first %d videos, in %s, have no labels (test shards?); the "
       "first evaluation will stop the run, since GAP needs labelled videos",
       len(labelled),
-      where,
+      ", ".join(read),
     )
 
 

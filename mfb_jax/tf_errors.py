@@ -24,9 +24,11 @@ def checked_batches(
   one_file: Callable[[str], tf.data.Dataset] | None = None,
   decode_ids: bool = True,
   ends: tfrecord_files.FileEnds | None = None,
+  keep_files: bool = False,
 ) -> Iterator[dict]:
   """Numpy batches; TensorFlow errors and bad records become one-line DataErrors. Each record's
-  'file' and 'bytes' are taken out of the batches: `ends` checks them (files read in order)."""
+  'file' and 'bytes' are taken out of the batches (keep_files: 'file' stays, the path as text):
+  `ends` checks them (files read in order)."""
   iterator = dataset.as_numpy_iterator()
   while True:
     try:
@@ -52,6 +54,8 @@ def checked_batches(
     files_B, sizes_B = batch.pop("file"), batch.pop("bytes")
     if ends is not None:
       ends.add(files_B, sizes_B)
+    if keep_files:
+      batch["file"] = np.array([f.decode("utf-8", "replace") for f in files_B], dtype=object)
     if decode_ids:
       batch["id"] = np.array([records.id_text(i) for i in batch["id"]], dtype=object)
     yield batch

@@ -221,9 +221,11 @@ def test_an_eval_file_is_checked_and_an_unlabelled_one_warned_about_at_start_up(
   evaluate.check_eval_files(small_config(), [str(empty), unlabelled, labelled])
   assert warnings == []  # The 4 videos read include a.tfrecord's labelled one.
   evaluate.check_eval_files(small_config(), [str(empty), unlabelled])
-  assert len(warnings) == 1 and warnings[0][1:] == (3, f"2 eval files from {empty} on")
+  assert len(warnings) == 1 and warnings[0][1:] == (3, unlabelled)  # The file of the videos.
+  with pytest.raises(DataError, match=r"a video in '.*/a.tfrecord' has no id"):
+    evaluate.check_eval_files(misnamed, [str(empty), labelled])
   with pytest.raises(
-    DataError, match=r"^data.eval_pattern: no videos to evaluate: no record in 2 "
+    DataError, match=r"^data.eval_pattern: no videos to evaluate: no record in its 2 files, "
   ):
     evaluate.check_eval_files(small_config(), [str(empty), str(empty)])
 
