@@ -96,14 +96,14 @@ def run_cell(args: list[str], log_path: str, prefix: str, verbose: bool, stop: S
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env[runtime.STOP_WITH_ENV] = str(os.getpid())  # The cell stops if the sweep dies (kill -9).
   error, last, process, log = "", "", None, None
+  if stop.signum:  # A signal since run_sweep looked: the cell is not started (nor logged).
+    return -stop.signum, ""
   try:
     with workdir_files.write_errors(log_path):
       os.makedirs(os.path.dirname(log_path), exist_ok=True)
       log = open(log_path, "a")  # noqa: SIM115 - closed below, after the cell has stopped.
       log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(args)}\n")
       log.flush()
-    if stop.signum:  # A signal since run_sweep looked: the cell is not started.
-      return -stop.signum, ""
     # stderr merged into stdout: one pipe, so no deadlock, and lines keep their order.
     process = subprocess.Popen(
       args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env

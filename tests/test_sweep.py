@@ -140,7 +140,7 @@ def test_a_signal_as_a_cell_starts_reaches_it(tmp_path, monkeypatch):
   started = []  # A signal before run_cell starts the cell: none is started.
   monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
   assert sweep.run_cell(sleeper, str(tmp_path / "b.log"), "[b]", False, stop) == (-15, "")
-  assert started == []
+  assert started == [] and not (tmp_path / "b.log").exists()
 
 
 def test_a_cell_killed_by_a_signal_is_reported_as_such(tmp_path):
