@@ -86,7 +86,8 @@ class TrainingLock:
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
     try:
-      self._made = _make_dirs(self.workdir)
+      self._made = []
+      _make_dirs(self.workdir, self._made)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       return f"cannot use workdir {self.workdir}: {e.strerror}"
@@ -123,31 +124,35 @@ class TrainingLock:
     # A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
     # keeping before the first checkpoint, and a new user would take it for a started run.
     refused = error_type is not None and issubclass(error_type, UserError)
-    made = self._made if refused else []
-    if made and made[-1] == os.path.abspath(self.workdir):
-      if not os.path.exists(os.path.join(self.workdir, "checkpoints")):
-        shutil.rmtree(made[-1], ignore_errors=True)
-        for parent in reversed(made[:-1]):  # While empty: another run may have made its own
-          try:  # workdir beside this one meanwhile.
-            os.rmdir(parent)
-          except OSError:
-            break
+    made = list(self._made) if refused else []
+    if made and made[-1] == self.workdir:
+      if os.path.exists(os.path.join(self.workdir, "checkpoints")):
+        made = []
+      else:
+        shutil.rmtree(made.pop(), ignore_errors=True)
+    for parent in reversed(made):  # While empty: another run may have made its own workdir
+      try:  # beside this one meanwhile.
+        os.rmdir(parent)
+      except OSError:
+        break
 
 
-def _make_dirs(path: str) -> list[str]:
-  """os.makedirs(path, exist_ok=True); returns the folders that this call made, outermost first
-  (one that another process made meanwhile is not among them)."""
-  missing, path = [], os.path.abspath(path)
-  while not os.path.exists(path) and os.path.dirname(path) != path:
-    missing.append(path)
-    path = os.path.dirname(path)
-  made = []
-  for folder in reversed(missing):
-    with contextlib.suppress(FileExistsError):
-      os.mkdir(folder)
-      made.append(folder)
-  os.makedirs(missing[0] if missing else path, exist_ok=True)  # A dangling symlink: its error.
-  return made
+def _make_dirs(path: str, made: list[str]) -> None:
+  """os.makedirs(path, exist_ok=True) on the path as given (for 'x/../w' it makes x, through
+  which the system goes), appending to `made` each folder that this call's own mkdir made,
+  outermost first, as it goes (one that another process made meanwhile is not among them)."""
+  head, tail = os.path.split(path)
+  if not tail:  # A trailing slash.
+    head, tail = os.path.split(head)
+  if head and tail and not os.path.exists(head):
+    _make_dirs(head, made)
+  try:
+    os.mkdir(path)
+  except FileExistsError:
+    if not os.path.isdir(path):  # A file, or a dangling symlink.
+      raise
+  else:
+    made.append(path)
 
 
 def digest(text: bytes) -> np.ndarray:

@@ -325,7 +325,7 @@ def test_before_rename_runs_on_the_closed_file_and_only_if_it_was_written(tmp_pa
 def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
   # A refusal after the lock (bad data found at start-up) left a new workdir holding .train.lock,
   # config.json and an events file: a new user took it for a started run.
-  from mfb_jax.errors import DataError
+  from mfb_jax.errors import DataError, WorkdirError
 
   fresh = tmp_path / "fresh"
   with pytest.raises(DataError), workdir_files.TrainingLock(str(fresh)):
@@ -354,6 +354,16 @@ def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
     (tmp_path / "new/runs/b").mkdir()
     raise DataError("bad data")
   assert os.listdir(tmp_path / "new/runs") == ["b"]
+  # The path as given: 'x/../w' goes through x, which must be made (and then removed) too.
+  with pytest.raises(DataError), workdir_files.TrainingLock(str(tmp_path / "x/../w")):
+    assert (tmp_path / "w" / ".train.lock").exists()
+    raise DataError("bad data")
+  assert not (tmp_path / "x").exists() and not (tmp_path / "w").exists()
+  # A folder that cannot be made: the ones made before it go.
+  with pytest.raises(WorkdirError, match="File name too long"):
+    with workdir_files.TrainingLock(str(tmp_path / "deep" / ("x" * 300))):
+      pass
+  assert not (tmp_path / "deep").exists()
 
 
 def test_a_run_refused_for_a_busy_workdir_removes_nothing(tmp_path, monkeypatch):
