@@ -52,11 +52,18 @@ def define_config_file(default: str | None, help_text: str, **kwargs) -> None:
   --flagfile(s) already: one that cannot be read is one line here, not a traceback there."""
   from ml_collections import config_flags
 
+  _with_flag_files(sys.argv[1:])
+  config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
+
+
+def _with_flag_files(args: list[str]) -> list[str]:
+  """`args` with each --flagfile's flags in its place; one that cannot be read is one line."""
   try:
-    flags.FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)
+    return flags.FLAGS.read_flags_from_files(args, force_gnu=False)
   except flags.Error as e:
     fail(str(e).removeprefix("ERROR:: "))
-  config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
+  except UnicodeDecodeError as e:
+    fail(f"a --flagfile is not UTF-8 text ({e.reason} at byte {e.start})")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -64,14 +71,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   is missing or raises, and an unknown `--config.x.y` field are each one line with exit status 2
   (`--debug`, where a program defines it, adds the traceback); --help exits 0. A value that
   starts with '~/' is under the home directory, as a shell would have it without the '='."""
-  argv = [argv[0], *map(_home, argv[1:])]
-  try:  # A --flagfile's flags in its place, so that they are read as the command line's.
-    argv = [argv[0], *map(_home, flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False))]
-  except flags.Error as e:
-    fail(str(e).removeprefix("ERROR:: "))
+  flag_files = any(a.lstrip("-").startswith("flagfile") for a in argv[1:])
+  # A --flagfile's flags in its place, so that they are read as the command line's.
+  argv = [argv[0], *map(_home, _with_flag_files([_home(a) for a in argv[1:]]))]
   config_args = _config_values(argv)
   if len(config_args) > 1:
-    fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}); give one")
+    where = ", --flagfile's included" if flag_files else ""
+    fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}{where}); give one")
   config_file, _, config_arg = (config_args[-1] if config_args else "").partition(":")
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"

@@ -110,6 +110,10 @@ def test_a_flag_value_under_the_home_directory(monkeypatch, tmp_path):
   )
   result = _run(["launch.py", f"--flagfile={tmp_path}/gone"])
   assert result.returncode == 2 and result.stderr.startswith("error: Unable to open flagfile: ")
+  flagfile.write_bytes(b"--workdir=/tmp/\xff\n")  # A traceback (UnicodeDecodeError) before.
+  result = _run(["launch.py", f"--flagfile={flagfile}"])
+  assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+  assert result.stderr.startswith("error: a --flagfile is not UTF-8 text")
   parser = cli.ArgumentParser()  # The argparse tools' (metrics, scripts/) too.
   parser.add_argument("--predictions")
   assert parser.parse_args(["--predictions=~/p.csv"]).predictions == "/home/me/p.csv"
