@@ -58,6 +58,7 @@ def _get(config, field: str):
 def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   """Raises ConfigError on the first invalid value."""
   from mfb_jax import model as model_lib  # Deferred: the registries import flax.
+  from mfb_jax import module_config
 
   _check_fields(config, mode)
   _choice(config, "data.format", FORMATS)
@@ -77,6 +78,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
       "video-level record holds one mean vector per video, no frames to fuse"
     )
   model_lib.build_model(config)  # The module sections' values and fields (no arrays made).
+  for name, cls in model_lib.module_sections().items():  # Those of modules not used too: a bad
+    module_config.check_section(cls, name, config)  # value there is a mistake all the same.
   _positive(config, "optim.learning_rate", 0, strict=True)
   for field in ("optim.b1", "optim.b2"):
     _fraction(config, field)

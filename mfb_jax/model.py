@@ -62,6 +62,12 @@ CLASSIFIERS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def module_sections() -> dict[str, type]:
+  """Each registered module's config.model section name -> its class."""
+  frame = {f"frame_{name}": cls for name, cls in FRAME_FUSIONS.items()}
+  return {**AGGREGATORS, **FUSIONS, **CLASSIFIERS, **frame}
+
+
 def classify(module: nn.Module, fused_BxO: jax.Array, train: bool) -> jax.Array:
   """The classifier, with context gating before and after it where the module has gates."""
   if module.fusion_gate is not None:

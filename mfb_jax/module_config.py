@@ -56,8 +56,9 @@ def check_value(name: str, field: str, value) -> None:
     raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
 
 
-def make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> nn.Module:
-  """Instantiates `cls` with the kwargs in config.model.<name> (a missing section means none)."""
+def check_section(cls: type, name: str, config: ml_collections.ConfigDict) -> dict:
+  """config.model.<name>'s values (a missing section means none), checked against `cls`: a field
+  it lacks, or a value check_value refuses. Run for every module's section, used or not."""
   section = config.model.get(name)
   kwargs = section.to_dict() if section is not None else {}
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
@@ -69,6 +70,13 @@ def make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> nn
     )
   for field, value in kwargs.items():
     check_value(name, field, value)
+  return kwargs
+
+
+def make(cls: type, name: str, config: ml_collections.ConfigDict, **extra) -> nn.Module:
+  """Instantiates `cls` with the kwargs in config.model.<name> (a missing section means none)."""
+  kwargs = check_section(cls, name, config)
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   given = set(kwargs) | set(extra)
   required = [
     f.name

@@ -4,6 +4,7 @@ A config module whose get_config needs an argument lists its valid arguments in 
 `ARGS` tuple; each of them is loaded and built here.
 """
 
+import copy
 import functools
 import importlib
 import pathlib
@@ -248,8 +249,12 @@ def test_a_config_file_setting_a_field_default_lacks_names_it(monkeypatch):
     config_checks.validate(config_with("model", "my_fusion", settings), "train")
   with pytest.raises(ConfigError, match=r"names no registered .*did you mean model.netvlad\?"):
     config_checks.validate(config_with("model", "netvald", settings), "train")
-  monkeypatch.setitem(model.FUSIONS, "my_fusion", model.FUSIONS["concat"])
-  config_checks.validate(config_with("model", "my_fusion", settings), "train")
+  monkeypatch.setitem(model.FUSIONS, "my_fusion", model.FUSIONS["fc_concat"])
+  sized = ml_collections.ConfigDict({"hidden_size": 8})
+  config_checks.validate(config_with("model", "my_fusion", sized), "train")
+  # Its fields are checked even where the run does not use it (model.fusion is mfb here).
+  with pytest.raises(ConfigError, match=r"^config.model.my_fusion: FcConcat takes no field 'dim'"):
+    config_checks.validate(config_with("model", "my_fusion", settings), "train")
 
 
 def test_tiny_argument_must_be_two_names():
@@ -309,3 +314,24 @@ def test_the_model_is_traced_on_the_pipelines_shapes(monkeypatch):
   config.data.max_frames = 15
   with pytest.raises(TypeError, match="cannot reshape"):
     config_checks.check_model_shapes(config)
+
+
+def test_a_bad_value_in_a_section_the_model_does_not_use_is_refused():
+  # model.mfh.order=100000 with fusion=mfb passed: the run trained MFB as if nothing was wrong.
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = paper.get_config("netvlad,mfb")
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  config_checks.validate(config, "train")
+  for field, value, message in [
+    ("mfh.order", 100000, r"config.model.mfh.order=100000 is invalid; it must be at most 16"),
+    ("dbof.hidden_size", 0, r"config.model.dbof.hidden_size must be a positive integer, got 0"),
+    ("logistic.l2_penalty", -1.0, r"config.model.logistic.l2_penalty must be a finite number"),
+    ("frame_mfb.dropout", 1.5, r"config.model.frame_mfb.dropout must be in \[0, 1\)"),
+  ]:
+    bad = copy.deepcopy(config)
+    section, name = field.split(".")
+    bad.model[section][name] = value
+    with pytest.raises(ConfigError, match="^" + message):
+      config_checks.validate(bad, "train")
