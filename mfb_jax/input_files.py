@@ -31,8 +31,7 @@ def listed(pattern: str, process_index: int, process_count: int) -> tuple[list[s
     except tf.errors.OpError as e:
       raise DataError(f"cannot list files matching {glob!r}: {tf_errors.message(e)}") from e
     if not matched:
-      where = tfrecord_files.unreadable_directory(os.path.expanduser(glob))
-      raise DataError(f"no file matches {glob!r}{where}")
+      raise DataError(f"no file matches {glob!r}{tfrecord_files.unreadable_directory(glob)}")
     files.update(matched)
   files = tfrecord_files.without_aliases(sorted(files))
   mine = files[process_index::process_count]

@@ -162,10 +162,11 @@ def map_paths(fn: Callable[[str], T], paths: list[str]) -> list[T]:
 def unreadable_directory(glob: str) -> str:
   """' (directory D cannot be read ...)' where the fixed part of a local glob's directory, or a
   directory above it, cannot be read (a glob sees no files there, which TensorFlow does not tell
-  apart from none), ' (D does not exist)' for the first of them that is missing, else ''."""
+  apart from none), ' (D does not exist)' for the first of them that is missing, else ''. A
+  leading '~' is the home directory, as input_files.globbed reads it."""
   if "://" in glob:
     return ""
-  fixed = os.path.dirname(os.path.abspath(glob))
+  fixed = os.path.dirname(os.path.abspath(os.path.expanduser(glob)))
   while any(c in fixed for c in "*?["):
     fixed = os.path.dirname(fixed)
   chain = [fixed]
