@@ -33,6 +33,7 @@ from mfb_jax import (
   memory,
   progress,
   signals,
+  train_lock,
   workdir_files,
 )
 from mfb_jax import train as train_lib
@@ -59,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   # cleanup closes the checkpointer however the run ends: a save still being written when an
   # error stops the run is finished, not left as a temporary directory, and no orbax thread is
   # left to print tracebacks at exit.
-  with workdir_files.TrainingLock(workdir), contextlib.ExitStack() as cleanup:
+  with train_lock.TrainingLock(workdir), contextlib.ExitStack() as cleanup:
     return _train_and_evaluate(config, workdir, cleanup)
 
 

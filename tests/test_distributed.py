@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from conftest import PYTHON, REPO, free_port, last_line, launch, run_python
 
-from mfb_jax import workdir_files
+from mfb_jax import train_lock
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -96,14 +96,14 @@ def _gap(workdir) -> dict:
 
 @pytest.mark.slow
 def test_both_processes_of_a_run_on_a_busy_workdir_stop(tiny_args, tmp_path):
-  with workdir_files.TrainingLock(str(tmp_path)):  # This test process is the other run.
+  with train_lock.TrainingLock(str(tmp_path)):  # This test process is the other run.
     procs = _start_two(tmp_path, tiny_args)
     results = [(p.communicate(timeout=300)[1], p.wait()) for p in procs]
   expected = ["is in use by another training run", "refused by process 0"]
   for (err, code), words in zip(results, expected, strict=True):
     assert code == 2, err[-2000:]
     assert words in last_line(err) and "Traceback" not in err
-  assert os.listdir(tmp_path) == [workdir_files.LOCK_FILE]
+  assert os.listdir(tmp_path) == [train_lock.LOCK_FILE]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import os
 import pytest
 from conftest import REPO, assert_one_line_error, last_line, launch, run_python
 
-from mfb_jax import workdir_files
+from mfb_jax import train_lock
 
 
 def _tree_digest(path) -> str:
@@ -18,7 +18,7 @@ def _tree_digest(path) -> str:
   digest = hashlib.sha256()
   for root, dirs, files in sorted(os.walk(path)):
     dirs.sort()
-    for name in sorted(set(files) - {workdir_files.LOCK_FILE}):
+    for name in sorted(set(files) - {train_lock.LOCK_FILE}):
       full = os.path.join(root, name)
       digest.update(full.encode())
       with open(full, "rb") as f:
