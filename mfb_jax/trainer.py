@@ -30,6 +30,7 @@ from mfb_jax import (
   event_writer,
   input_files,
   input_pipeline,
+  label_check,
   memory,
   progress,
   signals,
@@ -61,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   # error stops the run is finished, not left as a temporary directory, and no orbax thread is
   # left to print tracebacks at exit.
   with train_lock.TrainingLock(workdir), contextlib.ExitStack() as cleanup:
-    return _train_and_evaluate(config, workdir, cleanup)
+    return _Run(config, workdir, cleanup).train()
 
 
 def _check_batches(config) -> None:
@@ -83,60 +84,6 @@ def _evaluation_missed(config, workdir: str, step: int) -> bool:
   return missed
 
 
-class LabelCheck:
-  """Refuses training data without labels: none among a process's first VIDEOS training videos
-  (unlabelled test shards, or a misnamed labels feature, would otherwise train every class
-  towards 0 and exit 0). Decided on that many videos, not on one batch, so that a small local
-  batch of partly unlabelled data is not refused by chance; periodic checkpoints wait until a
-  labelled video is seen (may_save). Warns once about batches with some unlabelled videos."""
-
-  VIDEOS = 32
-
-  def __init__(self, config):
-    self.config, self.seen, self.labelled, self.warned = config, 0, 0, False
-    self.cleared = False  # Every process has seen a labelled video (may_save).
-
-  def __call__(self, labels_BxC: np.ndarray, step: int, last: bool = False) -> None:
-    """`last`: the run's last step, where it decides on however many videos it has seen."""
-    labelled_B = labels_BxC.any(axis=1)
-    if self.seen < self.VIDEOS:
-      self.seen += len(labelled_B)
-      self.labelled += int(labelled_B.sum())
-      if (self.seen >= self.VIDEOS or last) and not self.labelled:
-        raise self._unlabelled(step)
-    if not self.warned and not labelled_B.all():
-      self.warned = True
-      logging.warning(
-        "%d of the %d videos of the training batch for step %d have no labels (unlabelled "
-        "test shards in data.train_pattern?); they train as negatives of every class",
-        int((~labelled_B).sum()),
-        len(labelled_B),
-        step,
-      )
-
-  def may_save(self, step: int) -> bool:
-    """Whether a periodic checkpoint may be saved: not while some process has seen only
-    unlabelled videos, too few yet to decide (a corrected relaunch would resume from parameters
-    trained towards all-zero labels). Agreed among processes: a save is collective."""
-    if not self.cleared:
-      ok = self.labelled > 0
-      if jax.process_count() > 1:
-        ok = bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-      self.cleared = ok
-      if not ok:
-        logging.info("No checkpoint at step %d: no training video so far has a label", step)
-    return self.cleared
-
-  def _unlabelled(self, step: int) -> errors.DataError:
-    data = self.config.data
-    return errors.DataError(
-      f"none of the {'first ' if self.seen >= self.VIDEOS else ''}{self.seen} training videos "
-      f"(to step {step}) has a label: "
-      f"data.train_pattern={data.train_pattern!r} looks unlabelled (test shards? "
-      f"data.labels_feature={data.labels_feature!r})"
-    )
-
-
 def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files, the checkpoint and the
   memory that the state (restored, or made by `init`), the input batches and the shuffle buffer
@@ -155,141 +102,165 @@ def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.Tr
   return train_files
 
 
-def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> dict | None:
-  train_cfg = config.train
-  local_batch = train_cfg.batch_size // jax.process_count()  # Split evenly (_check_batches).
-  mesh = train_lib.make_mesh()
-  model, tx = train_lib.build(config)
-  state_shapes = train_lib.abstract_state(config, model, tx, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints, writer=True)
-  cleanup.enter_context(checkpointer)
-  # Before anything in the workdir is touched; if any process fails them, all stop.
-  resuming = checkpointer.latest_step() is not None
-  init = None if resuming else train_lib.state_initializer(config, model, tx, mesh)
-  train_files = errors.agreed(lambda: _check_inputs(config, checkpointer, state_shapes, init))
-  state = checkpointer.restore(state_shapes) if resuming else init()
-  workdir_files.write_config(workdir, config)  # After the restore: a damaged step changes nothing.
-  start_step = int(state.step)
-  logging.info(
-    "Training %s+%s+%s from step %d to %d on %d devices (%d processes); %d train files here",
-    config.model.aggregator,
-    config.model.fusion,
-    config.model.classifier,
-    start_step,
-    train_cfg.num_steps,
-    jax.device_count(),
-    jax.process_count(),
-    len(train_files.paths),
-  )
-  writer = event_writer.EventWriter(workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
-    writer.write_hparams(workdir_files.flat_hparams(config))
+class _Run:
+  """One training run: its state, files and writers, and the named steps of its loop."""
 
-  train_fn = train_lib.jit_train_step(config, model, tx, mesh, state_shapes)
-  eval_fn = train_lib.jit_eval_step(config, model, mesh, state_shapes)
-  buffer, result = progress.MetricBuffer(), None
-  batches, check_labels = None, LabelCheck(config)
+  def __init__(self, config, workdir: str, cleanup: contextlib.ExitStack):
+    self.config, self.workdir, self.train_cfg = config, workdir, config.train
+    self.mesh = train_lib.make_mesh()
+    model, tx = train_lib.build(config)
+    state_shapes = train_lib.abstract_state(config, model, tx, self.mesh)
+    keep = self.train_cfg.keep_checkpoints
+    self.checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep, writer=True)
+    cleanup.enter_context(self.checkpointer)
+    # Before anything in the workdir is touched; if any process fails them, all stop.
+    resuming = self.checkpointer.latest_step() is not None
+    init = None if resuming else train_lib.state_initializer(config, model, tx, self.mesh)
+    check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init)
+    self.train_files = errors.agreed(check)
+    self.state = self.checkpointer.restore(state_shapes) if resuming else init()
+    workdir_files.write_config(
+      workdir, config
+    )  # After the restore: a damaged step changes nothing.
+    self.start_step = int(self.state.step)
+    self._log_start()
+    self.writer = event_writer.EventWriter(workdir, just_logging=jax.process_index() > 0)
+    if self.start_step == 0:
+      self.writer.write_hparams(workdir_files.flat_hparams(config))
+    self.train_fn = train_lib.jit_train_step(config, model, tx, self.mesh, state_shapes)
+    self.eval_fn = train_lib.jit_eval_step(config, model, self.mesh, state_shapes)
+    self.buffer, self.result = progress.MetricBuffer(), None
+    self.batches, self.check_labels = None, label_check.LabelCheck(config)
+    self.rate, self.compiled = None, set()  # The rate starts with the loop (train).
 
-  def run_eval(step: int) -> bool:
+  def _log_start(self) -> None:
+    config = self.config
+    logging.info(
+      "Training %s+%s+%s from step %d to %d on %d devices (%d processes); %d train files here",
+      config.model.aggregator,
+      config.model.fusion,
+      config.model.classifier,
+      self.start_step,
+      self.train_cfg.num_steps,
+      jax.device_count(),
+      jax.process_count(),
+      len(self.train_files.paths),
+    )
+
+  def train(self) -> dict | None:
+    """The loop: train, log, save, evaluate; stops after a signal with the step saved."""
+    start, end = self.start_step, self.train_cfg.num_steps
+    if _evaluation_missed(self.config, self.workdir, start):
+      logging.info("Evaluating step %d first: the run that saved it stopped before that", start)
+      self.evaluate(start)
+    self.rate = progress.StepRate(time.time(), start)
+    # SIGTERM/Ctrl-C stops at once until the first step has run (nothing new to save yet); from
+    # then on the loop saves after the running step and stops (mfb_jax/signals.py).
+    with contextlib.ExitStack() as deferral:
+      for step in range(start, end):
+        self.train_step(step)
+        if step == start:
+          deferral.enter_context(signals.deferred())
+        done, stopping = step + 1, _stop_agreed()
+        if done % self.train_cfg.log_every == 0 or done == end or stopping:
+          self.log(done)
+        if self.save_and_evaluate(done, stopping):
+          self.checkpointer.wait()  # A further signal is ignored until the save is complete.
+          logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
+          break
+      else:
+        if start >= end:
+          logging.info("Already trained to step %d; evaluating", start)
+          self.evaluate(start)
+      self.checkpointer.wait()
+    signals.work_done()  # Saved and evaluated: a signal from here on is ignored (exit code 0).
+    self.writer.close()
+    return self.result
+
+  def train_step(self, step: int) -> None:
+    """Reads the next batch and trains on it (a step that compiles is timed apart)."""
+    config, done = self.config, step + 1
+    if self.batches is None:
+      seed = stream_seed(config, step)
+      local_batch = self.train_cfg.batch_size // jax.process_count()  # Even (_check_batches).
+      self.batches = self.train_files.batches(config, seed, local_batch)
+    local = next(self.batches)
+    is_last = done == self.train_cfg.num_steps
+    self.check_labels(local["labels"], done, is_last)
+    global_batch = input_pipeline.to_global(local, self.mesh)
+    # The parameter norms cost a pass over all parameters: only on steps that log metrics.
+    with_norms = done % self.train_cfg.log_every == 0 or is_last
+    compiling = with_norms not in self.compiled
+    if compiling:  # Timed alone, so that the progress rates leave it out.
+      jax.block_until_ready(self.state)
+      began = time.time()
+      memory.check_step(config, self.train_fn, (self.state, global_batch, with_norms), "train")
+    self.state, step_metrics = self.train_fn(self.state, global_batch, with_norms)
+    self.buffer.add(done, step_metrics)
+    if compiling:
+      jax.block_until_ready(step_metrics)
+      self.rate.exclude(time.time() - began)
+      self.compiled.add(with_norms)
+
+  def log(self, done: int) -> None:
+    """Writes the mean metrics since the last log, and a progress line."""
+    means, batch_size = self.buffer.flush(), self.train_cfg.batch_size
+    steps_per_sec = self.rate(time.time(), done)
+    means["steps_per_sec"] = steps_per_sec
+    means["examples_per_sec"] = steps_per_sec * batch_size
+    self.writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
+    total = self.train_cfg.num_steps
+    logging.info(progress.progress_line(done, total, means["loss"], steps_per_sec, batch_size))
+
+  def save_and_evaluate(self, done: int, stopping: bool) -> bool:
+    """Saves and evaluates `done` where due; whether the run stops here (a signal came, or gave
+    up the evaluation)."""
+    train_cfg, is_last = self.train_cfg, done == self.train_cfg.num_steps
+    periodic = done % train_cfg.checkpoint_every == 0
+    saved = is_last or stopping or (periodic and self.check_labels.may_save(done))
+    if saved:  # Before the evaluation, which can be long.
+      self.save(done)
+    if done % train_cfg.eval_every == 0 or is_last:
+      jax.block_until_ready(
+        self.state
+      )  # Its time is left out of the progress rates, as compiling is.
+      began = time.time()
+      evaluated = self.evaluate(done)
+      self.rate.exclude(time.time() - began, steps=0)
+      if not evaluated:  # Every process gave up the evaluation at the same batch.
+        if not saved:
+          self.save(done)
+        return True
+    if saved and not stopping and not is_last:
+      # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
+      # than train one more step.
+      return _stop_agreed()
+    return stopping
+
+  def save(self, step: int) -> None:
+    self.buffer.flush()  # Never save a state whose loss went NaN/Inf.
+    self.checkpointer.save(self.state, step)
+
+  def evaluate(self, step: int) -> bool:
     """Evaluates the state at `step`; False where a stop request cut the evaluation short."""
-    nonlocal result
+    config = self.config
     if not config.data.eval_pattern:
       logging.warning("data.eval_pattern is empty: skipping evaluation at step %d", step)
       return True
     try:
       res = evaluate.evaluate_split(
         config,
-        state,
-        eval_fn,
-        mesh,
+        self.state,
+        self.eval_fn,
+        self.mesh,
         config.data.eval_pattern,
         stop=signals.requested,
-        check_memory=result is None,  # Its first evaluation in this run.
+        check_memory=self.result is None,  # Its first evaluation in this run.
       )
     except evaluate.StoppedError:
       logging.warning("Evaluation at step %d given up; it runs first when training resumes", step)
       return False
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
     logging.info("eval at step %d: %s", step, {k: round(float(v), 4) for k, v in res.items()})
-    result = evaluate.write_results(workdir, step, res)
+    self.result = evaluate.write_results(self.workdir, step, res)
     return True
-
-  def save(step: int) -> None:
-    buffer.flush()  # Never save a state whose loss went NaN/Inf.
-    checkpointer.save(state, step)
-
-  if _evaluation_missed(config, workdir, start_step):
-    logging.info("Evaluating step %d first: the run that saved it stopped before that", start_step)
-    run_eval(start_step)
-
-  rate, compiled = progress.StepRate(time.time(), start_step), set()
-  # SIGTERM/Ctrl-C stops at once until the first step has run (nothing new to save yet); from
-  # then on the loop saves after the running step and stops (mfb_jax/signals.py).
-  with contextlib.ExitStack() as deferral:
-    for step in range(start_step, train_cfg.num_steps):
-      if batches is None:
-        batches = train_files.batches(config, stream_seed(config, step), local_batch)
-      local = next(batches)
-      done = step + 1
-      is_last = done == train_cfg.num_steps
-      check_labels(local["labels"], done, is_last)
-      global_batch = input_pipeline.to_global(local, mesh)
-      # The parameter norms cost a pass over all parameters: only on steps that log metrics.
-      with_norms = done % train_cfg.log_every == 0 or is_last
-      compiling = with_norms not in compiled
-      if compiling:  # Timed alone, so that the progress rates leave it out.
-        jax.block_until_ready(state)
-        began = time.time()
-        memory.check_step(config, train_fn, (state, global_batch, with_norms), "train")
-      state, step_metrics = train_fn(state, global_batch, with_norms)
-      buffer.add(done, step_metrics)
-      if compiling:
-        jax.block_until_ready(step_metrics)
-        rate.exclude(time.time() - began)
-        compiled.add(with_norms)
-      if step == start_step:
-        deferral.enter_context(signals.deferred())
-      stopping = _stop_agreed()
-
-      if done % train_cfg.log_every == 0 or is_last or stopping:
-        means = buffer.flush()
-        steps_per_sec = rate(time.time(), done)
-        means["steps_per_sec"] = steps_per_sec
-        means["examples_per_sec"] = steps_per_sec * train_cfg.batch_size
-        writer.write_scalars(done, {f"train/{k}": v for k, v in means.items()})
-        logging.info(
-          progress.progress_line(
-            done, train_cfg.num_steps, means["loss"], steps_per_sec, train_cfg.batch_size
-          )
-        )
-      periodic = done % train_cfg.checkpoint_every == 0
-      saved = is_last or stopping or (periodic and check_labels.may_save(done))
-      if saved:  # Before the evaluation, which can be long.
-        save(done)
-      evaluated = True
-      if done % train_cfg.eval_every == 0 or is_last:
-        jax.block_until_ready(state)  # Its time is left out of the progress rates, as compiling is.
-        eval_began = time.time()
-        evaluated = run_eval(done)
-        rate.exclude(time.time() - eval_began, steps=0)
-      if not evaluated:
-        stopping = True  # Every process gave up the evaluation at the same batch.
-        if not saved:
-          save(done)
-      elif saved and not stopping and not is_last:
-        # A signal during the save or a finished evaluation: `done` is saved, so stop here rather
-        # than train one more step.
-        stopping = _stop_agreed()
-      if stopping:
-        checkpointer.wait()  # A further signal is ignored until the save is complete.
-        logging.warning("Stopped at step %d after a signal; checkpoint saved", done)
-        break
-    else:
-      if start_step >= train_cfg.num_steps:
-        logging.info("Already trained to step %d; evaluating", start_step)
-        run_eval(start_step)
-    checkpointer.wait()
-
-  signals.work_done()  # Saved and evaluated: a signal from here on is ignored (exit code 0).
-  writer.close()
-  return result

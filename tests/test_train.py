@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from configs import default
 from mfb_jax import checkpoint as checkpoint_lib
-from mfb_jax import evaluate, input_pipeline, trainer
+from mfb_jax import evaluate, input_pipeline, label_check, trainer
 from mfb_jax import train as train_lib
 from mfb_jax.bench_input import frame_record
 from mfb_jax.errors import DataError, TrainingError
@@ -69,8 +70,21 @@ def test_norms_are_reported_on_request_and_do_not_change_the_step(tiny_config):
   assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
 
 
-def test_train_and_evaluate_writes_the_workdir_contract(tiny_config, tmp_path):
+def test_train_and_evaluate_writes_the_workdir_contract(tiny_config, tmp_path, monkeypatch):
+  logged, write_scalars = [], trainer.event_writer.EventWriter.write_scalars
+
+  def keep(writer, step, scalars):
+    logged.append((step, scalars))
+    write_scalars(writer, step, scalars)
+
+  monkeypatch.setattr(trainer.event_writer.EventWriter, "write_scalars", keep)
+  began = time.time()
   result = trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  # Each logged rate leaves out compiling and evaluating, so it is at least the whole run's.
+  whole_run = tiny_config.train.batch_size / (time.time() - began)
+  rates = [s["train/examples_per_sec"] for _, s in logged if "train/examples_per_sec" in s]
+  assert len(rates) == tiny_config.train.num_steps // tiny_config.train.log_every
+  assert min(rates) > whole_run
   with open(tmp_path / "eval_results.json") as f:
     saved = json.load(f)
   assert saved == result
@@ -168,7 +182,7 @@ def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
 def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkeypatch):
   warnings = []
   monkeypatch.setattr(trainer.logging, "warning", lambda *args: warnings.append(args))
-  check = trainer.LabelCheck(tiny_config)
+  check = label_check.LabelCheck(tiny_config)
   none, some = np.zeros((8, 6), np.float32), np.zeros((8, 6), np.float32)
   some[3, 2] = 1
   for step in (1, 2, 3):  # 24 unlabelled videos: not yet enough to refuse...
@@ -177,7 +191,7 @@ def test_the_label_check_decides_on_32_videos_and_warns_once(tiny_config, monkey
   check(none, 5)
   assert [w[1:] for w in warnings] == [(8, 8, 1)]  # Once.
   with pytest.raises(DataError, match="none of the first 32"):
-    fresh = trainer.LabelCheck(tiny_config)
+    fresh = label_check.LabelCheck(tiny_config)
     for step in (1, 2, 3, 4):
       fresh(none, step)
       assert not fresh.may_save(step)  # Periodic checkpoints wait for a labelled video.
