@@ -13,117 +13,22 @@ beyond the machine (a huge data.num_classes, data.max_frames or data.shuffle_buf
 otherwise be killed, or hang, while it is being allocated.
 """
 
-import ctypes
 import math
-import os
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from mfb_jax import cluster, errors
+from mfb_jax import available_memory, cluster, errors
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
 _GB = 1e9
-_MEMINFO = "/proc/meminfo"
-_PROC_CGROUP = "/proc/self/cgroup"
-_CGROUP_MOUNT = "/sys/fs/cgroup"
 
 
 def amount(num_bytes: float) -> str:
   return f"{num_bytes / _GB:.1f} GB" if num_bytes >= 0.1 * _GB else f"{num_bytes / 1e6:.1f} MB"
-
-
-def _field(path: str, key: str) -> int | None:
-  """The number after `key` on its line of /proc/meminfo or a cgroup's memory.stat, or None
-  where the file or the line is missing."""
-  try:
-    with open(path) as f:
-      for line in f:
-        words = line.split()
-        if words and words[0] == key:
-          return int(words[1])
-  except (OSError, ValueError, IndexError):
-    pass
-  return None
-
-
-def _read_int(path: str) -> int | None:
-  try:
-    with open(path) as f:
-      text = f.read().strip()
-    return None if text == "max" else int(text)
-  except (OSError, ValueError):
-    return None
-
-
-def _cgroup_dirs() -> list[tuple[str, str, str, str]]:
-  """(directory, limit file, usage file, inactive-cache key) of this process's memory cgroup, v2
-  ('0::/path') or v1 ('N:...memory...:/path'), as /proc/self/cgroup names it."""
-  found = []
-  try:
-    with open(_PROC_CGROUP) as f:
-      lines = f.read().splitlines()
-  except OSError:
-    return found
-  for line in lines:
-    number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-    if number == "0" and controllers == "":
-      found.append((f"{_CGROUP_MOUNT}{path}", "memory.max", "memory.current", "inactive_file"))
-    elif "memory" in controllers.split(","):
-      where = f"{_CGROUP_MOUNT}/memory{path}"
-      found.append((where, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
-  return found
-
-
-def _cgroup_available() -> int | None:
-  """What this process's memory cgroup allows beyond its current use, if it has a limit. The
-  usage counts the page cache, of which the inactive part is reclaimed before anything is
-  killed: a container that has read more tfrecords than its limit sits at its limit."""
-  for directory, limit, usage, inactive in _cgroup_dirs():
-    cap = _read_int(os.path.join(directory, limit))
-    used = _read_int(os.path.join(directory, usage))
-    if cap is not None and used is not None and cap < 1 << 60:  # v1 writes ~2^63 for "none".
-      cache = _field(os.path.join(directory, "memory.stat"), inactive) or 0
-      return max(cap - max(used - cache, 0), 0)
-  return None
-
-
-def release_free_memory() -> None:
-  """Hands the memory this process's allocator keeps from freed buffers back to the system, so
-  that the host's count includes it: tcmalloc keeps gigabytes of a step's freed temporaries for
-  the next step; glibc keeps the top of its heap."""
-  process = ctypes.CDLL(None)
-  for name in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):  # tcmalloc, else glibc.
-    release = getattr(process, name, None)
-    if release is not None:
-      release(*([0] if name == "malloc_trim" else []))
-      return
-
-
-def host_available() -> int | None:
-  """Bytes the host can still give this process: MemAvailable (after handing back what the
-  allocator keeps), capped by a cgroup limit."""
-  release_free_memory()
-  meminfo = _field(_MEMINFO, "MemAvailable:")  # In kB.
-  meminfo = None if meminfo is None else meminfo * 1024
-  known = [b for b in (meminfo, _cgroup_available()) if b is not None]
-  return min(known) if known else None
-
-
-def device_available(device) -> int | None:
-  """Bytes left on `device`: the host's for a CPU, else the allocator's limit less its use."""
-  if device.platform == "cpu":
-    return host_available()
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # noqa: BLE001 - a backend without memory statistics: nothing to check.
-    return None
-  if "bytes_limit" not in stats:
-    return None
-  return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 def step_needs(compiled) -> int | None:
@@ -163,7 +68,7 @@ def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
     return
   device = local[0]
   sharing = len(local) if device.platform == "cpu" else 1
-  needs, available = per_device * sharing, device_available(device)
+  needs, available = per_device * sharing, available_memory.device_available(device)
   total, each = _on_host(needs) if device.platform == "cpu" else (needs, "")
   where = "the host" if device.platform == "cpu" else f"each {device.device_kind}"
   logging.info(
@@ -183,6 +88,37 @@ def check_fits(jitted, args: tuple, what: str, settings: str) -> None:
 def tree_bytes(tree) -> int:
   """Bytes of the arrays (or jax.ShapeDtypeStructs) of `tree`."""
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# Top-level parameter collections of the models (model.py) -> whose parameters they are and the
+# config.model field naming the module (its section sizes them).
+_PARTS = {
+  "rgb_aggregator": ("the aggregators'", "aggregator"),
+  "audio_aggregator": ("the aggregators'", "aggregator"),
+  "fusion": ("the fusion's", "fusion"),
+  "classifier": ("the classifier's", "classifier"),
+}
+
+
+def _largest_part(config: ml_collections.ConfigDict, state_shapes) -> str:
+  """Where most of the parameters are, as the settings that size them ("; 99% of its parameters
+  are the fusion's: model.mfb"), or "" where they are not in one of the model's named parts."""
+  params = getattr(state_shapes, "params", None)
+  if not isinstance(params, dict) or not tree_bytes(params):
+    return ""
+  parts = {}
+  for name, tree in params.items():
+    if name in _PARTS:
+      parts[_PARTS[name]] = parts.get(_PARTS[name], 0) + tree_bytes(tree)
+  if not parts:
+    return ""
+  (whose, field), size = max(parts.items(), key=lambda item: item[1])
+  module = str(config.model[field])
+  if field == "fusion" and config.model.get("fusion_level") == "frame":
+    module = f"frame_{module}"
+  settings = f"model.{module}" if module in config.model else f"model.{field}={module!r}"
+  percent = 100 * size // tree_bytes(params)  # Rounded down: "100%" only where it is all.
+  return f"; {percent}% of its parameters are {whose}: {settings}"
 
 
 def batch_bytes(config: ml_collections.ConfigDict, local_batch: int) -> int:
@@ -230,14 +166,15 @@ def check_start(state: tuple[int, str, str], inputs: tuple[int, list[str], str])
   device = local[0]
   state_bytes, state_what, state_settings = state
   input_bytes, inputs_what, input_settings = inputs
+  host = available_memory.host_available()
   if device.platform == "cpu":
     what, settings = _listed([state_what, *inputs_what]), f"{input_settings}, or {state_settings}"
-    parts = [(state_bytes * len(local) + input_bytes, host_available(), "the host", what, settings)]
+    parts = [(state_bytes * len(local) + input_bytes, host, "the host", what, settings)]
   else:
-    where = f"each {device.device_kind}"
+    where, on_device = f"each {device.device_kind}", available_memory.device_available(device)
     parts = [
-      (state_bytes, device_available(device), where, state_what, state_settings),
-      (input_bytes, host_available(), "the host", _listed(inputs_what), input_settings),
+      (state_bytes, on_device, where, state_what, state_settings),
+      (input_bytes, host, "the host", _listed(inputs_what), input_settings),
     ]
   for needs, available, where, what, settings in parts:
     total, each = _on_host(needs) if where == "the host" else (needs, "")
@@ -302,5 +239,8 @@ def check_state_and_inputs(
     host_bytes += buffer
     inputs.append(f"a shuffle buffer of {config.data.shuffle_buffer} videos ({amount(buffer)})")
     settings += ", data.shuffle_buffer (the shuffle buffer)"
-  state_part = (state, state_what, "data.num_classes or the model's sizes (the state)")
+  state_settings = (
+    f"data.num_classes or the model's sizes (the state{_largest_part(config, state_shapes)})"
+  )
+  state_part = (state, state_what, state_settings)
   check_start(state_part, (host_bytes, inputs, settings))

@@ -5,10 +5,12 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import run_python
 
-from mfb_jax import bench, evaluate, memory, predict, runtime, trainer
+from configs import default
+from mfb_jax import available_memory, bench, evaluate, memory, predict, runtime, trainer
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
@@ -30,10 +32,10 @@ def _fake_system(tmp_path, monkeypatch, meminfo_kb: int, cgroup) -> None:
   None, or (version, limit, usage, inactive page cache) of this process's cgroup /job/42."""
   meminfo = tmp_path / "meminfo"
   meminfo.write_text(f"MemTotal:  99999999 kB\nMemFree:  1 kB\nMemAvailable:  {meminfo_kb} kB\n")
-  monkeypatch.setattr(memory, "_MEMINFO", str(meminfo))
-  monkeypatch.setattr(memory, "_CGROUP_MOUNT", str(tmp_path / "cg"))
+  monkeypatch.setattr(available_memory, "_MEMINFO", str(meminfo))
+  monkeypatch.setattr(available_memory, "_CGROUP_MOUNT", str(tmp_path / "cg"))
   proc = tmp_path / "proc_self_cgroup"
-  monkeypatch.setattr(memory, "_PROC_CGROUP", str(proc))
+  monkeypatch.setattr(available_memory, "_PROC_CGROUP", str(proc))
   if cgroup is None:
     proc.write_text("0::/\n")  # The root of a cgroup v2 hierarchy: no limit files.
     return
@@ -71,14 +73,14 @@ def test_the_host_has_what_meminfo_and_the_cgroup_both_allow(
   tmp_path, monkeypatch, meminfo_kb, cgroup, expected
 ):
   _fake_system(tmp_path, monkeypatch, meminfo_kb, cgroup)
-  assert memory.host_available() == expected
+  assert available_memory.host_available() == expected
 
 
 def test_a_step_that_does_not_fit_is_one_line_naming_what_and_the_settings(monkeypatch):
   x = jnp.ones((1000, 1000), jnp.float32)
   step = jax.jit(lambda a: a * 2.0)
   devices = len(jax.local_devices())  # A CPU's devices share the host's memory.
-  monkeypatch.setattr(memory, "device_available", lambda device: 3 * MB)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: 3 * MB)
   with pytest.raises(ResourceError) as raised:
     memory.check_fits(step, (x,), "the doubling step", "the size of a")
   message = str(raised.value)
@@ -86,9 +88,9 @@ def test_a_step_that_does_not_fit_is_one_line_naming_what_and_the_settings(monke
   needs = memory.step_needs(step.lower(x).compile()) * devices
   assert f"the doubling step needs about {needs / 1e6:.1f} MB of memory" in message
   assert message.endswith("the host has 3.0 MB available: lower the size of a")
-  monkeypatch.setattr(memory, "device_available", lambda device: needs)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: needs)
   memory.check_fits(step, (x,), "the doubling step", "the size of a")  # Just fits.
-  monkeypatch.setattr(memory, "device_available", lambda device: None)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: None)
   memory.check_fits(step, (x,), "the doubling step", "the size of a")  # Unknown: no check.
 
 
@@ -96,7 +98,7 @@ def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch)
   x = jnp.ones((1000, 1000), jnp.float32)
   step = jax.jit(lambda a: a * 2.0)
   needs = memory.step_needs(step.lower(x).compile()) * len(jax.local_devices())
-  monkeypatch.setattr(memory, "device_available", lambda device: 2 * needs)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: 2 * needs)
   memory.check_fits(step, (x,), "the doubling step", "the size of a")  # One process: fits.
   monkeypatch.setattr(memory.cluster, "_host_processes", 3)
   with pytest.raises(ResourceError) as raised:
@@ -106,7 +108,7 @@ def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch)
     "in all), but the host has"
   ) in str(raised.value)
   # The start-up check: state and buffers of 600 bytes in each of 3 processes, 1000 available.
-  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   with pytest.raises(ResourceError) as raised:
     memory.check_start((100, "the state", "s"), (500, ["the batches"], "b"))
   n_devices = len(jax.local_devices())
@@ -122,7 +124,7 @@ def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch)
 
 def _no_memory(monkeypatch):
   """A host with no memory for any step, but the start-up check passed (tested on its own)."""
-  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   monkeypatch.setattr(memory, "check_start", lambda *args: None)
 
 
@@ -140,7 +142,7 @@ def test_state_and_batch_bytes_by_hand(tiny_config):
 
 def _training_refused_on_8_gb(config, tmp_path, monkeypatch) -> str:
   """The ResourceError line of training `config` on a host with 8 GB available."""
-  monkeypatch.setattr(memory, "host_available", lambda: 8 * 10**9)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 8 * 10**9)
   with pytest.raises(ResourceError) as raised:
     trainer.train_and_evaluate(config, str(tmp_path))
   return str(raised.value)
@@ -157,7 +159,9 @@ def test_a_state_beyond_the_host_stops_training_before_it_is_allocated(
   name = f"{model.aggregator}+{model.fusion}+moe"
   assert message.startswith(f"the state of {name} as it is initialized (")
   assert "need about " in message and "but the host has 8.0 GB available: lower" in message
-  assert message.endswith("or data.num_classes or the model's sizes (the state)")
+  # The MoE's experts and gates, 2 x 20M x 64 parameters, against about 0.33M in the others.
+  sizes = "the model's sizes (the state; 99% of its parameters are the classifier's: model.moe)"
+  assert message.endswith(f"or data.num_classes or {sizes}")
   # At least the state itself: the MoE's [*, 20M] arrays, each with two Adam moments.
   state_gb = float(message.split("initialized (")[1].split(" GB")[0])
   model_, tx = train_lib.build(tiny_config)
@@ -247,22 +251,24 @@ def test_on_an_accelerator_the_state_and_the_host_buffers_are_refused_apart(
   check = lambda: memory.check_state_and_inputs(
     tiny_config, _shapes(tiny_config), "train", None, 10**6
   )
-  monkeypatch.setattr(memory, "device_available", lambda device: 10**12)
-  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: 10**12)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   with pytest.raises(ResourceError) as raised:
     check()
   assert str(raised.value).startswith("4 input batches of 8 videos (")
   assert "but the host has 0.0 MB available" in str(raised.value)
   assert str(raised.value).endswith("data.shuffle_buffer (the shuffle buffer)")
-  monkeypatch.setattr(memory, "device_available", lambda device: 1000)
-  monkeypatch.setattr(memory, "host_available", lambda: 10**12)
+  monkeypatch.setattr(available_memory, "device_available", lambda device: 1000)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 10**12)
   with pytest.raises(ResourceError) as raised:
     check()
   assert str(raised.value).startswith("the state of ")
   assert "need about" in str(raised.value) and "but each H100 has 0.0 MB available" in str(
     raised.value
   )
-  assert str(raised.value).endswith("lower data.num_classes or the model's sizes (the state)")
+  # tiny netvlad+mfb: MFB's U and V hold 295,168 of the 334,608 parameter bytes (88.2%).
+  sizes = "the model's sizes (the state; 88% of its parameters are the fusion's: model.mfb)"
+  assert str(raised.value).endswith(f"lower data.num_classes or {sizes}")
 
 
 def _shapes(config):
@@ -297,7 +303,7 @@ def test_eval_and_predict_that_do_not_fit_name_eval_batch_size(
 
 _RELEASE = """
 import numpy as np
-from mfb_jax import memory, runtime
+from mfb_jax import available_memory, runtime
 
 def resident():
   with open("/proc/self/statm") as f:
@@ -308,7 +314,7 @@ for _ in range(3):  # Freed buffers of a step's sizes, which tcmalloc keeps for 
   buffers = [np.ones(25_000_000 + 1000 * i, np.float32) for i in range(20)]
   del buffers
 kept = resident()
-memory.release_free_memory()
+available_memory.release_free_memory()
 print((kept - resident()) / 1e9)
 """
 
@@ -324,8 +330,29 @@ def test_memory_tcmalloc_keeps_from_freed_buffers_is_counted_as_available():
 def test_eval_and_predict_check_the_state_before_restoring_it(
   tiny_config, trained_workdir, monkeypatch
 ):
-  monkeypatch.setattr(memory, "host_available", lambda: 1000)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   settings = r"lower eval.batch_size, data.max_frames or data.prefetch_batches \(the batches\)"
   for run in (evaluate.run_eval, predict.run_predict):
     with pytest.raises(ResourceError, match=rf"^the state of .* {settings}, or data.num_classes"):
       run(tiny_config, str(trained_workdir))
+
+
+def test_the_state_line_names_where_most_parameters_are():
+  config = default.get_config()
+  config.model.update(aggregator="netvlad", fusion="mfb", classifier="moe")
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
+  params = {"rgb_aggregator": {"w": f32(10)}, "audio_aggregator": {"w": f32(10)}}
+  params.update(fusion={"U": f32(5, 6)}, classifier={"experts": f32(20)}, fusion_gate={"w": f32(3)})
+  state = types.SimpleNamespace(params=params)  # Fusion 30 of 73 values: 41.1%, rounded down.
+  assert (
+    memory._largest_part(config, state) == "; 41% of its parameters are the fusion's: model.mfb"
+  )
+  params["rgb_aggregator"]["w"] = f32(40)  # The two aggregators together: 50 of 103.
+  assert memory._largest_part(config, state) == (
+    "; 48% of its parameters are the aggregators': model.netvlad"
+  )
+  config.model.fusion_level, params["fusion"]["U"] = "frame", f32(100)  # A frame-level fusion.
+  assert memory._largest_part(config, state).endswith("are the fusion's: model.frame_mfb")
+  config.model.update(fusion_level="video", fusion="mine")  # A user's module without a section.
+  assert memory._largest_part(config, state).endswith("are the fusion's: model.fusion='mine'")
+  assert memory._largest_part(config, types.SimpleNamespace(params={"gate": {"w": f32(3)}})) == ""
