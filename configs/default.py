@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   # per video (YouTube-8M has about 3). 0.0 gives the starter code's zero bias, which starts every
   # class near probability 1/3 and spends the first thousands of steps pushing them down; that
   # plateau is far longer for L2-normalized inputs (MFB) than for raw ones (concat). See README.
+  # A value that would start an expert above probability 1/2 starts it at 1/2 (logit 0).
   model.moe = ml_collections.ConfigDict(dict(num_experts=2, l2_penalty=1e-6, expected_labels=3.0))
   model.logistic = ml_collections.ConfigDict(dict(l2_penalty=1e-6, expected_labels=3.0))
 
