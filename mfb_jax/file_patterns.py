@@ -5,8 +5,9 @@ import re
 
 # A glob's bracket expression, as glibc's fnmatch (tf.io.gfile.glob, gs:// included) reads it: a
 # '[' not escaped by a backslash, an optional '!' or '^', a ']' taken literally when it comes
-# first, then characters and classes such as '[:digit:]' up to the closing ']'.
-_BRACKET = re.compile(r"(?<!\\)\[[!^]?\]?(?:\[:[a-z]+:\]|[^\]])*\]")
+# first, then characters, classes such as '[:digit:]' and backslash-escaped characters ('\]' is
+# a ']' inside) up to the closing ']'.
+_BRACKET = re.compile(r"(?<!\\)\[[!^]?\]?(?:\[:[a-z]+:\]|\\.|[^\]])*\]")
 
 
 def split(pattern: str) -> list[str]:

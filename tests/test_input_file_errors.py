@@ -54,6 +54,8 @@ def test_a_comma_inside_a_glob_bracket_belongs_to_it(tmp_path):
     "pa\\[",
     "pb]",
   ]
+  # A backslash inside a bracket escapes the next character: '[\],]' holds ']' and ','.
+  assert file_patterns.split("p[\\],]x,q") == ["p[\\],]x", "q"]
   write_shards(tmp_path, [1, 1, 1])
   assert input_files.list_files(str(tmp_path / "part-[0,2].tfrecord")) == [
     str(tmp_path / "part-0.tfrecord"),
