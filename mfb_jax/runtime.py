@@ -3,6 +3,7 @@
 This module imports nothing heavy at import time: launch.py calls preload_tcmalloc() first.
 """
 
+import logging as logging_lib
 import os
 import re
 import sys
@@ -169,20 +170,33 @@ QUIET_LIBRARIES = ("/orbax/", "/clu/", "/jax/_src/", "/etils/")
 def quiet_library_logs() -> None:
   """Drops INFO records of QUIET_LIBRARIES from absl's handler, and the tracebacks attached to
   their warnings and errors (orbax logs one per failed write; the run's error line follows)."""
-  import logging as py_logging
-
   from absl import logging
 
-  class _DropLibraryInfo(py_logging.Filter):
-    def filter(self, record: py_logging.LogRecord) -> bool:
-      path = record.pathname.replace("\\", "/")
-      if not any(s in path for s in QUIET_LIBRARIES):
-        return True
-      record.exc_info = record.exc_text = None
-      return record.levelno >= py_logging.WARNING and not _empty_checkpoint_metadata(record)
-
-  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  logging.get_absl_handler().addFilter(LibraryLogFilter())
   sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+# orbax's E lines for a save that failed in its background threads (a full disk: four lines of
+# the same tensorstore error). It keeps the exception for the next wait or save, where the run
+# stops with its one line naming the reason (checkpoint.CheckpointError); --debug shows them.
+_FAILED_SAVE_LINES = (
+  "_SignalingThread.run() raised an exception",
+  "Handler Commit operations or the Commit callback in background save thread",
+  "Save Finalize thread (%s) failed",
+)
+
+
+class LibraryLogFilter(logging_lib.Filter):
+  """quiet_library_logs' filter of absl's handler."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    path = record.pathname.replace("\\", "/")
+    if not any(s in path for s in QUIET_LIBRARIES):
+      return True
+    record.exc_info = record.exc_text = None
+    if record.levelno < logging_lib.WARNING or _empty_checkpoint_metadata(record):
+      return False
+    return not ("/orbax/" in path and any(s in str(record.msg) for s in _FAILED_SAVE_LINES))
 
 
 def _empty_checkpoint_metadata(record) -> bool:

@@ -1,5 +1,6 @@
 """Process set-up: XLA flags, the tcmalloc re-exec, clusters and the coordinator, stdout."""
 
+import logging
 import os
 import re
 import subprocess
@@ -162,3 +163,25 @@ def test_what_native_code_writes_on_stdout_goes_to_stderr():
   )
   assert result.stdout == "ours\nours too\n"
   assert result.stderr == "[Gloo] native\n"
+
+
+def test_library_log_filter_keeps_warnings_and_drops_chatter_and_reported_save_failures():
+  def record(path: str, level: int, msg: str, args=()) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, path, 1, msg, args, (ValueError, ValueError(), None))
+
+  orbax = "/venv/site-packages/orbax/checkpoint/_src/futures/future.py"
+  keep = runtime.LibraryLogFilter().filter
+  assert not keep(record(orbax, logging.INFO, "Saving step %d", (3,)))
+  warning = record(orbax, logging.WARNING, "slow save")
+  assert keep(warning) and warning.exc_info is None  # Kept, without its traceback.
+  assert keep(record(orbax, logging.ERROR, "Failed to read %s", ("x",)))
+  # A failed save's lines: its error comes again as the run's one line (CheckpointError).
+  failed = "[process=%d][thread=%s][operation_id=%s] _SignalingThread.run() raised an exception: %s"
+  assert not keep(record(orbax, logging.ERROR, failed, (0, "t", 3, "RESOURCE_EXHAUSTED")))
+  manager = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  finalize = (
+    "[process=%s][thread=%s][step=%s][wait_until_finished] Save Finalize thread (%s) failed."
+  )
+  assert not keep(record(manager, logging.ERROR, finalize, (0, "Main", 5, "save_finalize")))
+  assert keep(record("/work/mfb_jax/checkpoint.py", logging.ERROR, failed, (0, "t", 3, "x")))
+  assert keep(record("/work/mfb_jax/trainer.py", logging.INFO, "Training"))
