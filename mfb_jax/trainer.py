@@ -119,9 +119,8 @@ class _Run:
     check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init)
     self.train_files = errors.agreed(check)
     self.state = self.checkpointer.restore(state_shapes) if resuming else init()
-    workdir_files.write_config(
-      workdir, config
-    )  # After the restore: a damaged step changes nothing.
+    # After the restore: a damaged step changes nothing.
+    workdir_files.write_config(workdir, config)
     self.start_step = int(self.state.step)
     self._log_start()
     self.writer = event_writer.EventWriter(workdir, just_logging=jax.process_index() > 0)
@@ -221,9 +220,8 @@ class _Run:
     if saved:  # Before the evaluation, which can be long.
       self.save(done)
     if done % train_cfg.eval_every == 0 or is_last:
-      jax.block_until_ready(
-        self.state
-      )  # Its time is left out of the progress rates, as compiling is.
+      # Its time is left out of the progress rates, as compiling is.
+      jax.block_until_ready(self.state)
       began = time.time()
       evaluated = self.evaluate(done)
       self.rate.exclude(time.time() - began, steps=0)
