@@ -15,6 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@echo "[setup] creating $(VENV) with $$($(PYTHON) --version)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "[setup] installing the pinned packages into $(VENV) (2.6 GB; a few minutes, quiet until done)"
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	@bash scripts/install_tcmalloc.sh || true
 	@bash scripts/install_jax_gpu.sh $(PY) || true
