@@ -55,12 +55,17 @@ def fresh_train_step(config: ml_collections.ConfigDict):
   return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
 
 
+def _local_batch(config: ml_collections.ConfigDict) -> int:
+  """This process's share of train.batch_size, which must split over processes and devices."""
+  return config_checks.check_batch_split(
+    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
+  )
+
+
 def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
   """(state after one step, jitted train step, `num_batches` random device batches, seconds that
   first step took, compilation included) of the configured model."""
-  batch_size = config_checks.check_batch_split(
-    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
-  )
+  batch_size = _local_batch(config)
   mesh, state, step_fn = fresh_train_step(config)
   sharding = train_lib.batch_shardings(mesh)
   batches = [
@@ -76,30 +81,73 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
   return state, step_fn, batches, time.perf_counter() - start
 
 
-def time_train_step(config: ml_collections.ConfigDict, num_batches: int = 2) -> dict:
-  """Median step time of the jitted train step after warm-up (single process)."""
-  state, step_fn, batches, compile_s = first_train_step(config, num_batches)
+def time_train_step(config: ml_collections.ConfigDict, pattern: str | None = None) -> dict:
+  """Median step time of the jitted train step after warm-up (single process). With `pattern`
+  (synthetic shards of the real shapes), windows of steps fed from those shards through the input
+  pipeline alternate with windows of bare steps, so that both see the same machine."""
+  state, step_fn, batches, compile_s = first_train_step(config)
+  warmup = config.bench.warmup_steps
   logging.info(
-    "bench: bare step: first step %.1f s (compiling); now %d warm-up and %d timed steps",
+    "bench: bare step: first step %.1f s (compiling); now %d warm-up and %d timed steps%s",
     compile_s,
-    config.bench.warmup_steps,
+    warmup,
     config.bench.steps,
+    " in windows alternating with as many steps end to end" if pattern else "",
   )
   step_metrics = None
 
-  def step(i: int) -> None:
+  def step(batch) -> None:
     nonlocal state, step_metrics
-    state, step_metrics = step_fn(state, batches[i % num_batches])
+    state, step_metrics = step_fn(state, batch)
     jax.block_until_ready(state)
 
-  times = timed_steps(step, config.bench.warmup_steps, config.bench.steps, "bare step")
-  return {
-    "step_s": statistics.median(times),
-    "min_step_ms": 1e3 * min(times),
-    "max_step_ms": 1e3 * max(times),
-    "first_step_s": compile_s,
-    "final_loss": float(step_metrics["loss"]),
-  }
+  bare = lambda i: step(batches[i % len(batches)])
+  timing = {"first_step_s": compile_s}
+  if pattern is None:
+    times = timed_steps(bare, warmup, config.bench.steps, "bare step")
+  else:
+    input_pipeline, _ = _end_to_end_modules()
+    local = _local_batch(config)
+    reader = input_pipeline.make_train_iterator(config, pattern, seed=0, local_batch_size=local)
+    mesh = train_lib.make_mesh()
+    fed = lambda i: step(input_pipeline.to_global(next(reader), mesh))
+    rounds = -(-config.bench.steps // WINDOW_TIMED)  # Windows of at most WINDOW_TIMED steps.
+    results = alternate(bare, fed, warmup, rounds, -(-config.bench.steps // rounds))
+    times, fed_times = [t for b, _ in results for t in b], [t for _, f in results for t in f]
+    ratios = [statistics.median(b) / statistics.median(f) for b, f in results]
+    reader = None  # The reader closes before its shards are removed.
+    timing.update(end_to_end_s=statistics.median(fed_times), ratios=ratios)
+  timing.update(
+    step_s=statistics.median(times),
+    min_step_ms=1e3 * min(times),
+    max_step_ms=1e3 * max(times),
+    final_loss=float(step_metrics["loss"]),
+  )
+  return timing
+
+
+# Steps per window of the end-to-end measurement: up to WINDOW_TIMED timed after WINDOW_UNTIMED
+# untimed ones (the input pipeline refills its buffers then, after a window of bare steps).
+WINDOW_TIMED, WINDOW_UNTIMED = 7, 2
+
+
+def alternate(bare, fed, warmup: int, rounds: int, per_window: int) -> list[tuple[list, list]]:
+  """Each round's (bare step times, fed step times): after `warmup` steps of each, `rounds`
+  rounds of a window of bare(i) steps then one of fed(i) steps, each timing `per_window` steps
+  after WINDOW_UNTIMED untimed ones. Both see the same machine, however its speed drifts."""
+  timed_steps(bare, warmup, 0, "bare step")
+  timed_steps(fed, warmup, 0, "end to end")  # The shuffle buffer fills, tf.data's threads start.
+  results = []
+  for r in range(rounds):
+    b = timed_steps(bare, WINDOW_UNTIMED, per_window, "bare step")
+    f = timed_steps(fed, WINDOW_UNTIMED, per_window, "end to end")
+    results.append((b, f))
+    bare_ms, fed_ms = 1e3 * statistics.median(b), 1e3 * statistics.median(f)
+    logging.info(
+      "bench: round %d of %d: bare step %.1f ms, end to end %.1f ms (%.3f)",
+      *(r + 1, rounds, bare_ms, fed_ms, bare_ms / fed_ms),
+    )
+  return results
 
 
 def timed_steps(step, untimed: int, timed: int, what: str, every_s: float = 30.0) -> list[float]:
@@ -142,32 +190,6 @@ def synthetic_train_shards(config: ml_collections.ConfigDict, batch_size: int):
     yield os.path.join(data_dir, "train-*")
 
 
-def time_end_to_end(config: ml_collections.ConfigDict) -> float:
-  """Median step time when batches come from synthetic tfrecords through the input pipeline;
-  the difference from the bare step is what reading, parsing and hand-off cost."""
-  input_pipeline, _ = _end_to_end_modules()
-
-  batch_size = config_checks.check_batch_split(
-    config.train.batch_size, "train.batch_size", jax.process_count(), jax.device_count()
-  )
-  with synthetic_train_shards(config, batch_size) as pattern:
-    mesh, state, step_fn = fresh_train_step(config)
-    logging.info("bench: end to end: compiling again, then the same steps from those shards")
-    batches = input_pipeline.make_train_iterator(
-      config, pattern, seed=0, local_batch_size=batch_size
-    )
-
-    def step(i: int) -> None:
-      nonlocal state
-      state, _ = step_fn(state, input_pipeline.to_global(next(batches), mesh))
-      jax.block_until_ready(state)
-
-    # One more untimed step than the bare figure: its first, compiling step was untimed too.
-    times = timed_steps(step, config.bench.warmup_steps + 1, config.bench.steps, "end to end")
-    batches = None  # The reader closes before its shards are removed.
-  return statistics.median(times)
-
-
 def _end_to_end_modules():
   """(input_pipeline, synthetic), imported here: only the end-to-end figure needs TensorFlow."""
   try:
@@ -183,9 +205,15 @@ def _end_to_end_modules():
 def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
   """Measures and prints one JSON line; returns the same record."""
   del workdir  # Nothing is written: the benchmark needs no data files.
-  if config.bench.end_to_end:
+  end_to_end = config.bench.end_to_end
+  shards = contextlib.nullcontext()
+  if end_to_end:
     _end_to_end_modules()  # Before minutes of timing, not after.
-  timing = time_train_step(config)
+    local = _local_batch(config)
+    logging.info("bench: end to end: writing %d synthetic videos", 2 * local)
+    shards = synthetic_train_shards(config, local)
+  with shards as pattern:
+    timing = time_train_step(config, pattern)
   batch_size = config.train.batch_size
   flops_per_example = flops.train_flops_per_example(config)
   peak_dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
@@ -219,11 +247,11 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     "matmul_precision": jax.config.jax_default_matmul_precision or "default",
     "jax_version": jax.__version__,
   }
-  if config.bench.end_to_end:
-    logging.info("bench: end to end: writing %d synthetic videos", 2 * batch_size)
-    end_to_end_s = time_end_to_end(config)
-    record["end_to_end_examples_per_sec"] = round(batch_size / end_to_end_s, 2)
-    record["end_to_end_vs_bare_step"] = round(timing["step_s"] / end_to_end_s, 3)
+  if end_to_end:
+    record["end_to_end_examples_per_sec"] = round(batch_size / timing["end_to_end_s"], 2)
+    # Each round's bare / end-to-end ratio: alternating windows cancel the machine's drift.
+    record["end_to_end_vs_bare_step"] = round(statistics.median(timing["ratios"]), 3)
+    record["end_to_end_round_ratios"] = [round(r, 3) for r in timing["ratios"]]
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
   return record

@@ -1,21 +1,20 @@
-r"""The bench mode's end-to-end ratio, measured in alternating windows of one process.
+r"""The bench mode's end-to-end ratio, with the rounds and window length chosen.
 
   .venv/bin/python scripts/e2e_windows.py --config=configs/paper.py:netvlad,mfb [--rounds=5]
 
-`launch.py --mode=bench` times the bare step, then the step fed by the input pipeline; where the
-machine's speed drifts between the two (other virtual machines on the host), the ratio drifts
-with it. Here, after warm-up, windows of --steps bare steps (in-memory batches) alternate with
-windows of as many steps fed from synthetic tfrecords through the input pipeline, --rounds
-times, in one process. It prints one JSON line: each window's median step (ms) and the median
-of the rounds' ratios (bare / end to end). Like launch.py it runs with tcmalloc and the project's
-XLA flags.
+`launch.py --mode=bench` alternates windows of bare steps (in-memory batches) with windows of
+steps fed from synthetic tfrecords through the input pipeline, in one process, so that both see
+the machine at the same speed however it drifts: rounds of up to 10 counted steps each, as many
+as config.bench.steps needs (2 by default). Here --rounds sets the rounds and --steps each
+window's length (its first 2 steps are not counted). It prints one JSON line: each window's
+median step (ms) and the median of the rounds' ratios (bare / end to end). Like launch.py it
+runs with tcmalloc and the project's XLA flags.
 """
 
 import json
 import os
 import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -35,30 +34,26 @@ def measure(config, rounds: int, steps: int) -> dict:
 
   state, step_fn, batches, _ = bench.first_train_step(config)
   size, mesh = config.train.batch_size, train_lib.make_mesh()
+
+  def step(batch) -> None:
+    nonlocal state
+    state, _ = step_fn(state, batch)
+    jax.block_until_ready(state)
+
   with bench.synthetic_train_shards(config, size) as pattern:
     read = input_pipeline.make_train_iterator(config, pattern, seed=0, local_batch_size=size)
-
-    def window(end_to_end: bool) -> float:
-      nonlocal state
-      times = []
-      for i in range(steps):
-        start = time.perf_counter()
-        batch = input_pipeline.to_global(next(read), mesh) if end_to_end else batches[i % 2]
-        state, _ = step_fn(state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-      return statistics.median(times[2:])
-
-    window(True)  # Warm-up: the shuffle buffer fills, tf.data's threads start.
-    bare, fed = [], []
-    for _ in range(rounds):
-      bare.append(window(False))
-      fed.append(window(True))
-  ratios = [b / e for b, e in zip(bare, fed, strict=True)]
+    fed = lambda i: step(input_pipeline.to_global(next(read), mesh))
+    bare = lambda i: step(batches[i % 2])
+    # Warm-up: a window's worth of each (the shuffle buffer fills, tf.data's threads start).
+    results = bench.alternate(bare, fed, steps, rounds, steps - bench.WINDOW_UNTIMED)
+    read = None  # The reader closes before its shards are removed.
+  bare_ms = [1e3 * statistics.median(b) for b, _ in results]
+  fed_ms = [1e3 * statistics.median(f) for _, f in results]
+  ratios = [b / f for b, f in zip(bare_ms, fed_ms, strict=True)]
   return {
     "model": train_lib.model_name(config),
-    "bare_step_ms": [round(1e3 * t, 3) for t in bare],
-    "end_to_end_step_ms": [round(1e3 * t, 3) for t in fed],
+    "bare_step_ms": [round(t, 3) for t in bare_ms],
+    "end_to_end_step_ms": [round(t, 3) for t in fed_ms],
     "ratios": [round(r, 3) for r in ratios],
     "end_to_end_vs_bare_step": round(statistics.median(ratios), 3),
     "allocator": "tcmalloc" if runtime.tcmalloc_loaded() else "default",

@@ -27,12 +27,13 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   # Progress on stderr, in order: a paper model's bench is minutes of compiling and stepping.
   progress = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] bench: " in line]
   assert [line.split(":")[1].strip().split()[0] for line in progress] == [
+    "end",  # Writing the synthetic shards.
     "compiling",
     "bare",
+    "round",  # configs/tiny.py times 2 steps: one round of a bare and an end-to-end window.
     "step",
-    "end",
-    "end",
   ], progress
+  assert record["end_to_end_round_ratios"] == [record["end_to_end_vs_bare_step"]]
   # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
   if metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON):
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
@@ -78,4 +79,23 @@ def test_timed_steps_time_only_the_steps_after_the_warm_up_and_report_progress(m
   assert lines == [
     "bench: bare step: 2 of 5 steps (warm-up)",
     "bench: bare step: 4 of 5 steps, median 1000.0 ms",
+  ]
+
+
+def test_alternate_times_windows_of_bare_and_fed_steps_in_turn(monkeypatch):
+  lines, calls = [], []
+  monkeypatch.setattr(bench.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  clock = iter(range(1000))  # Each perf_counter() call: one second later.
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+  bare = lambda i: calls.append(("bare", i))
+  fed = lambda i: calls.append(("fed", i))
+  results = bench.alternate(bare, fed, warmup=1, rounds=2, per_window=3)
+  untimed = bench.WINDOW_UNTIMED
+  window = lambda kind: [(kind, i) for i in range(untimed + 3)]
+  warmup = [("bare", 0), ("fed", 0)]
+  assert calls == warmup + window("bare") + window("fed") + window("bare") + window("fed")
+  assert results == [([1.0] * 3, [1.0] * 3)] * 2  # The untimed steps of each window left out.
+  assert lines == [
+    "bench: round 1 of 2: bare step 1000.0 ms, end to end 1000.0 ms (1.000)",
+    "bench: round 2 of 2: bare step 1000.0 ms, end to end 1000.0 ms (1.000)",
   ]
