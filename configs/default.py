@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bench = bench = ml_collections.ConfigDict()
   bench.warmup_steps = 3  # Untimed steps after the first (compiling) one.
   # Timed steps: the figure is their median. End to end, they run in rounds of a window of up to
-  # 7 bare steps and one of as many input-fed steps (3 rounds for 20), each after 2 untimed.
+  # 7 bare steps and one of as many input-fed steps (7, 7, 6 for 20), each after 2 untimed.
   bench.steps = 20
   # Also time the step fed from synthetic tfrecords through the input pipeline (end to end).
   bench.end_to_end = True

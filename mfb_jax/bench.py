@@ -39,6 +39,7 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
     "audio": features(config.data.audio_size),
     "mask": np.ones((batch_size, T), np.float32),
     "labels": (rng.random((batch_size, config.data.num_classes)) < 3.0 / 3862).astype(np.float32),
+    "valid": np.ones((batch_size,), np.float32),  # As the pipeline's: one compiled step for both.
   }
 
 
@@ -50,7 +51,12 @@ def fresh_train_step(config: ml_collections.ConfigDict):
   init = train_lib.state_initializer(config, model, tx, mesh)
   # The end-to-end figure reads synthetic records of max_frames frames through a shuffle buffer.
   record = memory.record_bytes(config) if config.bench.end_to_end else 0
-  errors.agreed(lambda: memory.check_state_and_inputs(config, shapes, "train", init, record))
+  # End to end, the pipeline's batches are held beside the bare step's two in-memory ones.
+  extra = 2 if config.bench.end_to_end else 0
+  check = lambda: memory.check_state_and_inputs(
+    config, shapes, "train", init, record, extra_batches=extra
+  )
+  errors.agreed(check)
   state = init()
   return mesh, state, train_lib.jit_train_step(config, model, tx, mesh, shapes)
 
@@ -81,18 +87,18 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
   return state, step_fn, batches, time.perf_counter() - start
 
 
-def time_train_step(config: ml_collections.ConfigDict, pattern: str | None = None) -> dict:
-  """Median step time of the jitted train step after warm-up (single process). With `pattern`
-  (synthetic shards of the real shapes), windows of steps fed from those shards through the input
-  pipeline alternate with windows of bare steps, so that both see the same machine."""
+def time_train_step(config: ml_collections.ConfigDict) -> dict:
+  """Median step time of the jitted train step after warm-up (single process). End to end
+  (config.bench.end_to_end), windows of bare steps alternate with windows of steps fed from
+  synthetic shards of the real shapes through the input pipeline, which runs only in the latter."""
   state, step_fn, batches, compile_s = first_train_step(config)
-  warmup = config.bench.warmup_steps
+  warmup, steps, end_to_end = config.bench.warmup_steps, config.bench.steps, config.bench.end_to_end
   logging.info(
     "bench: bare step: first step %.1f s (compiling); now %d warm-up and %d timed steps%s",
     compile_s,
     warmup,
-    config.bench.steps,
-    " in windows alternating with as many steps end to end" if pattern else "",
+    steps,
+    " in windows alternating with as many steps end to end" if end_to_end else "",
   )
   step_metrics = None
 
@@ -103,19 +109,25 @@ def time_train_step(config: ml_collections.ConfigDict, pattern: str | None = Non
 
   bare = lambda i: step(batches[i % len(batches)])
   timing = {"first_step_s": compile_s}
-  if pattern is None:
-    times = timed_steps(bare, warmup, config.bench.steps, "bare step")
+  if not end_to_end:
+    times = timed_steps(bare, warmup, steps, "bare step")
   else:
     input_pipeline, _ = _end_to_end_modules()
-    local = _local_batch(config)
-    reader = input_pipeline.make_train_iterator(config, pattern, seed=0, local_batch_size=local)
-    mesh = train_lib.make_mesh()
-    fed = lambda i: step(input_pipeline.to_global(next(reader), mesh))
-    rounds = -(-config.bench.steps // WINDOW_TIMED)  # Windows of at most WINDOW_TIMED steps.
-    results = alternate(bare, fed, warmup, rounds, -(-config.bench.steps // rounds))
+    local, mesh = _local_batch(config), train_lib.make_mesh()
+    logging.info("bench: end to end: writing %d synthetic videos", 2 * local)
+    with synthetic_train_shards(config, local) as pattern:
+
+      @contextlib.contextmanager
+      def fed_steps(seed: int):
+        reader = input_pipeline.make_train_iterator(config, pattern, seed, local)
+        try:
+          yield lambda i: step(input_pipeline.to_global(next(reader), mesh))
+        finally:
+          reader.close()  # Its threads stop: the next bare window has the CPU to itself.
+
+      results = alternate(bare, fed_steps, warmup, windows(steps))
     times, fed_times = [t for b, _ in results for t in b], [t for _, f in results for t in f]
     ratios = [statistics.median(b) / statistics.median(f) for b, f in results]
-    reader = None  # The reader closes before its shards are removed.
     timing.update(end_to_end_s=statistics.median(fed_times), ratios=ratios)
   timing.update(
     step_s=statistics.median(times),
@@ -126,27 +138,38 @@ def time_train_step(config: ml_collections.ConfigDict, pattern: str | None = Non
   return timing
 
 
-# Steps per window of the end-to-end measurement: up to WINDOW_TIMED timed after WINDOW_UNTIMED
-# untimed ones (the input pipeline refills its buffers then, after a window of bare steps).
+# Timed steps per window of the end-to-end measurement (at most), each window after WINDOW_UNTIMED
+# untimed steps: a fed window's input pipeline starts then, and fills its buffers.
 WINDOW_TIMED, WINDOW_UNTIMED = 7, 2
 
 
-def alternate(bare, fed, warmup: int, rounds: int, per_window: int) -> list[tuple[list, list]]:
-  """Each round's (bare step times, fed step times): after `warmup` steps of each, `rounds`
-  rounds of a window of bare(i) steps then one of fed(i) steps, each timing `per_window` steps
-  after WINDOW_UNTIMED untimed ones. Both see the same machine, however its speed drifts."""
+def windows(steps: int) -> list[int]:
+  """`steps` timed steps as the fewest windows of at most WINDOW_TIMED, as even as can be."""
+  rounds = -(-steps // WINDOW_TIMED)
+  return [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+
+
+def alternate(bare, fed_steps, warmup: int, sizes: list[int]) -> list[tuple[list, list]]:
+  """Each round's (bare step times, fed step times): after `warmup` bare steps, for each size a
+  window of bare(i) steps then one of fed(i) steps, timing `size` steps of each after
+  WINDOW_UNTIMED untimed ones (the first fed window after `warmup` more). fed_steps(round) is a
+  context manager giving fed(i), whose input pipeline runs only inside it: tf.data filling its
+  buffers during a bare window would slow the bare steps and serve the next fed ones from stock.
+  Both windows of a round see the machine at the same speed, however it drifts."""
   timed_steps(bare, warmup, 0, "bare step")
-  timed_steps(fed, warmup, 0, "end to end")  # The shuffle buffer fills, tf.data's threads start.
-  results = []
-  for r in range(rounds):
-    b = timed_steps(bare, WINDOW_UNTIMED, per_window, "bare step")
-    f = timed_steps(fed, WINDOW_UNTIMED, per_window, "end to end")
+  results, last_line = [], time.perf_counter()
+  for r, size in enumerate(sizes):
+    b = timed_steps(bare, WINDOW_UNTIMED, size, "bare step")
+    with fed_steps(r) as fed:
+      f = timed_steps(fed, WINDOW_UNTIMED + (warmup if r == 0 else 0), size, "end to end")
     results.append((b, f))
-    bare_ms, fed_ms = 1e3 * statistics.median(b), 1e3 * statistics.median(f)
-    logging.info(
-      "bench: round %d of %d: bare step %.1f ms, end to end %.1f ms (%.3f)",
-      *(r + 1, rounds, bare_ms, fed_ms, bare_ms / fed_ms),
-    )
+    if r in (0, len(sizes) - 1) or time.perf_counter() - last_line >= 30.0:
+      last_line = time.perf_counter()
+      bare_ms, fed_ms = 1e3 * statistics.median(b), 1e3 * statistics.median(f)
+      logging.info(
+        "bench: round %d of %d: bare step %.1f ms, end to end %.1f ms (%.3f)",
+        *(r + 1, len(sizes), bare_ms, fed_ms, bare_ms / fed_ms),
+      )
   return results
 
 
@@ -206,14 +229,9 @@ def run_bench(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   """Measures and prints one JSON line; returns the same record."""
   del workdir  # Nothing is written: the benchmark needs no data files.
   end_to_end = config.bench.end_to_end
-  shards = contextlib.nullcontext()
   if end_to_end:
     _end_to_end_modules()  # Before minutes of timing, not after.
-    local = _local_batch(config)
-    logging.info("bench: end to end: writing %d synthetic videos", 2 * local)
-    shards = synthetic_train_shards(config, local)
-  with shards as pattern:
-    timing = time_train_step(config, pattern)
+  timing = time_train_step(config)
   batch_size = config.train.batch_size
   flops_per_example = flops.train_flops_per_example(config)
   peak_dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"

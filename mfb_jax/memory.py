@@ -97,6 +97,8 @@ _PARTS = {
   "audio_aggregator": ("the aggregators'", "aggregator"),
   "fusion": ("the fusion's", "fusion"),
   "classifier": ("the classifier's", "classifier"),
+  "fusion_gate": ("the context gates'", "context_gating"),  # The output gate is [C, C].
+  "output_gate": ("the context gates'", "context_gating"),
 }
 
 
@@ -117,6 +119,8 @@ def _largest_part(config: ml_collections.ConfigDict, state_shapes) -> str:
   if field == "fusion" and config.model.get("fusion_level") == "frame":
     module = f"frame_{module}"
   settings = f"model.{module}" if module in config.model else f"model.{field}={module!r}"
+  if field == "context_gating":  # A flag, not a module: its gates are [O, O] and [C, C].
+    settings = "model.context_gating=False"
   percent = 100 * size // tree_bytes(params)  # Rounded down: "100%" only where it is all.
   return f"; {percent}% of its parameters are {whose}: {settings}"
 
@@ -204,6 +208,7 @@ def check_state_and_inputs(
   init=None,
   shuffled_record_bytes: int = 0,
   with_eval: bool = False,
+  extra_batches: int = 0,
 ):
   """Refuses (ResourceError) a state and input buffers that the devices cannot hold, before they
   are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
@@ -215,7 +220,7 @@ def check_state_and_inputs(
   section = "train" if mode == "train" else "eval"
   local = lambda section: max(config[section].batch_size // jax.process_count(), 1)
   local_batch = local(section)
-  held = config.data.prefetch_batches + 2
+  held = config.data.prefetch_batches + 2 + extra_batches  # extra: the bench's in-memory ones.
   # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
   initializing = init is not None and step_needs(init.lower().compile())
   state = initializing or tree_bytes(state_shapes)

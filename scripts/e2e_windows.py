@@ -4,9 +4,10 @@ r"""The bench mode's end-to-end ratio, with the rounds and window length chosen.
 
 `launch.py --mode=bench` alternates windows of bare steps (in-memory batches) with windows of
 steps fed from synthetic tfrecords through the input pipeline, in one process, so that both see
-the machine at the same speed however it drifts: rounds of up to 10 counted steps each, as many
-as config.bench.steps needs (2 by default). Here --rounds sets the rounds and --steps each
-window's length (its first 2 steps are not counted). It prints one JSON line: each window's
+the machine at the same speed however it drifts (the input pipeline runs only in the fed
+windows): rounds of up to 7 counted steps each, as many as config.bench.steps needs (3 by
+default). Here --rounds sets the rounds and --steps each window's length (its first 2 steps are
+not counted). It prints one JSON line: each window's
 median step (ms) and the median of the rounds' ratios (bare / end to end). Like launch.py it
 runs with tcmalloc and the project's XLA flags.
 """
@@ -27,6 +28,8 @@ _STEPS = flags.DEFINE_integer("steps", 12, "Steps per window; its first 2 are no
 
 
 def measure(config, rounds: int, steps: int) -> dict:
+  import contextlib
+
   import jax
 
   from mfb_jax import bench, input_pipeline
@@ -41,12 +44,19 @@ def measure(config, rounds: int, steps: int) -> dict:
     jax.block_until_ready(state)
 
   with bench.synthetic_train_shards(config, size) as pattern:
-    read = input_pipeline.make_train_iterator(config, pattern, seed=0, local_batch_size=size)
-    fed = lambda i: step(input_pipeline.to_global(next(read), mesh))
+
+    @contextlib.contextmanager
+    def fed_steps(seed: int):
+      reader = input_pipeline.make_train_iterator(config, pattern, seed, size)
+      try:
+        yield lambda i: step(input_pipeline.to_global(next(reader), mesh))
+      finally:
+        reader.close()
+
     bare = lambda i: step(batches[i % 2])
-    # Warm-up: a window's worth of each (the shuffle buffer fills, tf.data's threads start).
-    results = bench.alternate(bare, fed, steps, rounds, steps - bench.WINDOW_UNTIMED)
-    read = None  # The reader closes before its shards are removed.
+    # Warm-up: a window's worth (the first fed window's shuffle buffer fills, threads start).
+    counted = steps - bench.WINDOW_UNTIMED
+    results = bench.alternate(bare, fed_steps, steps, [counted] * rounds)
   bare_ms = [1e3 * statistics.median(b) for b, _ in results]
   fed_ms = [1e3 * statistics.median(f) for _, f in results]
   ratios = [b / f for b, f in zip(bare_ms, fed_ms, strict=True)]

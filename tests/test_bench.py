@@ -1,5 +1,6 @@
 """--mode=bench through launch.py: the JSON line, and the bare step without TensorFlow."""
 
+import contextlib
 import json
 import os
 from importlib import metadata
@@ -27,9 +28,9 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   # Progress on stderr, in order: a paper model's bench is minutes of compiling and stepping.
   progress = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] bench: " in line]
   assert [line.split(":")[1].strip().split()[0] for line in progress] == [
-    "end",  # Writing the synthetic shards.
-    "compiling",
+    "compiling",  # Memory checked, step compiled: only then are the synthetic shards written.
     "bare",
+    "end",  # Writing the synthetic shards.
     "round",  # configs/tiny.py times 2 steps: one round of a bare and an end-to-end window.
     "step",
   ], progress
@@ -88,14 +89,36 @@ def test_alternate_times_windows_of_bare_and_fed_steps_in_turn(monkeypatch):
   clock = iter(range(1000))  # Each perf_counter() call: one second later.
   monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
   bare = lambda i: calls.append(("bare", i))
-  fed = lambda i: calls.append(("fed", i))
-  results = bench.alternate(bare, fed, warmup=1, rounds=2, per_window=3)
+
+  @contextlib.contextmanager
+  def fed_steps(seed):  # The input pipeline: started and stopped around each fed window.
+    calls.append(("start", seed))
+    yield lambda i: calls.append(("fed", i))
+    calls.append(("stop", seed))
+
+  results = bench.alternate(bare, fed_steps, warmup=1, sizes=[3, 2])
   untimed = bench.WINDOW_UNTIMED
-  window = lambda kind: [(kind, i) for i in range(untimed + 3)]
-  warmup = [("bare", 0), ("fed", 0)]
-  assert calls == warmup + window("bare") + window("fed") + window("bare") + window("fed")
-  assert results == [([1.0] * 3, [1.0] * 3)] * 2  # The untimed steps of each window left out.
+  window = lambda kind, n, extra=0: [(kind, i) for i in range(untimed + extra + n)]
+  assert calls == [
+    ("bare", 0),  # Warm-up.
+    *window("bare", 3),
+    ("start", 0),
+    *window("fed", 3, extra=1),  # The first fed window warms up too.
+    ("stop", 0),
+    *window("bare", 2),
+    ("start", 1),
+    *window("fed", 2),
+    ("stop", 1),
+  ]
+  assert results == [([1.0] * 3, [1.0] * 3), ([1.0] * 2, [1.0] * 2)]  # Untimed steps left out.
   assert lines == [
     "bench: round 1 of 2: bare step 1000.0 ms, end to end 1000.0 ms (1.000)",
     "bench: round 2 of 2: bare step 1000.0 ms, end to end 1000.0 ms (1.000)",
   ]
+
+
+@pytest.mark.parametrize(
+  "steps, sizes", [(1, [1]), (7, [7]), (8, [4, 4]), (20, [7, 7, 6]), (25, [7, 6, 6, 6])]
+)
+def test_windows_time_exactly_the_steps_asked_for(steps, sizes):
+  assert bench.windows(steps) == sizes

@@ -279,4 +279,6 @@ def test_the_state_line_names_where_most_parameters_are():
   assert memory._largest_part(config, state).endswith("are the fusion's: model.frame_mfb")
   config.model.update(fusion_level="video", fusion="mine")  # A user's module without a section.
   assert memory._largest_part(config, state).endswith("are the fusion's: model.fusion='mine'")
+  params["output_gate"] = {"w": f32(1000)}  # Context gating's [C, C] gate.
+  assert memory._largest_part(config, state).endswith("gates': model.context_gating=False")
   assert memory._largest_part(config, types.SimpleNamespace(params={"gate": {"w": f32(3)}})) == ""
