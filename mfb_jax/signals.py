@@ -69,10 +69,12 @@ def _unwind(signum: int) -> Interrupted:
 
 
 def _inside_jax(frame) -> bool:
-  """Whether the main thread is running JAX's code: some frame of its stack is in the jax or
-  jaxlib package (whose Python code may sit on top of C++ frames that cannot pass an exception
-  on)."""
-  paths = [getattr(sys.modules.get(name), "__file__", None) for name in ("jax", "jaxlib")]
+  """Whether the main thread is running JAX's or TensorFlow's code: some frame of its stack is
+  in the jax, jaxlib or tensorflow package (whose Python code may sit on top of C++ frames that
+  cannot pass an exception on: tf.data's C++ imports modules as it iterates, and it dropped the
+  Interrupted raised at the end of such an import, over and over, while the bench kept running)."""
+  names = ("jax", "jaxlib", "tensorflow")
+  paths = [getattr(sys.modules.get(name), "__file__", None) for name in names]
   packages = tuple(os.path.dirname(path) + os.sep for path in paths if path)
   while packages and frame is not None:
     if frame.f_code.co_filename.startswith(packages):

@@ -219,6 +219,13 @@ time.sleep(30)
 print("not reached")
 """
 
+# The same inside TensorFlow's code: tf.data's C++ imports modules as it iterates and dropped the
+# Interrupted raised at the end of such an import, again and again (a bench run kept going).
+SIGNALLED_INSIDE_TENSORFLOW = SIGNALLED_INSIDE_JAX.replace("import jax", "import tensorflow as tf")
+SIGNALLED_INSIDE_TENSORFLOW = SIGNALLED_INSIDE_TENSORFLOW.replace(
+  "jax.tree.map", "tf.nest.map_structure"
+)
+
 # The same, then an import at once outside JAX raises the held signal while its 10 ms retry is
 # still pending, and the exit is slow (a loaded machine): the retry fired inside sys.excepthook,
 # whose second Interrupted ended the run with two tracebacks and exit 1 (seen in CI, eval mode).
@@ -259,6 +266,13 @@ def test_a_signal_inside_jax_takes_effect_when_jax_returns(signum):
   assert result.stdout.split("\n")[0] == "[0, 1, 2]" and "not reached" not in result.stdout
   assert last_line(result.stderr).startswith(f"error: stopped by {signal.Signals(signum).name}")
   assert "Traceback" not in result.stderr
+
+
+def test_a_signal_inside_tensorflow_takes_effect_when_it_returns():
+  result = run_python(["-c", SIGNALLED_INSIDE_TENSORFLOW, str(int(signal.SIGINT))], timeout=120)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert result.stdout.split("\n")[0] == "[0, 1, 2]" and "not reached" not in result.stdout
+  assert last_line(result.stderr).startswith("error: stopped by SIGINT")
 
 
 def test_a_signal_raised_with_its_retry_pending_is_reported_once():
