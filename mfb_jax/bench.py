@@ -112,20 +112,10 @@ def time_train_step(config: ml_collections.ConfigDict) -> dict:
   if not end_to_end:
     times = timed_steps(bare, warmup, steps, "bare step")
   else:
-    input_pipeline, _ = _end_to_end_modules()
-    local, mesh = _local_batch(config), train_lib.make_mesh()
+    local = _local_batch(config)
     logging.info("bench: end to end: writing %d synthetic videos", 2 * local)
     with synthetic_train_shards(config, local) as pattern:
-
-      @contextlib.contextmanager
-      def fed_steps(seed: int):
-        reader = input_pipeline.make_train_iterator(config, pattern, seed, local)
-        try:
-          yield lambda i: step(input_pipeline.to_global(next(reader), mesh))
-        finally:
-          reader.close()  # Its threads stop: the next bare window has the CPU to itself.
-
-      results = alternate(bare, fed_steps, warmup, windows(steps))
+      results = alternate(bare, fed_steps(config, pattern, step), warmup, windows(steps))
     times, fed_times = [t for b, _ in results for t in b], [t for _, f in results for t in f]
     ratios = [statistics.median(b) / statistics.median(f) for b, f in results]
     timing.update(end_to_end_s=statistics.median(fed_times), ratios=ratios)
@@ -136,6 +126,24 @@ def time_train_step(config: ml_collections.ConfigDict) -> dict:
     final_loss=float(step_metrics["loss"]),
   )
   return timing
+
+
+def fed_steps(config: ml_collections.ConfigDict, pattern: str, step):
+  """alternate()'s fed_steps: fed_steps(seed) is a context manager giving fed(i), which runs
+  step(batch) on the next batch read from `pattern` through the input pipeline. The reader, and
+  its threads, live only inside it: the next bare window has the CPU to itself."""
+  input_pipeline, _ = _end_to_end_modules()
+  local, mesh = _local_batch(config), train_lib.make_mesh()
+
+  @contextlib.contextmanager
+  def window(seed: int):
+    reader = input_pipeline.make_train_iterator(config, pattern, seed, local)
+    try:
+      yield lambda i: step(input_pipeline.to_global(next(reader), mesh))
+    finally:
+      reader.close()
+
+  return window
 
 
 # Timed steps per window of the end-to-end measurement (at most), each window after WINDOW_UNTIMED

@@ -28,32 +28,21 @@ _STEPS = flags.DEFINE_integer("steps", 12, "Steps per window; its first 2 are no
 
 
 def measure(config, rounds: int, steps: int) -> dict:
-  import contextlib
-
   import jax
 
-  from mfb_jax import bench, input_pipeline
+  from mfb_jax import bench
   from mfb_jax import train as train_lib
 
   state, step_fn, batches, _ = bench.first_train_step(config)
-  size, mesh = config.train.batch_size, train_lib.make_mesh()
 
   def step(batch) -> None:
     nonlocal state
     state, _ = step_fn(state, batch)
     jax.block_until_ready(state)
 
-  with bench.synthetic_train_shards(config, size) as pattern:
-
-    @contextlib.contextmanager
-    def fed_steps(seed: int):
-      reader = input_pipeline.make_train_iterator(config, pattern, seed, size)
-      try:
-        yield lambda i: step(input_pipeline.to_global(next(reader), mesh))
-      finally:
-        reader.close()
-
+  with bench.synthetic_train_shards(config, config.train.batch_size) as pattern:
     bare = lambda i: step(batches[i % 2])
+    fed_steps = bench.fed_steps(config, pattern, step)
     # Warm-up: a window's worth (the first fed window's shuffle buffer fills, threads start).
     counted = steps - bench.WINDOW_UNTIMED
     results = bench.alternate(bare, fed_steps, steps, [counted] * rounds)
