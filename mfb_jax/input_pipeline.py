@@ -17,7 +17,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mfb_jax import frame_batch, input_files, records, tf_errors, tfrecord_files
+from mfb_jax import frame_batch, input_files, records, runtime, tf_errors, tfrecord_files
 from mfb_jax.errors import DataError
 
 # Train files read at once: batches mix videos from this many files (each file holds videos of
@@ -78,6 +78,7 @@ def _seeds(seed: int) -> list[int]:
 def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed=None):
   """Batch dicts (with 'problem') from (name, record) pairs; short batches padded, valid = 0."""
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  batch_calls = dict(num_parallel_calls=runtime.batch_calls(), deterministic=True)  # Bounded.
   if spec.format == "frame":  # Parsed a batch at a time (frame_batch.py).
     parse_batch = frame_batch.batch_parser(spec, batch_size, frame_seed is not None)
     if frame_seed is None:
@@ -89,7 +90,7 @@ def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed
         *pair, tf.stack([tf.fill(tf.shape(index_B), seed), index_B], 1)
       )
     batched = records_ds.batch(batch_size, drop_remainder=drop_remainder)
-    return batched.map(_as_written(parse), **parallel)
+    return batched.map(_as_written(parse), **batch_calls)
   # Video-level: each record's file and size travel with it, for tfrecord_files.FileEnds.
   parse = lambda name, record: {
     **records.parse_video_record(spec, name, record),
@@ -99,7 +100,7 @@ def _batches(spec, records_ds, batch_size: int, drop_remainder: bool, frame_seed
   ds = records_ds.map(_as_written(parse), **parallel)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   finish = lambda batch: records.finish_batch(batch, batch_size, spec.feature_dtype)
-  return ds.map(_as_written(finish), **parallel)
+  return ds.map(_as_written(finish), **batch_calls)
 
 
 def train_dataset(config, train_files: TrainFiles, seed: int, local_batch_size: int):

@@ -10,7 +10,9 @@ JAX's cache) and compares XLA's own estimate of what the step allocates beyond i
 that, `check_state_and_inputs` compares the state, the input pipeline's batches and the training
 shuffle buffer, known from the config alone, with the same figures: a state, a batch or a buffer
 beyond the machine (a huge data.num_classes, data.max_frames or data.shuffle_buffer) would
-otherwise be killed, or hang, while it is being allocated.
+otherwise be killed, or hang, while it is being allocated. In training it then adds the train
+step's temporaries and a checkpoint being saved, which all sit beside the full input
+buffers once training runs (the step's own check sees only what is left while they fill).
 """
 
 import math
@@ -20,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mfb_jax import available_memory, cluster, errors
+from mfb_jax import available_memory, cluster, errors, progress, runtime
 from mfb_jax import train as train_lib
 from mfb_jax.errors import ResourceError
 
@@ -160,15 +162,17 @@ def _listed(parts: list[str]) -> str:
   return " and ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
 
 
-def check_start(state: tuple[int, str, str], inputs: tuple[int, list[str], str]) -> None:
+def check_start(
+  state: tuple[int, str], inputs: tuple[int, list[str], str], state_settings: str
+) -> None:
   """Raises ResourceError, one line naming what does not fit and the settings to lower, where
-  the state (bytes on each local device, what it is, its settings) and the input pipeline's
-  buffers (bytes on the host, what each is, their settings) cannot be held: checked before
-  either is allocated. A CPU's devices share the host's memory, so there they count together,
-  and so do the processes of a run on one host."""
+  the state (bytes on each local device, what it is) and the input pipeline's buffers (bytes on
+  the host, what each is, their settings) cannot be held: checked before either is allocated.
+  A CPU's devices share the host's memory, so there they count together, and so do the processes
+  of a run on one host."""
   local = jax.local_devices()
   device = local[0]
-  state_bytes, state_what, state_settings = state
+  state_bytes, state_what = state
   input_bytes, inputs_what, input_settings = inputs
   host = available_memory.host_available()
   if device.platform == "cpu":
@@ -201,6 +205,22 @@ def check_step(config: ml_collections.ConfigDict, jitted, args: tuple, step: str
   errors.agreed(lambda: check_fits(jitted, args, what, settings))
 
 
+# An asynchronous checkpoint copies the state to the host, then encodes it while the next steps
+# run: saving a 3.6 GB state raised the peak by 5.9 GB (glibc's allocator; 2-core AMD Zen 5).
+_SAVE_COPIES = 2
+
+
+def held_batches(config: ml_collections.ConfigDict) -> int:
+  """How many whole input batches the host holds at once: data.prefetch_batches prefetched, one
+  per batch-sized tf.data map call (runtime.batch_calls(): parsed and waiting, or being parsed),
+  2 for those calls' serialized records and uint8 frames and the allocator's slack, the batch
+  being handed over, and the progress.STEPS_AHEAD steps' batches before it. Measured on 2 cores
+  (two calls; a slow step, so every buffer full): 6.2-6.5 batches with the consumer's one, of the
+  7 counted before the steps' (README.md, "Memory")."""
+  calls = runtime.batch_calls()
+  return config.data.prefetch_batches + calls + 2 + 1 + progress.STEPS_AHEAD
+
+
 def check_state_and_inputs(
   config: ml_collections.ConfigDict,
   state_shapes,
@@ -209,25 +229,28 @@ def check_state_and_inputs(
   shuffled_record_bytes: int = 0,
   with_eval: bool = False,
   extra_batches: int = 0,
+  step: tuple | None = None,
+  saves: bool = False,
 ):
   """Refuses (ResourceError) a state and input buffers that the devices cannot hold, before they
   are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
-  creates it, with its temporaries; the batches the input pipeline holds (prefetched, being
-  finished, in the step) of the "train" or the "eval" (eval and predict) batch size; and, given
-  the serialized size of a training record, the data.shuffle_buffer records of the shuffle
-  buffer (with tf.data's and the allocator's overhead). with_eval: training that evaluates, whose
-  eval batches are held beside the training batches."""
+  creates it, with its temporaries; the batches the input pipeline holds (held_batches) of the
+  "train" or the "eval" (eval and predict) batch size; and, given the serialized size of a
+  training record, the data.shuffle_buffer records of the shuffle buffer (with tf.data's and the
+  allocator's overhead). with_eval: training that evaluates, whose eval batches are held beside
+  the training batches. extra_batches: more batches of the same size (the bench's in-memory ones).
+  step: (jitted train step, abstract arguments), whose temporaries (XLA's estimate, compiled
+  here; the call then reuses it) sit beside the state and the batches while it runs; checked
+  after the rest, which needs no compilation. saves: training, whose asynchronous checkpoints
+  copy the state to the host and encode it while the next steps run."""
   section = "train" if mode == "train" else "eval"
   local = lambda section: max(config[section].batch_size // jax.process_count(), 1)
   local_batch = local(section)
-  held = config.data.prefetch_batches + 2 + extra_batches  # extra: the bench's in-memory ones.
+  held = held_batches(config) + extra_batches
   # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
   initializing = init is not None and step_needs(init.lower().compile())
-  state = initializing or tree_bytes(state_shapes)
-  state_what = (
-    f"the state of {train_lib.model_name(config)}{' as it is initialized' if initializing else ''} "
-    f"({amount(state)})"
-  )
+  state = tree_bytes(state_shapes)
+  name = train_lib.model_name(config)
   batches = held * batch_bytes(config, local_batch)
   inputs = [f"{held} input batches of {local_batch} videos ({amount(batches)})"]
   frames = ", data.max_frames" if config.data.format == "frame" else ""
@@ -239,6 +262,9 @@ def check_state_and_inputs(
     host_bytes += eval_batches
     inputs.append(f"{held} eval batches of {eval_batch} videos ({amount(eval_batches)})")
     settings = settings.replace("train.batch_size", "train.batch_size, eval.batch_size")
+  if saves:  # On the host, on an accelerator too.
+    host_bytes += _SAVE_COPIES * state
+    inputs.append(f"a checkpoint being saved ({amount(_SAVE_COPIES * state)})")
   if shuffled_record_bytes:
     buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
     host_bytes += buffer
@@ -247,5 +273,20 @@ def check_state_and_inputs(
   state_settings = (
     f"data.num_classes or the model's sizes (the state{_largest_part(config, state_shapes)})"
   )
-  state_part = (state, state_what, state_settings)
-  check_start(state_part, (host_bytes, inputs, settings))
+  inputs_part = (host_bytes, inputs, settings)
+  running = [(state, f"the state of {name} ({amount(state)})")]
+  if initializing:
+    running.append(
+      (initializing, f"the state of {name} as it is initialized ({amount(initializing)})")
+    )
+  check_start(max(running), inputs_part, state_settings)
+  temporaries = step is not None and step_needs(step[0].lower(*step[1]).compile())
+  if temporaries:
+    what = f"the state of {name} and its train step's temporaries ({amount(state + temporaries)})"
+    running.append((state + temporaries, what))
+    if max(running)[1] == what:  # Not the initialization's.
+      if jax.local_devices()[0].platform != "cpu":  # Else the batch size is the inputs' setting.
+        state_settings = f"{section}.batch_size{frames} (the step), or {state_settings}"
+      if config.model.dtype == "float32":
+        state_settings += ", or set model.dtype=bfloat16"
+    check_start(max(running), inputs_part, state_settings)

@@ -56,6 +56,23 @@ XLA_CPU_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "true"}
 XLA_CPU_FLAGS_VERIFIED_ON = ("0.10.",)
 
 
+# tf.data's batch-sized map calls (a batch parsed, or finished) in flight or done and waiting:
+# one per core, as AUTOTUNE starts with, but never more than this. AUTOTUNE may go up to the core
+# count, and each call holds a whole batch: on a 64-core host, 64 batches (11 GB at batch 128 and
+# 300 frames) beside the prefetched ones. Eight parse about 25,000 paper-sized videos a second.
+MAX_BATCH_CALLS = 8
+
+
+def batch_calls() -> int:
+  """How many batch-sized tf.data map calls the input pipeline runs at once (memory.py counts
+  their batches)."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 1
+  return max(1, min(cores, MAX_BATCH_CALLS))
+
+
 # The sweep sets it for each cell: the pid whose death stops the cell (stop_with_parent).
 STOP_WITH_ENV = "MFB_JAX_STOP_WITH"
 

@@ -208,6 +208,18 @@ def batch_shardings(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, mesh: Mesh) -> dict:
+  """Shapes, dtypes and shardings of a global batch as the input pipeline's reach the step
+  (features in model.dtype, records.feature_dtype), without allocating it."""
+  T, C, data = frames_per_example(config), config.data.num_classes, config.data
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(
+    (batch_size, *shape), dtype, sharding=batch_shardings(mesh)
+  )
+  features = jnp.dtype(config.model.dtype)
+  rgb, audio = spec((T, data.rgb_size), features), spec((T, data.audio_size), features)
+  return {"rgb": rgb, "audio": audio, "mask": spec((T,)), "labels": spec((C,)), "valid": spec(())}
+
+
 def _jit(step: Callable, mesh: Mesh, state_shapes, out_shardings, donate: bool = False, static=()):
   """`step(state, batch)` jitted with the state's shardings and a 'data'-sharded batch.
 

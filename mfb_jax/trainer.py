@@ -84,16 +84,18 @@ def _evaluation_missed(config, workdir: str, step: int) -> bool:
   return missed
 
 
-def _check_inputs(config, checkpointer, state_shapes, init) -> input_pipeline.TrainFiles:
+def _check_inputs(config, checkpointer, state_shapes, init, step) -> input_pipeline.TrainFiles:
   """This process's train files, after checking them, its eval files, the checkpoint and the
-  memory that the state (restored, or made by `init`), the input batches and the shuffle buffer
-  need."""
+  memory that the state (restored, or made by `init`), the input batches, the shuffle buffer,
+  the train `step`'s temporaries and a checkpoint being saved need."""
   index, count = jax.process_index(), jax.process_count()
   with errors.about("data.train_pattern"):
     train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   record = train_files.record_bytes  # Of the records the shuffle buffer will hold.
   with_eval = bool(config.data.eval_pattern)
-  memory.check_state_and_inputs(config, state_shapes, "train", init, record, with_eval)
+  memory.check_state_and_inputs(
+    config, state_shapes, "train", init, record, with_eval, step=step, saves=True
+  )
   checkpointer.check_compatible(state_shapes)
   if config.data.eval_pattern:
     with errors.about("data.eval_pattern"):
@@ -116,7 +118,11 @@ class _Run:
     # Before anything in the workdir is touched; if any process fails them, all stop.
     resuming = self.checkpointer.latest_step() is not None
     init = None if resuming else train_lib.state_initializer(config, model, tx, self.mesh)
-    check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init)
+    self.train_fn = train_lib.jit_train_step(config, model, tx, self.mesh, state_shapes)
+    # The variant with the parameter norms, whose temporaries are the larger.
+    batch = train_lib.abstract_batch(config, self.train_cfg.batch_size, self.mesh)
+    step = (self.train_fn, (state_shapes, batch, True))
+    check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init, step)
     self.train_files = errors.agreed(check)
     self.state = self.checkpointer.restore(state_shapes) if resuming else init()
     # After the restore: a damaged step changes nothing.
@@ -126,7 +132,6 @@ class _Run:
     self.writer = event_writer.EventWriter(workdir, just_logging=jax.process_index() > 0)
     if self.start_step == 0:
       self.writer.write_hparams(workdir_files.flat_hparams(config))
-    self.train_fn = train_lib.jit_train_step(config, model, tx, self.mesh, state_shapes)
     self.eval_fn = train_lib.jit_eval_step(config, model, self.mesh, state_shapes)
     self.buffer, self.result = progress.MetricBuffer(), None
     self.batches, self.check_labels = None, label_check.LabelCheck(config)

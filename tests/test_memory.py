@@ -60,7 +60,7 @@ def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch)
   # The start-up check: state and buffers of 600 bytes in each of 3 processes, 1000 available.
   monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   with pytest.raises(ResourceError) as raised:
-    memory.check_start((100, "the state", "s"), (500, ["the batches"], "b"))
+    memory.check_start((100, "the state"), (500, ["the batches"], "b"), "s")
   n_devices = len(jax.local_devices())
   each = 100 * n_devices + 500
   assert str(raised.value) == (
@@ -69,7 +69,7 @@ def test_processes_of_a_run_on_one_host_count_their_memory_together(monkeypatch)
     "0.0 MB available: lower b, or s"
   )
   monkeypatch.setattr(memory.cluster, "_host_processes", 1)
-  memory.check_start((100, "the state", "s"), (500, ["the batches"], "b"))
+  memory.check_start((100, "the state"), (500, ["the batches"], "b"), "s")
 
 
 def _no_memory(monkeypatch):
@@ -189,7 +189,9 @@ def test_a_shuffle_buffer_beyond_the_host_stops_training_before_it_fills(
   tiny_config.eval.batch_size = 10_000_000
   with pytest.raises(ResourceError) as raised:
     memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", None, record, True)
-  assert "4 eval batches of 10000000 videos (" in str(raised.value)
+  assert f"{memory.held_batches(tiny_config)} eval batches of 10000000 videos (" in str(
+    raised.value
+  )
   assert "lower train.batch_size, eval.batch_size, data.max_frames or" in str(raised.value)
 
 
@@ -205,7 +207,8 @@ def test_on_an_accelerator_the_state_and_the_host_buffers_are_refused_apart(
   monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
   with pytest.raises(ResourceError) as raised:
     check()
-  assert str(raised.value).startswith("4 input batches of 8 videos (")
+  held = memory.held_batches(tiny_config)
+  assert str(raised.value).startswith(f"{held} input batches of 8 videos (")
   assert "but the host has 0.0 MB available" in str(raised.value)
   assert str(raised.value).endswith("data.shuffle_buffer (the shuffle buffer)")
   monkeypatch.setattr(available_memory, "device_available", lambda device: 1000)
