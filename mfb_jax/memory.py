@@ -215,8 +215,9 @@ def held_batches(config: ml_collections.ConfigDict) -> int:
   per batch-sized tf.data map call (runtime.batch_calls(): parsed and waiting, or being parsed),
   2 for those calls' serialized records and uint8 frames and the allocator's slack, the batch
   being handed over, and the progress.STEPS_AHEAD steps' batches before it. Measured on 2 cores
-  (two calls; a slow step, so every buffer full): 6.2-6.5 batches with the consumer's one, of the
-  7 counted before the steps' (README.md, "Memory")."""
+  (two calls; a slow consumer, so every buffer full): 5.8-6.5 batches with the consumer's one, of
+  the 7 counted before the steps' (tests/test_memory_held.py; README.md, "Training on
+  YouTube-8M")."""
   calls = runtime.batch_calls()
   return config.data.prefetch_batches + calls + 2 + 1 + progress.STEPS_AHEAD
 
