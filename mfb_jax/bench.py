@@ -43,20 +43,24 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int =
   }
 
 
-def fresh_train_step(config: ml_collections.ConfigDict):
-  """(mesh, freshly initialized state, jitted train step) of the configured model."""
+def fresh_train_step(
+  config: ml_collections.ConfigDict, num_batches: int = 2, pipeline: bool | None = None
+):
+  """(mesh, freshly initialized state, jitted train step) of the configured model, after checking
+  the memory of the state, the step, `num_batches` in-memory batches and, with an input `pipeline`
+  (default: config.bench.end_to_end), the pipeline's batches and shuffle buffer."""
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(config)
   shapes = train_lib.abstract_state(config, model, tx, mesh)
   init = train_lib.state_initializer(config, model, tx, mesh)
   step_fn = train_lib.jit_train_step(config, model, tx, mesh, shapes)
   # The end-to-end figure reads synthetic records of max_frames frames through a shuffle buffer.
-  record = memory.record_bytes(config) if config.bench.end_to_end else 0
-  # End to end, the pipeline's batches are held beside the bare step's two in-memory ones.
-  extra = 2 if config.bench.end_to_end else 0
+  end_to_end = config.bench.end_to_end if pipeline is None else pipeline
+  record = memory.record_bytes(config) if end_to_end else 0
+  # The bare step's in-memory batches; end to end, the pipeline's beside them.
   step = (step_fn, (shapes, train_lib.abstract_batch(config, config.train.batch_size, mesh)))
   check = lambda: memory.check_state_and_inputs(
-    config, shapes, "train", init, record, extra_batches=extra, step=step
+    config, shapes, "train", init, record, extra_batches=num_batches, step=step, pipeline=end_to_end
   )
   errors.agreed(check)
   state = init()
@@ -70,7 +74,9 @@ def _local_batch(config: ml_collections.ConfigDict) -> int:
   )
 
 
-def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
+def first_train_step(
+  config: ml_collections.ConfigDict, num_batches: int = 2, pipeline: bool | None = None
+):
   """(state after one step, jitted train step, `num_batches` random device batches, seconds to
   the end of that first step, compiling and initializing included) of the configured model."""
   batch_size = _local_batch(config)
@@ -78,7 +84,7 @@ def first_train_step(config: ml_collections.ConfigDict, num_batches: int = 2):
     "bench: compiling the train step of %s (batch %d)", train_lib.model_name(config), batch_size
   )
   start = time.perf_counter()  # The step compiles in the memory check (fresh_train_step).
-  mesh, state, step_fn = fresh_train_step(config)
+  mesh, state, step_fn = fresh_train_step(config, num_batches, pipeline)
   sharding = train_lib.batch_shardings(mesh)
   batches = [
     jax.device_put(random_batch(config, batch_size, seed=i), sharding) for i in range(num_batches)

@@ -157,9 +157,9 @@ def record_bytes(config: ml_collections.ConfigDict) -> int:
   return 4 * (data.rgb_size + data.audio_size) + _CONTEXT
 
 
-def _listed(parts: list[str]) -> str:
-  """'a', 'a and b', 'a, b and c'."""
-  return " and ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
+def _listed(parts: list[str], word: str = "and") -> str:
+  """'a', 'a and b', 'a, b and c' (or `word` for 'and')."""
+  return f" {word} ".join(filter(None, [", ".join(parts[:-1]), parts[-1]]))
 
 
 def check_start(
@@ -176,6 +176,8 @@ def check_start(
   input_bytes, inputs_what, input_settings = inputs
   host = available_memory.host_available()
   if device.platform == "cpu":
+    if len(local) > 1:  # Each device holds its own.
+      state_what += f" on each of the {len(local)} devices"
     what, settings = _listed([state_what, *inputs_what]), f"{input_settings}, or {state_settings}"
     parts = [(state_bytes * len(local) + input_bytes, host, "the host", what, settings)]
   else:
@@ -232,6 +234,7 @@ def check_state_and_inputs(
   extra_batches: int = 0,
   step: tuple | None = None,
   saves: bool = False,
+  pipeline: bool = True,
 ):
   """Refuses (ResourceError) a state and input buffers that the devices cannot hold, before they
   are allocated: the state with its optimizer moments, restored, or as `init` (state_initializer)
@@ -239,7 +242,8 @@ def check_state_and_inputs(
   "train" or the "eval" (eval and predict) batch size; and, given the serialized size of a
   training record, the data.shuffle_buffer records of the shuffle buffer (with tf.data's and the
   allocator's overhead). with_eval: training that evaluates, whose eval batches are held beside
-  the training batches. extra_batches: more batches of the same size (the bench's in-memory ones).
+  the training batches. extra_batches: more batches of the same size (the bench's in-memory ones);
+  pipeline=False: no input pipeline (the bench's bare step), only those.
   step: (jitted train step, abstract arguments), whose temporaries (XLA's estimate, compiled
   here; the call then reuses it) sit beside the state and the batches while it runs; checked
   after the rest, which needs no compilation. saves: training, whose asynchronous checkpoints
@@ -247,15 +251,17 @@ def check_state_and_inputs(
   section = "train" if mode == "train" else "eval"
   local = lambda section: max(config[section].batch_size // jax.process_count(), 1)
   local_batch = local(section)
-  held = held_batches(config) + extra_batches
+  held = (held_batches(config) if pipeline else 0) + extra_batches
   # Initializing needs the state and its temporaries (XLA's estimate, where the backend has one).
   initializing = init is not None and step_needs(init.lower().compile())
   state = tree_bytes(state_shapes)
   name = train_lib.model_name(config)
   batches = held * batch_bytes(config, local_batch)
   inputs = [f"{held} input batches of {local_batch} videos ({amount(batches)})"]
-  frames = ", data.max_frames" if config.data.format == "frame" else ""
-  settings = f"{section}.batch_size{frames} or data.prefetch_batches (the batches)"
+  frame_level = config.data.format == "frame"
+  step_names = [f"{section}.batch_size", *(["data.max_frames"] if frame_level else [])]
+  batch_names = step_names + (["data.prefetch_batches"] if pipeline else [])
+  settings = f"{_listed(batch_names, 'or')} (the batches)"
   host_bytes = batches
   if with_eval:
     eval_batch = local("eval")
@@ -266,6 +272,7 @@ def check_state_and_inputs(
   if saves:  # On the host, on an accelerator too.
     host_bytes += _SAVE_COPIES * state
     inputs.append(f"a checkpoint being saved ({amount(_SAVE_COPIES * state)})")
+    saved_settings = "data.num_classes or the model's sizes (the checkpoint)"
   if shuffled_record_bytes:
     buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
     host_bytes += buffer
@@ -274,6 +281,8 @@ def check_state_and_inputs(
   state_settings = (
     f"data.num_classes or the model's sizes (the state{_largest_part(config, state_shapes)})"
   )
+  if saves and jax.local_devices()[0].platform != "cpu":  # On a CPU the state's settings follow.
+    settings += f", or {saved_settings}"
   inputs_part = (host_bytes, inputs, settings)
   running = [(state, f"the state of {name} ({amount(state)})")]
   if initializing:
@@ -286,8 +295,8 @@ def check_state_and_inputs(
     what = f"the state of {name} and its train step's temporaries ({amount(state + temporaries)})"
     running.append((state + temporaries, what))
     if max(running)[1] == what:  # Not the initialization's.
-      if jax.local_devices()[0].platform != "cpu":  # Else the batch size is the inputs' setting.
-        state_settings = f"{section}.batch_size{frames} (the step), or {state_settings}"
+      step_settings = f"{_listed(step_names, 'or')} (the step)"
+      state_settings = f"{step_settings}, or {state_settings}"
       if config.model.dtype == "float32":
         state_settings += ", or set model.dtype=bfloat16"
     check_start(max(running), inputs_part, state_settings)

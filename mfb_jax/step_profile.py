@@ -79,7 +79,7 @@ def profile_step(config, steps: int) -> tuple[list[OpTime], float]:
 
   if steps < 1:
     raise ConfigError(f"--steps={steps}; it must be at least 1")
-  state, step_fn, (batch,), _ = bench.first_train_step(config, num_batches=1)
+  state, step_fn, (batch,), _ = bench.first_train_step(config, num_batches=1, pipeline=False)
   for _ in range(config.bench.warmup_steps):
     state, _ = step_fn(state, batch)
   jax.block_until_ready(state)

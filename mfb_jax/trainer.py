@@ -92,15 +92,16 @@ def _check_inputs(config, checkpointer, state_shapes, init, step) -> input_pipel
   with errors.about("data.train_pattern"):
     train_files = input_pipeline.TrainFiles(config.data.train_pattern, index, count)
   record = train_files.record_bytes  # Of the records the shuffle buffer will hold.
-  with_eval = bool(config.data.eval_pattern)
-  memory.check_state_and_inputs(
-    config, state_shapes, "train", init, record, with_eval, step=step, saves=True
-  )
   checkpointer.check_compatible(state_shapes)
   if config.data.eval_pattern:
     with errors.about("data.eval_pattern"):
       eval_files = input_files.list_files(config.data.eval_pattern, index, count)
     evaluate.check_eval_files(config, eval_files)
+  with_eval = bool(config.data.eval_pattern)
+  # Last: the train step compiles in it.
+  memory.check_state_and_inputs(
+    config, state_shapes, "train", init, record, with_eval, step=step, saves=True
+  )
   return train_files
 
 
@@ -116,12 +117,15 @@ class _Run:
     self.checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep, writer=True)
     cleanup.enter_context(self.checkpointer)
     # Before anything in the workdir is touched; if any process fails them, all stop.
-    resuming = self.checkpointer.latest_step() is not None
+    latest = self.checkpointer.latest_step()
+    resuming = latest is not None
     init = None if resuming else train_lib.state_initializer(config, model, tx, self.mesh)
     self.train_fn = train_lib.jit_train_step(config, model, tx, self.mesh, state_shapes)
-    # The variant with the parameter norms, whose temporaries are the larger.
+    # The variant with the parameter norms, whose temporaries are the larger; none where the run
+    # is already trained (it only evaluates).
     batch = train_lib.abstract_batch(config, self.train_cfg.batch_size, self.mesh)
-    step = (self.train_fn, (state_shapes, batch, True))
+    trained = resuming and latest >= self.train_cfg.num_steps
+    step = None if trained else (self.train_fn, (state_shapes, batch, True))
     check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init, step)
     self.train_files = errors.agreed(check)
     self.state = self.checkpointer.restore(state_shapes) if resuming else init()

@@ -33,7 +33,7 @@ def measure(config, rounds: int, steps: int) -> dict:
   from mfb_jax import bench
   from mfb_jax import train as train_lib
 
-  state, step_fn, batches, _ = bench.first_train_step(config)
+  state, step_fn, batches, _ = bench.first_train_step(config, pipeline=True)
 
   def step(batch) -> None:
     nonlocal state

@@ -222,6 +222,13 @@ def test_on_an_accelerator_the_state_and_the_host_buffers_are_refused_apart(
   # tiny netvlad+mfb: MFB's U and V hold 295,168 of the 334,608 parameter bytes (88.2%).
   sizes = "the model's sizes (the state; 88% of its parameters are the fusion's: model.mfb)"
   assert str(raised.value).endswith(f"lower data.num_classes or {sizes}")
+  # Training's checkpoint is saved from the host: only the model's sizes lower it there.
+  monkeypatch.setattr(available_memory, "device_available", lambda device: 10**12)
+  monkeypatch.setattr(available_memory, "host_available", lambda: 1000)
+  with pytest.raises(ResourceError) as raised:
+    memory.check_state_and_inputs(tiny_config, _shapes(tiny_config), "train", saves=True)
+  assert " and a checkpoint being saved (" in str(raised.value)
+  assert str(raised.value).endswith("or data.num_classes or the model's sizes (the checkpoint)")
 
 
 def _shapes(config):

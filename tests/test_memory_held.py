@@ -12,7 +12,7 @@ from conftest import run_python
 
 from mfb_jax import available_memory, bench, input_pipeline, memory, progress, runtime, trainer
 from mfb_jax import train as train_lib
-from mfb_jax.errors import ResourceError
+from mfb_jax.errors import DataError, ResourceError
 
 
 @pytest.mark.parametrize("cores, calls", [(1, 1), (2, 2), (8, 8), (64, 8)])
@@ -92,6 +92,7 @@ def test_training_counts_the_train_steps_temporaries_and_a_checkpoint_being_save
   running = memory.amount(state + temporaries)
   assert message.startswith(f"the state of {name} and its train step's temporaries ({running}), ")
   assert f"a checkpoint being saved ({memory.amount(2 * state)})" in message  # Copied, encoded.
+  assert "or train.batch_size or data.max_frames (the step), or data.num_classes" in message
   assert message.endswith(", or set model.dtype=bfloat16")
   assert not (tmp_path / "checkpoints").exists()
   # The bench saves nothing; it holds its step's temporaries too (here more than initializing).
@@ -100,6 +101,9 @@ def test_training_counts_the_train_steps_temporaries_and_a_checkpoint_being_save
   message = _refusal_on_the_second_look(lambda: bench.fresh_train_step(tiny_config), monkeypatch)
   assert message.startswith(f"the state of {name} and its train step's temporaries (")
   assert "checkpoint" not in message
+  # The bare step holds its two in-memory batches and no pipeline.
+  assert "and 2 input batches of 256 videos (" in message
+  assert "prefetch" not in message
 
 
 @pytest.mark.parametrize("data_format", ["frame", "video"])
@@ -152,3 +156,33 @@ def test_the_pipelines_batch_sized_maps_run_the_counted_calls(
     calls = _parallel_calls(dataset)
     assert calls[0] == 3, calls
     assert all(c == tf.data.AUTOTUNE for c in calls[1:]), calls
+
+
+def test_a_bad_eval_pattern_is_found_before_the_train_step_compiles(
+  tiny_config, tmp_path, monkeypatch
+):
+  # The memory check compiles the train step (seconds for a paper model); cheaper checks go first.
+  def compiles(*args, **kwargs):
+    raise AssertionError("the memory check ran first")
+
+  monkeypatch.setattr(memory, "check_state_and_inputs", compiles)
+  tiny_config.data.eval_pattern = str(tmp_path / "nothing-*")
+  with pytest.raises(DataError, match="^data.eval_pattern: no file matches"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path / "work"))
+
+
+def test_an_already_trained_run_does_not_compile_its_train_step(
+  tiny_config, trained_workdir, monkeypatch
+):
+  steps = []
+  check = memory.check_state_and_inputs
+  monkeypatch.setattr(
+    memory,
+    "check_state_and_inputs",
+    lambda *args, **kwargs: steps.append(kwargs["step"]) or check(*args, **kwargs),
+  )
+  trainer.train_and_evaluate(tiny_config, str(trained_workdir))  # Trained to step 6: evaluates.
+  assert steps == [None]
+  tiny_config.train.num_steps = 7
+  trainer.train_and_evaluate(tiny_config, str(trained_workdir))
+  assert steps[1] is not None
