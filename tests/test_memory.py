@@ -292,3 +292,15 @@ def test_the_state_line_names_where_most_parameters_are():
   params["output_gate"] = {"w": f32(1000)}  # Context gating's [C, C] gate.
   assert memory._largest_part(config, state).endswith("gates': model.context_gating=False")
   assert memory._largest_part(config, types.SimpleNamespace(params={"gate": {"w": f32(3)}})) == ""
+
+
+def test_on_several_cpu_devices_each_holds_the_state(monkeypatch):
+  devices = [types.SimpleNamespace(platform="cpu")] * 3
+  monkeypatch.setattr(memory.jax, "local_devices", lambda: devices)
+  monkeypatch.setattr(available_memory, "host_available", lambda: MB)
+  with pytest.raises(ResourceError) as raised:
+    memory.check_start((400_000, "the state"), (500_000, ["the batches"], "b"), "s")
+  assert str(raised.value).startswith(  # 3 x 0.4 + 0.5 MB.
+    "the state on each of the 3 devices and the batches need about 1.7 MB of memory"
+  )
+  memory.check_start((100_000, "the state"), (500_000, ["the batches"], "b"), "s")  # 0.8 MB.
