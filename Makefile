@@ -38,7 +38,8 @@ test-slow: setup
 	$(PY) -m pytest -q -n auto --dist worksteal -m slow
 
 demo: setup
-	@test -e $(DEMO_DIR)/data/train-00000-of-00008.tfrecord || \
+	@# The last shard written: a run cut short before it is written again whole.
+	@test -e $(DEMO_DIR)/data/eval-00001-of-00002.tfrecord || \
 	  $(PY) -m mfb_jax.synthetic --output_dir=$(DEMO_DIR)/data --num_train=2000 --num_eval=500
 	$(PY) launch.py --config=configs/demo.py --workdir=$(DEMO_DIR)/work \
 	  --config.data.train_pattern='$(DEMO_DIR)/data/train-*' \

@@ -33,7 +33,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from mfb_jax import cli, errors
+from mfb_jax import cli, errors, signals
 from mfb_jax.synthetic_world import (  # noqa: F401 - re-exported for probes and tests.
   AUDIO_SIZE,
   KINDS,
@@ -303,8 +303,11 @@ def main(argv: list[str]) -> None:
     )
   except errors.UserError as e:
     cli.fail(str(e))
+  except errors.Interrupted as e:  # The shard being written is removed on the way up.
+    signals.report(e)
 
 
 if __name__ == "__main__":
+  signals.install()  # Ctrl-C or SIGTERM: one line, exit 130 or 143, no half-written shard.
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -255,3 +255,43 @@ def test_a_shard_that_cannot_be_written_is_one_line_and_leaves_no_hidden_file(tm
     "train-00000-of-00002.tfrecord",
     "train-00001-of-00002.tfrecord",
   ]
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_a_signal_is_one_line_and_leaves_no_hidden_shard(tmp_path, signum, code):
+  # Ctrl-C printed KeyboardInterrupt's traceback; SIGTERM left the hidden .tmp shard behind.
+  import signal
+  import time
+
+  out = tmp_path / "d"
+  args = [f"--output_dir={out}", "--num_train=4000", "--num_eval=0", "--num_shards=40"]
+  process = subprocess.Popen(
+    [sys.executable, "-m", "mfb_jax.synthetic", *args],
+    cwd=Path(__file__).parents[1],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,  # Its own signal disposition, whatever the test runner's.
+  )
+  deadline = time.time() + 120
+  while not list(out.glob("train-*.tfrecord")) and time.time() < deadline:
+    time.sleep(0.05)  # Until a shard is complete: the next one is being written.
+  process.send_signal(signal.Signals(signum))
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == code, stderr[-2000:]
+  name = signal.Signals(signum).name
+  assert stderr.strip().splitlines() == [
+    f"error: stopped by {name}; no file was left half-written (rerun the same command to start "
+    "again)"
+  ]
+  assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_make_demo_writes_its_data_again_unless_the_last_shard_was_written():
+  # It tested the first shard: a writer stopped after it left `make demo` failing for good.
+  makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+  guard = next(line for line in makefile.splitlines() if "test -e $(DEMO_DIR)/data/" in line)
+  flags = next(line for line in makefile.splitlines() if "-m mfb_jax.synthetic" in line)
+  assert "--num_train=2000 --num_eval=500" in flags  # The writer's defaults otherwise: 8 and 2.
+  last = synthetic.shard_paths("$(DEMO_DIR)/data", "eval", 500, 2)[-1]  # Eval is written last.
+  assert f"test -e {last} ||" in guard
