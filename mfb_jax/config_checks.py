@@ -93,7 +93,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _positive(config, field)
   for field in ("train.batch_size", "eval.batch_size"):
     _below_2_31(config, field)
-  _positive(config, "train.num_steps", 0)
+  _positive(config, "train.num_steps", 0)  # 0: evaluates the initial model.
+  _below_2_31(config, "train.num_steps")  # The state's step counter is an int32.
   _schedule_fits(config)
   seed = config.get("seed", 0)
   if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:

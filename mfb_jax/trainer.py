@@ -143,6 +143,8 @@ class _Run:
 
   def _log_start(self) -> None:
     config = self.config
+    if self.start_step >= self.train_cfg.num_steps:
+      return  # train() says so.
     logging.info(
       "Training %s+%s+%s from step %d to %d on %d devices (%d processes); %d train files here",
       config.model.aggregator,
@@ -178,7 +180,7 @@ class _Run:
           break
       else:
         if start >= end:
-          logging.info("Already trained to step %d; evaluating", start)
+          logging.info("Already trained to step %d (train.num_steps=%d); evaluating", start, end)
           self.evaluate(start)
       self.checkpointer.wait()
     signals.work_done()  # Saved and evaluated: a signal from here on is ignored (exit code 0).

@@ -71,6 +71,8 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"model.mfb.output_scale": -1.0}, r"config\.model\.mfb\.output_scale must be a finite .* > 0"),
     # TensorFlow wrapped it to 1215752191 in a shape: "bad record: OOM when allocating".
     ({"data.num_classes": 99999999999}, r"data\.num_classes=99999999999 is invalid; .* < 2\*\*31"),
+    # Trained on (its ETA 27810007333755489h); the state's int32 step counter wraps at 2**31.
+    ({"train.num_steps": 2**31}, r"train\.num_steps=2147483648 is invalid; it must be < 2\*\*31"),
     # Trained without a word, on one "frame" per video.
     (
       {"model.fusion_level": "frame", "data.format": "video"},

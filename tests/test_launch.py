@@ -257,3 +257,11 @@ def test_eval_of_videos_without_labels_names_the_labels_feature(tiny_args, train
     result, "videos to evaluate has a label", "(labels read from data.labels_feature='ids')"
   )
   assert result.returncode == 2
+
+
+def test_a_run_past_its_num_steps_says_it_only_evaluates(tiny_args, trained_workdir):
+  # It logged "Training ... from step 6 to 3", then "Already trained to step 6; evaluating".
+  result = launch(trained_workdir, *tiny_args, "--config.train.num_steps=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Already trained to step 6 (train.num_steps=3); evaluating" in result.stderr
+  assert " from step 6 to 3 " not in result.stderr
