@@ -28,6 +28,9 @@ _COUNT_ERROR = re.compile(  # A frame (a FeatureList entry) with other than one 
   r"(?:Name: (?P<file>[^,]*), )?Key: (?P<key>[^,\s]+), Index: (?P<index>\d+)\. "
   r"Number of values != expected\. values size: (?P<count>\d+)"
 )
+_PROTO_ERROR = re.compile(  # Frame-level (the file named) and video-level parsers' words.
+  r"Invalid protocol message input, example id: (?P<file>\S*)|Could not parse example input"
+)
 _VALUE_TYPES = {"string": "bytes", "float": "floats", "int64": "int64 values"}
 _FORMAT_HINTS = {  # For the official feature names: what the format stores there.
   ("string", "rgb"): " (frame-level: one uint8 string per frame, data.format='frame')",
@@ -134,9 +137,15 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
 
 
 def describe_type_error(text: str, path: str = "") -> str | None:
-  """One line for TensorFlow's "Data types don't match" and "Number of values != expected"
-  parse errors (None for other errors);
+  """One line for TensorFlow's "Data types don't match", "Number of values != expected" and
+  "Invalid protocol message input" parse errors (None for other errors);
   `path` names the file where TensorFlow's text does not."""
+  proto = _PROTO_ERROR.search(text)
+  if proto is not None:
+    return (
+      f"{proto['file'] or path or 'a record'}: a record is no tf.train.SequenceExample or "
+      "Example (its bytes do not parse as one)"
+    )
   match = _TYPE_ERROR.search(text)
   if match is None:
     count = _COUNT_ERROR.search(text)
@@ -155,13 +164,17 @@ def describe_type_error(text: str, path: str = "") -> str | None:
 
 
 def describe_problem(name, video_id, checks) -> tf.Tensor:
-  """The line "NAME: video 'ID': WHY" of the first failing check, or ''; checks: (bad, why_fn)."""
+  """The line "NAME: video 'ID': WHY" of the first failing check, or ''; checks: (bad, why_fn).
+  A record without an id reads "NAME: a record without an id: WHY" (bytes that are no record of
+  this format read so: no id, no frames)."""
 
   def describe():
     why = tf.constant("")
     for bad, why_fn in reversed(checks):  # The first check listed wins.
       why = tf.cond(bad, why_fn, lambda why=why: why)
-    return tf.strings.join([name, ": video '", video_id, "': ", why])
+    named = tf.strings.join(["video '", video_id, "'"])
+    video = tf.where(video_id == "", "a record without an id", named)
+    return tf.strings.join([name, ": ", video, ": ", why])
 
   any_bad = tf.reduce_any(tf.stack([bad for bad, _ in checks]))
   return tf.cond(any_bad, describe, lambda: tf.constant(""))

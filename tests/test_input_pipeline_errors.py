@@ -41,6 +41,32 @@ def test_frame_counts_and_missing_frames(tmp_path):
   assert why.startswith("no 'rgb' frames (a video without frames, or no frame-level data: see")
 
 
+@pytest.mark.parametrize(
+  "record, why, video_why",
+  [
+    # Parsed as an empty message: it read "video '': no 'rgb' frames ...".
+    (
+      b"",
+      "a record without an id: no 'rgb' frames (a video without frames, or no frame-level",
+      "a record without an id: no feature 'mean_rgb' (is this video-level data?",
+    ),
+    # TensorFlow's "Invalid protocol message input, example id: FILE" after the file's name.
+    (bytes(range(256)) * 2, *["a record is no tf.train.SequenceExample or Example (its"] * 2),
+  ],
+)
+def test_bytes_that_are_no_record_are_one_line_saying_so(tmp_path, record, why, video_why):
+  good = [frame_record(f"ok{i}", *video(4, seed=i), [1]) for i in range(2)]
+  path = write(tmp_path / "bad.tfrecord", [*good, record])
+  for error in (eval_error, train_error):
+    assert error(small_config(), path).startswith(f"{path}: {why}")
+  # Video-level: "Could not parse example input, value: '" and the record's raw bytes.
+  config = small_config()
+  config.data.format = "video"
+  good = [video_record(f"ok{i}", np.zeros(D), np.zeros(A), [1]) for i in range(2)]
+  path = write(tmp_path / "bad_video.tfrecord", [*good, record])
+  assert eval_error(config, path).startswith(f"{path}: {video_why}")
+
+
 @pytest.mark.parametrize("label", [10, -1])
 def test_label_outside_num_classes(tmp_path, label):
   why = frame_problem(tmp_path, frame_record("bad", *video(3), [2, label]))
