@@ -272,7 +272,6 @@ def check_state_and_inputs(
   if saves:  # On the host, on an accelerator too.
     host_bytes += _SAVE_COPIES * state
     inputs.append(f"a checkpoint being saved ({amount(_SAVE_COPIES * state)})")
-    saved_settings = "data.num_classes or the model's sizes (the checkpoint)"
   if shuffled_record_bytes:
     buffer = int(config.data.shuffle_buffer * shuffled_record_bytes * _HELD_RECORD_OVERHEAD)
     host_bytes += buffer
@@ -282,7 +281,7 @@ def check_state_and_inputs(
     f"data.num_classes or the model's sizes (the state{_largest_part(config, state_shapes)})"
   )
   if saves and jax.local_devices()[0].platform != "cpu":  # On a CPU the state's settings follow.
-    settings += f", or {saved_settings}"
+    settings += ", or data.num_classes or the model's sizes (the checkpoint)"
   inputs_part = (host_bytes, inputs, settings)
   running = [(state, f"the state of {name} ({amount(state)})")]
   if initializing:

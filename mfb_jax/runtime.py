@@ -59,7 +59,8 @@ XLA_CPU_FLAGS_VERIFIED_ON = ("0.10.",)
 # tf.data's batch-sized map calls (a batch parsed, or finished) in flight or done and waiting:
 # one per core, as AUTOTUNE starts with, but never more than this. AUTOTUNE may go up to the core
 # count, and each call holds a whole batch: on a 64-core host, 64 batches (11 GB at batch 128 and
-# 300 frames) beside the prefetched ones. Eight parse about 25,000 paper-sized videos a second.
+# 300 frames) beside the prefetched ones. At the 38-41 core-ms per batch of 128 measured on the
+# 2-core Zen 5 (BENCHMARKS.md), eight would parse about 25,000 paper-sized videos a second.
 MAX_BATCH_CALLS = 8
 
 

@@ -123,9 +123,10 @@ class _Run:
     self.train_fn = train_lib.jit_train_step(config, model, tx, self.mesh, state_shapes)
     # The variant with the parameter norms, whose temporaries are the larger; none where the run
     # is already trained (it only evaluates).
-    batch = train_lib.abstract_batch(config, self.train_cfg.batch_size, self.mesh)
-    trained = resuming and latest >= self.train_cfg.num_steps
-    step = None if trained else (self.train_fn, (state_shapes, batch, True))
+    step = None
+    if not (resuming and latest >= self.train_cfg.num_steps):
+      batch = train_lib.abstract_batch(config, self.train_cfg.batch_size, self.mesh)
+      step = (self.train_fn, (state_shapes, batch, True))
     check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init, step)
     self.train_files = errors.agreed(check)
     self.state = self.checkpointer.restore(state_shapes) if resuming else init()
