@@ -58,7 +58,9 @@ def _read(path: str) -> dict[int, str]:
           f"line {reader.line_num})"
         )
       names[label] = row[name_col]
-    return names
+  if not names:  # It would name nothing, and was warned about as a vocabulary of 0 classes.
+    raise ConfigError(f"{path}: a vocabulary CSV without labels (a header, no rows)")
+  return names
 
 
 def name_predictions(predictions_csv: str, vocabulary_csv: str, output_csv: str) -> int:

@@ -53,11 +53,14 @@ def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
     config_checks.validate(config, "predict")
 
 
-def test_a_vocabulary_row_without_a_name_or_at_an_unknown_url_is_one_line(tmp_path):
+def test_a_vocabulary_row_without_a_name_with_no_rows_or_at_an_unknown_url_is_one_line(tmp_path):
   # The first was read as the name "None"; the second ended with exit 1 and TensorFlow's text.
   path = tmp_path / "vocab.csv"
   path.write_text("label_id,label_name\n0,zero\n1\n")
   with pytest.raises(ConfigError, match=r"vocab\.csv: line 3 has no label_name for label 1$"):
+    vocabulary.load(str(path))
+  path.write_text("Index,Name,WikiUrl\n")  # A header only: warned about as 0 classes.
+  with pytest.raises(ConfigError, match=r"vocab\.csv: a vocabulary CSV without labels \(a header"):
     vocabulary.load(str(path))
   with pytest.raises(
     ConfigError, match=r"^config.predict.vocabulary: cannot read foo://x/v.csv \("
