@@ -12,6 +12,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from mfb_jax import workdir_files
 from mfb_jax.errors import CheckpointError, lost_peer
@@ -54,6 +55,22 @@ def checkpoint_dir(workdir: str) -> str:
   return directory if workdir_files.is_url(directory) else os.path.abspath(directory)
 
 
+def _say_cut_short_saves(directory: str) -> None:
+  """Logs the saves that a stopped run left unfinished: orbax removes them without a word."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return
+  names = sorted(p.name for p in path.iterdir() if ocp.utils.TMP_DIR_SUFFIX in p.name)
+  if names:
+    steps = ", ".join(name.split(".")[0] for name in names)
+    logging.info(
+      "removing %d unfinished save(s) left by a run stopped while saving (step %s: %s)",
+      len(names),
+      steps,
+      ", ".join(os.path.join(directory, n) for n in names),
+    )
+
+
 # How many times a reader tries the latest step while a training run replaces it.
 _READ_TRIES = 3
 
@@ -68,6 +85,8 @@ class Checkpointer:
     creates it): a run stopped by its start-up checks leaves no empty one behind."""
     self.directory = checkpoint_dir(workdir)
     self._writer = writer
+    if writer:
+      _say_cut_short_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=False,

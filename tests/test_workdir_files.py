@@ -94,8 +94,13 @@ def test_inference_needs_an_existing_workdir_that_takes_new_files(tmp_path, monk
     workdir_files.check_workdir(str(tmp_path), inference=False)
 
 
-def test_only_the_training_checkpointer_removes_cut_short_saves(tmp_path):
+def test_only_the_training_checkpointer_removes_cut_short_saves_and_says_so(tmp_path, monkeypatch):
   import jax.numpy as jnp
+
+  said = []
+  monkeypatch.setattr(
+    checkpoint.logging, "info", lambda text, *a: said.append(str(text) % a if a else str(text))
+  )
 
   state = {"w": jnp.arange(4.0)}
   saver = checkpoint.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
@@ -105,7 +110,11 @@ def test_only_the_training_checkpointer_removes_cut_short_saves(tmp_path):
   cut_short.mkdir()
   checkpoint.Checkpointer(str(tmp_path)).close()  # Eval or predict, maybe while training runs.
   assert cut_short.exists()
+  assert not [line for line in said if "unfinished" in line]
   resumed = checkpoint.Checkpointer(str(tmp_path), writer=True)
+  assert [line for line in said if "unfinished" in line] == [
+    f"removing 1 unfinished save(s) left by a run stopped while saving (step 2: {cut_short})"
+  ]
   resumed.save(state, 3)  # orbax finishes removing them before its next save.
   resumed.close()
   assert not cut_short.exists() and resumed.all_steps() == [1, 3]
