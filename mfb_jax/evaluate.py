@@ -24,6 +24,7 @@ from mfb_jax import (
   input_pipeline,
   memory,
   metrics,
+  records,
   tf_errors,
   workdir_files,
 )
@@ -225,7 +226,12 @@ def check_eval_files(config, paths: list[str], count: int = 16) -> None:
   first = lambda files: input_pipeline.eval_dataset(config, files, count, max_examples=count)
   labelled, read = [], {}  # read: the files of the videos read, in order.
   batches = tf_errors.checked_batches(
-    first(paths), lambda: paths, lambda path: first([path]), decode_ids=False, keep_files=True
+    first(paths),
+    lambda: paths,
+    lambda path: first([path]),
+    decode_ids=False,
+    keep_files=True,
+    spec=records.RecordSpec.from_config(config),
   )
   for batch in batches:
     valid_B = batch["valid"] > 0

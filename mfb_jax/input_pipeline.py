@@ -51,7 +51,8 @@ class TrainFiles:
   def batches(self, config, seed: int, local_batch_size: int) -> Iterator[dict]:
     """Infinite shuffled batches; the same seed gives the same batches."""
     dataset, file_order = train_dataset(config, self, seed, local_batch_size)
-    return tf_errors.checked_batches(dataset, file_order, _one_file(config, local_batch_size))
+    one_file, spec = _one_file(config, local_batch_size), records.RecordSpec.from_config(config)
+    return tf_errors.checked_batches(dataset, file_order, one_file, spec=spec)
 
 
 @_as_written
@@ -163,7 +164,8 @@ def make_eval_iterator(
   files, types, file_ends = _read_once(pattern, process_index, process_count, max_examples <= 0)
   dataset = eval_dataset(config, files, local_batch_size, max_examples, types, check_labels)
   one_file = _one_file(config, local_batch_size, check_labels)
-  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=file_ends)
+  spec = records.RecordSpec.from_config(config)
+  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=file_ends, spec=spec)
 
 
 def _read_once(pattern: str, process_index=0, process_count=1, last_whole=True):

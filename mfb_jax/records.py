@@ -136,31 +136,33 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
   return tf.cast(counts_C > 0, tf.float32), (bad, why)
 
 
-def describe_type_error(text: str, path: str = "") -> str | None:
+def describe_type_error(text: str, path: str = "", video_of=None) -> str | None:
   """One line for TensorFlow's "Data types don't match", "Number of values != expected" and
   "Invalid protocol message input" parse errors (None for other errors);
-  `path` names the file where TensorFlow's text does not."""
+  `path` names the file where TensorFlow's text does not. video_of(file): the id of the video
+  that failed ('' if unknown), for the two errors about a feature, which name no video."""
   proto = _PROTO_ERROR.search(text)
   if proto is not None:
     return (
       f"{proto['file'] or path or 'a record'}: a record is no tf.train.SequenceExample or "
       "Example (its bytes do not parse as one)"
     )
-  match = _TYPE_ERROR.search(text)
+  match = _TYPE_ERROR.search(text) or _COUNT_ERROR.search(text)
   if match is None:
-    count = _COUNT_ERROR.search(text)
-    if count is None:
-      return None
+    return None
+  file = match["file"] or path
+  video = video_of(file) if file and video_of is not None else ""
+  where = f"{file or 'a record'}: video '{video}'" if video else file or "a record"
+  if "count" in match.groupdict():
     return (
-      f"{count['file'] or path or 'a record'}: frame {count['index']} of feature "
-      f"'{count['key']}' holds {count['count']} values; the official format has one bytes "
-      "value per frame"
+      f"{where}: frame {match['index']} of feature '{match['key']}' holds {match['count']} "
+      "values; the official format has one bytes value per frame"
     )
   got = match["got"] or match["got0"]
   got = f"holds {'bytes' if got == 'string' else got} values" if got else "has another value type"
   key, want = match["key"], match["want"]
   expected = _VALUE_TYPES.get(want, want) + _FORMAT_HINTS.get((want, key), "")
-  return f"{match['file'] or path or 'a record'}: feature '{key}' {got}; expected {expected}"
+  return f"{where}: feature '{key}' {got}; expected {expected}"
 
 
 def describe_problem(name, video_id, checks) -> tf.Tensor:

@@ -107,7 +107,10 @@ def test_parser_errors_name_the_file(tmp_path):
   example.features.feature["labels"].float_list.value.append(1.5)  # Should be int64.
   path = write(tmp_path / "floats.tfrecord", [example.SerializeToString()])
   message = eval_error(small_config(), path)
-  assert message.startswith(f"{path}: feature 'labels' ") and "expected int64 values" in message
+  assert (
+    message.startswith(f"{path}: video 'x': feature 'labels' ")
+    and "expected int64 values" in message
+  )
 
 
 def _float_frames() -> bytes:
@@ -119,10 +122,14 @@ def _float_frames() -> bytes:
   return example.SerializeToString()
 
 
-def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
-  frames = write(tmp_path / "floats-0.tfrecord", [_float_frames()])
+def test_features_of_another_value_type_are_one_line_naming_the_file_and_video(tmp_path):
+  # TensorFlow names the file; the video is found by parsing its records one by one.
+  good = frame_record("ok", *video(2), [1])
+  frames = write(
+    tmp_path / "floats-0.tfrecord", [good, _float_frames(), frame_record("no", *video(3), [2])]
+  )
   for message in (eval_error(small_config(), frames), train_error(small_config(), frames)):
-    assert message.startswith(f"{frames}: feature '")  # rgb or audio, whichever is parsed first.
+    assert message.startswith(f"{frames}: video 'f': feature '")  # rgb or audio: either.
     assert message.endswith(
       "expected bytes (frame-level: one uint8 string per frame, data.format='frame')"
     )
@@ -131,6 +138,7 @@ def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
   bad = tf.train.Example()
   bad.features.feature["mean_rgb"].bytes_list.value.append(b"\0" * D)
   bad.features.feature["mean_audio"].float_list.value.extend([0.0] * A)
+  bad.features.feature["id"].bytes_list.value.append(b"bad-v")
   good = video_record("ok", np.zeros(D), np.zeros(A), [1])
   write(tmp_path / "v-0.tfrecord", [good])
   path = write(tmp_path / "v-1.tfrecord", [good, bad.SerializeToString()])
@@ -140,22 +148,29 @@ def test_features_of_another_value_type_are_one_line_naming_the_file(tmp_path):
     train_error(small_config("video"), pattern),
   ):
     assert message == (
-      f"{path}: feature 'mean_rgb' holds bytes values; expected floats (video-level, "
-      "data.format='video')"
+      f"{path}: video 'bad-v': feature 'mean_rgb' holds bytes values; expected floats "
+      "(video-level, data.format='video')"
     )
 
 
-def test_a_frame_with_two_values_is_one_line_naming_the_file(tmp_path):
+def test_a_frame_with_two_values_is_one_line_naming_the_file_and_video(tmp_path):
   record = tf.train.SequenceExample()
   record.context.feature["id"].bytes_list.value.append(b"v")
   for key, size in (("rgb", D), ("audio", A)):
     frame = record.feature_lists.feature_list[key].feature.add()
     frame.bytes_list.value.extend([bytes(size)] * (2 if key == "audio" else 1))
-  path = write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
+  good = frame_record("ok", *video(2), [1])
+  path = write(tmp_path / "two-0.tfrecord", [good, record.SerializeToString()])
   assert eval_error(small_config(), path) == (
-    f"{path}: frame 0 of feature 'audio' holds 2 values; the official format has one bytes "
-    "value per frame"
+    f"{path}: video 'v': frame 0 of feature 'audio' holds 2 values; the official format has "
+    "one bytes value per frame"
   )
+  record.context.feature["id"].bytes_list.value[0] = b"\xff"  # Named as the CSVs name it.
+  write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
+  assert eval_error(small_config(), path).startswith(f"{path}: video '\\xff': frame 0 of")
+  del record.context.feature["id"]  # No id: the file alone.
+  write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
+  assert eval_error(small_config(), path).startswith(f"{path}: frame 0 of feature 'audio'")
 
 
 def test_read_ids_and_labels_checks_label_range(tmp_path):
