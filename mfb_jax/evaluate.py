@@ -84,15 +84,16 @@ def local_batches(
         process_count=jax.process_count(),
         max_examples=max_examples,
         check_labels=check_labels,
+        keep_files=True,  # For _unique_ids, which takes them out.
       )
     )
   empty = input_pipeline.empty_batch(config, local_batch, train_lib.frames_per_example(config))
-  seen: set[str] = set()
+  seen: dict[str, str] = {}
   unique = lockstep(_unique_ids(batches, pattern, config.data.id_feature, seen), empty, stop)
   return _then_unique_across_processes(unique, seen, pattern)
 
 
-def _then_unique_across_processes(batches: Iterator[dict], seen: set[str], pattern: str):
+def _then_unique_across_processes(batches: Iterator[dict], seen: dict[str, str], pattern: str):
   """The batches; then, in a multi-process run, a DataError on every process where two of them
   read a video of the same id (each checks only its own files while it reads them)."""
   yield from batches
@@ -100,7 +101,7 @@ def _then_unique_across_processes(batches: Iterator[dict], seen: set[str], patte
     errors.agreed(lambda: _no_id_in_two_processes(seen, pattern))
 
 
-def _no_id_in_two_processes(seen: set[str], pattern: str) -> None:
+def _no_id_in_two_processes(seen: dict[str, str], pattern: str) -> None:
   """Gathers 8-byte digests of every process's video ids (about 8 MB a million videos) and
   raises DataError where one of this process's ids is another process's too."""
   ids = sorted(seen)
@@ -118,9 +119,11 @@ def _no_id_in_two_processes(seen: set[str], pattern: str) -> None:
       continue
     shared = np.flatnonzero(np.isin(mine, as_int(every_PxNx8[process, :count])))
     if shared.size:
+      video_id = ids[shared[0]]
       raise DataError(
-        f"video id {ids[shared[0]]!r} appears in the files of process {jax.process_index()} and "
-        f"of process {process} (the same videos in two files matching {pattern!r}?)"
+        f"video id {video_id!r} appears in the files of process {jax.process_index()} (in "
+        f"{seen[video_id]}) and of process {process} (the same videos in two files matching "
+        f"{pattern!r}?)"
       )
 
 
@@ -132,24 +135,30 @@ def no_id_error(pattern: str, id_feature: str) -> DataError:
 
 
 def _unique_ids(
-  batches: Iterator[dict], pattern: str, id_feature: str, seen: set[str]
+  batches: Iterator[dict], pattern: str, id_feature: str, seen: dict[str, str]
 ) -> Iterator[dict]:
-  """The batches; a video id met twice (in this process's files) is a DataError: GAP would count
-  that video twice, and a predictions CSV with it is one that the metrics CLI refuses. Videos
-  without an id pass with data.id_feature='auto' (evaluation does not need them; predict refuses
-  them); with a feature named, a video without it is a DataError (a misspelled name turned the
-  duplicate check off). `seen` gathers the ids."""
+  """The batches, without their 'file'; a video id met twice (in this process's files) is a
+  DataError naming the file(s): GAP would count that video twice, and a predictions CSV with it
+  is one that the metrics CLI refuses. Videos without an id pass with data.id_feature='auto'
+  (evaluation does not need them; predict refuses them); with a feature named, a video without
+  it is a DataError (a misspelled name turned the duplicate check off). `seen` gathers the ids,
+  each with its file."""
+  files: dict[str, str] = {}  # One string per file, however many videos name it.
   for batch in batches:
-    for video_id in batch["id"][batch["valid"] > 0]:
+    valid_B = batch["valid"] > 0
+    for video_id, file in zip(batch["id"][valid_B], batch.pop("file")[valid_B], strict=True):
+      file = files.setdefault(file, file)
       if video_id in seen:
-        raise DataError(
-          f"video id {video_id!r} appears twice in the files matching {pattern!r} (the same "
-          "videos in two files?)"
+        where = (
+          f"twice in {file} (a video written twice?)"
+          if seen[video_id] == file
+          else f"in {seen[video_id]} and in {file} (the same videos in two files?)"
         )
+        raise DataError(f"video id {video_id!r} of the files matching {pattern!r} appears {where}")
       if not video_id and id_feature != "auto":
         raise no_id_error(pattern, id_feature)
       if video_id:
-        seen.add(video_id)
+        seen[video_id] = file
     yield batch
 
 

@@ -159,13 +159,17 @@ def make_eval_iterator(
   process_count: int = 1,
   max_examples: int = 0,
   check_labels: bool = True,
+  keep_files: bool = False,
 ) -> Iterator[dict]:
-  """Each record of this process's files once, in order (max_examples > 0: only the first N)."""
+  """Each record of this process's files once, in order (max_examples > 0: only the first N);
+  keep_files: each batch's 'file' holds each video's file."""
   files, types, file_ends = _read_once(pattern, process_index, process_count, max_examples <= 0)
   dataset = eval_dataset(config, files, local_batch_size, max_examples, types, check_labels)
   one_file = _one_file(config, local_batch_size, check_labels)
   spec = records.RecordSpec.from_config(config)
-  return tf_errors.checked_batches(dataset, lambda: files, one_file, ends=file_ends, spec=spec)
+  return tf_errors.checked_batches(
+    dataset, lambda: files, one_file, ends=file_ends, keep_files=keep_files, spec=spec
+  )
 
 
 def _read_once(pattern: str, process_index=0, process_count=1, last_whole=True):

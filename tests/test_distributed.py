@@ -202,7 +202,8 @@ def test_a_video_in_the_files_of_two_processes_stops_eval_and_predict(
       assert p.returncode == 2, err[-2000:]
       assert last_line(err).startswith("error: video id '"), err[-2000:]
       assert last_line(err).endswith(
-        f"appears in the files of process {i} and of process {1 - i} (the same videos in two "
+        f"appears in the files of process {i} (in {tmp_path}/dup_{'ab'[i]}.tfrecord) and of "
+        f"process {1 - i} (the same videos in two "
         f"files matching {same!r}?)"
       )
   assert (trained_workdir / "eval_results.json").read_text() == results

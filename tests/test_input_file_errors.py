@@ -244,9 +244,16 @@ def test_a_file_named_twice_is_read_once_and_a_video_met_twice_is_refused(tmp_pa
   assert input_files.list_files(aliases) == [first]
   ids = [i for b in evaluate.local_batches(config, aliases) for i in b["id"][b["valid"] > 0]]
   assert ids == [f"v{i}" for i in range(6)]
-  write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two of the videos.
-  with pytest.raises(DataError, match=r"video id 'v4' appears twice in the files matching"):
-    list(evaluate.local_batches(config, f"{first},{tmp_path}/copy.tfrecord"))
+  copy = write(tmp_path / "copy.tfrecord", records[4:])  # Another file holding two videos.
+  with pytest.raises(DataError) as error:
+    list(evaluate.local_batches(config, f"{first},{copy}"))
+  assert str(error.value) == (
+    f"video id 'v4' of the files matching '{first},{copy}' appears in {first} and in {copy} "
+    "(the same videos in two files?)"
+  )
+  twice = write(tmp_path / "twice.tfrecord", [*records[:3], records[1]])  # Within one file.
+  with pytest.raises(DataError, match=rf"'v1' of .* appears twice in {twice} \(a video written"):
+    list(evaluate.local_batches(config, twice))
   # A misnamed id feature read every id as '': the duplicate check was off, and eval counted
   # the two videos twice.
   config.data.id_feature = "xid"
