@@ -86,6 +86,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [a.split("=")[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
     given = f" ({overrides[0]} changes a field of it)" if overrides else ""
     fail(f"--config=FILE is required{given}: e.g. --config=configs/default.py")
+  if is_config_file and config_args and not config_file:  # ml_collections: "Path to ... ''".
+    fail("--config is empty: give a config file, e.g. --config=configs/default.py")
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
   if is_config_file and config_file and not config_file.endswith(".py"):

@@ -48,6 +48,9 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
       "e.g. --config=configs/default.py",
     ),
     (["launch.py", "--workdir=/tmp/w"], "error: --config=FILE is required: e.g. --config="),
+    # ml_collections' words: "error: : Path to config file is an empty string."
+    (["launch.py", "--config=", "--workdir=/tmp/w"], "error: --config is empty: give a config"),
+    (["launch.py", "--config=:netvlad", "--workdir=/tmp/w"], "error: --config is empty: give"),
     (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
     # argparse printed its usage line before the error.
     (["-m", "mfb_jax.model", "--counts"], "error: unrecognized arguments: --counts (--help"),
