@@ -61,12 +61,20 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with the configured schedule and optional global-norm clipping."""
+  """Adam with the configured schedule and optional global-norm clipping. The clipping keeps
+  no state and adds no level to Adam's (as optax.chain would), so that a run can resume with it
+  turned on or off: the remedy a diverged run's error line suggests."""
   optim = config.optim
   adam = optax.adam(learning_rate_schedule(config), b1=optim.b1, b2=optim.b2, eps=optim.eps)
-  if optim.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adam)
-  return adam
+  if optim.grad_clip_norm <= 0:
+    return adam
+  clip = optax.clip_by_global_norm(optim.grad_clip_norm)
+
+  def update(grads, state, params=None):
+    clipped, _ = clip.update(grads, clip.init(params))
+    return adam.update(clipped, state, params)
+
+  return optax.GradientTransformation(adam.init, update)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int) -> tuple[jax.Array, ...]:

@@ -1,0 +1,61 @@
+"""The optimizer: Adam with optional global-norm clipping, which a resumed run may turn on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import default
+from mfb_jax import checkpoint as checkpoint_lib
+from mfb_jax import train as train_lib
+from mfb_jax import trainer
+
+
+def _optimizer(clip: float) -> optax.GradientTransformation:
+  config = default.get_config()
+  config.optim.update(grad_clip_norm=clip, learning_rate=0.1, schedule="constant")
+  return train_lib.make_optimizer(config)
+
+
+def test_clipping_scales_gradients_above_the_norm_and_keeps_adams_state():
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+  big = {"w": jnp.array([3.0, 0.0, 4.0]), "b": jnp.array([0.0, 12.0])}  # Global norm 13.
+  small = {"w": jnp.array([0.1, 0.2, 0.0]), "b": jnp.array([0.0, -0.2])}  # Norm 0.3: kept.
+  plain, clipped = _optimizer(0.0), _optimizer(1.0)
+  # Adam's state alone, as without clipping: a checkpoint of either run fits the other.
+  assert jax.tree.structure(clipped.init(params)) == jax.tree.structure(plain.init(params))
+
+  def run(tx, gradients):
+    state, steps = tx.init(params), []
+    for g in gradients:
+      update, state = tx.update(g, state, params)
+      steps.append(update)
+    return steps
+
+  # Independently: g * min(1, c / ||g||) by hand, fed to plain Adam.
+  scale = lambda g, c: jax.tree.map(lambda x: x * min(1.0, c / 13.0), g)
+  expected = run(plain, [scale(big, 1.0), small])
+  got = run(clipped, [big, small])
+  for e, g in zip(expected, got, strict=True):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), e, g)
+  # Adam's moments remember the clipped first step: without clipping the second step differs.
+  unclipped = run(plain, [big, small])[1]
+  assert not np.allclose(unclipped["b"], got[1]["b"], rtol=1e-3)
+
+
+def test_a_run_resumes_with_clipping_turned_on_and_is_evaluated_with_it_off(tiny_config, tmp_path):
+  # The error line of a diverged run says "set optim.grad_clip_norm"; with the clipping a level of
+  # optax.chain, the resumed run was refused: "it has an array opt_state/[0]/count that the
+  # configured model lacks".
+  tiny_config.train.update(num_steps=3, eval_every=100)
+  trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  clipped = tiny_config.copy_and_resolve_references()
+  clipped.optim.grad_clip_norm = 0.5
+  clipped.train.num_steps = 6
+  trainer.train_and_evaluate(clipped, str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
+  mesh = train_lib.make_mesh()
+  model, tx = train_lib.build(tiny_config)  # Clipping off again: the same state.
+  shapes = train_lib.abstract_state(tiny_config, model, tx, mesh)
+  state = checkpoint_lib.Checkpointer(str(tmp_path)).restore(shapes)
+  assert int(state.step) == 6
