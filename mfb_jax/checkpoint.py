@@ -71,6 +71,15 @@ def _say_cut_short_saves(directory: str) -> None:
     )
 
 
+def _shapes_the_model(field: str) -> bool:
+  """Whether a config field can change the train state's arrays."""
+  return field.startswith("model.") or field in (
+    "data.num_classes",
+    "data.rgb_size",
+    "data.audio_size",
+  )
+
+
 # How many times a reader tries the latest step while a training run replaces it.
 _READ_TRIES = 3
 
@@ -78,12 +87,16 @@ _READ_TRIES = 3
 class Checkpointer:
   """Keeps the last N checkpoints of a workdir and restores the latest one."""
 
-  def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True, writer: bool = False):
+  def __init__(
+    self, workdir: str, keep: int = 3, asynchronous: bool = True, writer: bool = False, config=None
+  ):
     """writer: the training run (it holds the workdir's lock), which also removes the temporary
     directories of saves cut short (a kill, a full disk); eval and predict, which may read a
     workdir while it trains, leave them alone. The directory appears with the first save (orbax
-    creates it): a run stopped by its start-up checks leaves no empty one behind."""
+    creates it): a run stopped by its start-up checks leaves no empty one behind. config: the
+    run's, whose model settings that differ from the workdir's config.json a mismatch names."""
     self.directory = checkpoint_dir(workdir)
+    self._workdir, self._config = workdir, config
     self._writer = writer
     if writer:
       _say_cut_short_saves(self.directory)
@@ -116,18 +129,29 @@ class Checkpointer:
       raise self._damaged(step, "its metadata is missing")
     wanted = _shapes(abstract_state)
     where = f"checkpoint {self.directory}/{step} does not match the config"
-    for name in sorted(set(stored) | set(wanted)):
+    # The parameters first: Adam's moments of a parameter would name the same change less plainly.
+    for name in sorted(set(stored) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
       if name not in stored:
-        raise CheckpointError(
+        raise self._mismatch(
           f"{where}: it has no array {name} (was it trained with another model?)"
         )
       if name not in wanted:
-        raise CheckpointError(f"{where}: it has an array {name} that the configured model lacks")
+        raise self._mismatch(f"{where}: it has an array {name} that the configured model lacks")
       if stored[name][0] != wanted[name][0]:
-        raise CheckpointError(
+        raise self._mismatch(
           f"{where}: {name} has shape {stored[name][0]} in the checkpoint and "
           f"{wanted[name][0]} in the configured model"
         )
+
+  def _mismatch(self, why: str) -> CheckpointError:
+    """`why`, with the model settings changed since the workdir's config.json where known."""
+    changed = []
+    if self._config is not None:
+      changed = workdir_files.changed_settings(self._workdir, self._config, _shapes_the_model)
+    if not changed:
+      return CheckpointError(why)
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return CheckpointError(f"{why}; changed since its config.json: {', '.join(changed[:3])}{more}")
 
   def restore(self, abstract_state, step: int | None = None):
     """The state at `step` (default: latest), placed with the abstract state's shardings.

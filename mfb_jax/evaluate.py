@@ -296,7 +296,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   abstract = train_lib.abstract_state(config, model, tx, mesh)
   errors.agreed(lambda: memory.check_state_and_inputs(config, abstract, "eval"))
   # Closed after a failed restore too: no orbax thread left to print tracebacks at exit.
-  with checkpoint_lib.Checkpointer(workdir) as checkpointer:
+  with checkpoint_lib.Checkpointer(workdir, config=config) as checkpointer:
     state = checkpointer.restore(abstract)
   return mesh, model, abstract, state
 

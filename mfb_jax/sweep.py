@@ -214,20 +214,6 @@ def check_cells(sweep: sweep_config.Sweep) -> None:
     raise ConfigError(f"{beyond[0]}{more}")
 
 
-# Settings that may differ between the runs of one cell: how often it logs, saves and evaluates,
-# how many steps, how its input is buffered, what predict would read.
-_MAY_DIFFER = (
-  "train.num_steps",
-  "train.eval_every",
-  "train.checkpoint_every",
-  "train.keep_checkpoints",
-  "train.log_every",
-  "eval.batch_size",
-  "data.prefetch_batches",
-  "data.predict_pattern",
-)
-
-
 def _check_same_settings(sweep: sweep_config.Sweep, agg: str, fusion: str) -> None:
   """ConfigError where the cell's config.json (from an earlier sweep) differs from this sweep's
   config of the cell in a setting that changes what its GAP means (data, model, optimizer)."""
@@ -240,7 +226,7 @@ def _check_same_settings(sweep: sweep_config.Sweep, agg: str, fusion: str) -> No
     before = workdir_files.flat_hparams(json.load(f))
   now = workdir_files.flat_hparams(json.loads(sweep.cell_config(agg, fusion).to_json_best_effort()))
   for field in sorted(set(before) & set(now)):
-    if before[field] != now[field] and field not in _MAY_DIFFER:
+    if before[field] != now[field] and field not in workdir_files.MAY_DIFFER:
       raise ConfigError(
         f"cell {agg},{fusion} in {sweep.workdir} was trained with {field}={before[field]!r}, "
         f"and this sweep gives {now[field]!r}: rerun with the settings it was trained with, "

@@ -114,7 +114,7 @@ class _Run:
     model, tx = train_lib.build(config)
     state_shapes = train_lib.abstract_state(config, model, tx, self.mesh)
     keep = self.train_cfg.keep_checkpoints
-    self.checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep, writer=True)
+    self.checkpointer = checkpoint_lib.Checkpointer(workdir, keep, writer=True, config=config)
     cleanup.enter_context(self.checkpointer)
     # Before anything in the workdir is touched; if any process fails them, all stop.
     latest = self.checkpointer.latest_step()
@@ -130,6 +130,11 @@ class _Run:
     check = lambda: _check_inputs(config, self.checkpointer, state_shapes, init, step)
     self.train_files = errors.agreed(check)
     self.state = self.checkpointer.restore(state_shapes) if resuming else init()
+    changed = workdir_files.changed_settings(workdir, config) if resuming else []
+    if changed and jax.process_index() == 0:  # The new config.json will not say what it was.
+      logging.warning(
+        "resuming with settings changed since this workdir's last run: %s", ", ".join(changed)
+      )
     # After the restore: a damaged step changes nothing.
     workdir_files.write_config(workdir, config)
     self.start_step = int(self.state.step)

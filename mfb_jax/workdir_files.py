@@ -198,6 +198,42 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+# Settings that may change between the runs of one workdir without changing what it trains: how
+# often it logs, saves and evaluates, how many steps, how its input is buffered, what predict
+# would read. (The sweep refuses a cell's other changes.)
+MAY_DIFFER = (
+  "train.num_steps",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.log_every",
+  "eval.batch_size",
+  "data.prefetch_batches",
+  "data.predict_pattern",
+)
+
+
+def changed_settings(workdir: str, config: ml_collections.ConfigDict, fields=None) -> list[str]:
+  """'field before -> now' for each setting (of `fields`, a predicate; default: not MAY_DIFFER)
+  that differs between `config` and the workdir's config.json (its last training run's); [] where
+  there is none, or it cannot be read."""
+  import tensorflow as tf  # Deferred, as in check_workdir.
+
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      before = flat_hparams(json.loads(f.read()))
+  except (tf.errors.OpError, ValueError):
+    return []
+  now = flat_hparams(json.loads(config.to_json_best_effort()))
+  fields = fields or (lambda name: name not in MAY_DIFFER)
+  return [
+    f"{name} {before[name]!r} -> {now[name]!r}"
+    for name in sorted(set(before) & set(now))
+    if before[name] != now[name] and fields(name)
+  ]
+
+
 def flat_hparams(config: ml_collections.ConfigDict) -> dict:
   """The config as flat {'a.b': scalar} pairs for TensorBoard's hparams plugin."""
   flat = {}

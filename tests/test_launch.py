@@ -168,7 +168,13 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, trained_workdir):
   work = trained_workdir
   before = _tree_digest(work)
   result = launch(work, *tiny_args, "--config.model.aggregator=dbof")
-  assert_one_line_error(result, "does not match the config")
+  # The parameters named (not Adam's moments of them), and the setting that changed.
+  assert_one_line_error(
+    result, "does not match the config: it has an array params/", "the configured model lacks"
+  )
+  assert last_line(result.stderr).endswith(
+    "; changed since its config.json: model.aggregator 'netvlad' -> 'dbof'"
+  )
   assert _tree_digest(work) == before
   # A checkpoint without its metadata is called damaged, not another model's.
   os.remove(work / "checkpoints" / "6" / "default" / "_METADATA")

@@ -43,7 +43,9 @@ def test_clipping_scales_gradients_above_the_norm_and_keeps_adams_state():
   assert not np.allclose(unclipped["b"], got[1]["b"], rtol=1e-3)
 
 
-def test_a_run_resumes_with_clipping_turned_on_and_is_evaluated_with_it_off(tiny_config, tmp_path):
+def test_a_run_resumes_with_clipping_turned_on_and_is_evaluated_with_it_off(
+  tiny_config, tmp_path, monkeypatch
+):
   # The error line of a diverged run says "set optim.grad_clip_norm"; with the clipping a level of
   # optax.chain, the resumed run was refused: "it has an array opt_state/[0]/count that the
   # configured model lacks".
@@ -52,7 +54,12 @@ def test_a_run_resumes_with_clipping_turned_on_and_is_evaluated_with_it_off(tiny
   clipped = tiny_config.copy_and_resolve_references()
   clipped.optim.grad_clip_norm = 0.5
   clipped.train.num_steps = 6
+  warnings = []
+  monkeypatch.setattr(trainer.logging, "warning", lambda text, *a: warnings.append(text % a))
   trainer.train_and_evaluate(clipped, str(tmp_path))
+  # config.json now holds the new settings: the log keeps what changed.
+  changed = "resuming with settings changed since this workdir's last run: optim.grad_clip_norm"
+  assert f"{changed} 0.0 -> 0.5" in warnings
   assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
   mesh = train_lib.make_mesh()
   model, tx = train_lib.build(tiny_config)  # Clipping off again: the same state.
