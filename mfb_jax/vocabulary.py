@@ -5,6 +5,7 @@ Reads both published layouts: the 2018 `vocabulary.csv` (columns Index, ..., Nam
 """
 
 import csv
+import io
 
 import tensorflow as tf
 
@@ -33,31 +34,32 @@ def load(path: str) -> dict[int, str]:
 
 def _read(path: str) -> dict[int, str]:
   with tf.io.gfile.GFile(path) as f:
-    reader = csv.DictReader(f)
-    header = reader.fieldnames or []
-    id_col = next((c for c in ID_COLUMNS if c in header), None)
-    name_col = next((c for c in NAME_COLUMNS if c in header), None)
-    if id_col is None or name_col is None:
+    text = f.read().removeprefix("\ufeff")  # The byte-order mark of Excel's "CSV UTF-8".
+  reader = csv.DictReader(io.StringIO(text))
+  header = reader.fieldnames or []
+  id_col = next((c for c in ID_COLUMNS if c in header), None)
+  name_col = next((c for c in NAME_COLUMNS if c in header), None)
+  if id_col is None or name_col is None:
+    raise ConfigError(
+      f"{path}: not a vocabulary CSV (needs columns Index/Name or label_id/label_name; "
+      f"found {', '.join(header[:6])})"
+    )
+  names = {}
+  for row in reader:
+    try:
+      label = int(row[id_col])
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
+    if label < 0:
+      raise ConfigError(f"{path}: label id {label} in line {reader.line_num} is negative")
+    if row[name_col] is None:  # A row cut short: its name would read "None".
+      raise ConfigError(f"{path}: line {reader.line_num} has no {name_col} for label {label}")
+    if names.get(label, row[name_col]) != row[name_col]:  # Which name won hung on the order.
       raise ConfigError(
-        f"{path}: not a vocabulary CSV (needs columns Index/Name or label_id/label_name; "
-        f"found {', '.join(header[:6])})"
+        f"{path}: label id {label} named twice ({names[label]!r}, then {row[name_col]!r} in "
+        f"line {reader.line_num})"
       )
-    names = {}
-    for row in reader:
-      try:
-        label = int(row[id_col])
-      except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: bad label id in line {reader.line_num}: {e}") from e
-      if label < 0:
-        raise ConfigError(f"{path}: label id {label} in line {reader.line_num} is negative")
-      if row[name_col] is None:  # A row cut short: its name would read "None".
-        raise ConfigError(f"{path}: line {reader.line_num} has no {name_col} for label {label}")
-      if names.get(label, row[name_col]) != row[name_col]:  # Which name won hung on the order.
-        raise ConfigError(
-          f"{path}: label id {label} named twice ({names[label]!r}, then {row[name_col]!r} in "
-          f"line {reader.line_num})"
-        )
-      names[label] = row[name_col]
+    names[label] = row[name_col]
   if not names:  # It would name nothing, and was warned about as a vocabulary of 0 classes.
     raise ConfigError(f"{path}: a vocabulary CSV without labels (a header, no rows)")
   return names

@@ -30,6 +30,10 @@ def test_a_vocabulary_naming_an_id_twice_or_a_negative_one_is_refused(tmp_path):
     vocabulary.load(str(path))
   path.write_text("label_id,label_name\n0,zero\n3,three\n3,three\n")  # A repeated row: harmless.
   assert vocabulary.load(str(path)) == {0: "zero", 3: "three"}
+  # Excel's "CSV UTF-8" starts with a byte-order mark: it was read into the first column's name
+  # ("not a vocabulary CSV ... found \ufefflabel_id, label_name").
+  path.write_bytes("\ufefflabel_id,label_name\n0,zéro\n".encode())
+  assert vocabulary.load(str(path)) == {0: "zéro"}
 
 
 def test_a_vocabulary_of_another_size_than_the_model_is_refused_or_warned_about(
