@@ -3,6 +3,7 @@ processes; each process writes its share of the videos, process 0 merges them.""
 
 import contextlib
 import csv
+import errno
 import os
 import secrets
 
@@ -120,18 +121,34 @@ def _write_rows(config, state, predict_fn, mesh, pattern: str, part: str) -> int
 
 def _merge_parts(path: str, parts: list[str], named: str) -> None:
   """PATH from the processes' part files under one header (then removed). The earlier named
-  file is removed once the new rows are written, before they replace PATH: it names the CSV it
-  came from, and none is better than one naming older rows; a merge that fails (a full disk)
-  leaves both as they were."""
+  file goes once the new rows replace PATH: it names the CSV it came from, and none is better
+  than one naming older rows. It is moved aside before the rename and back if that fails, so a
+  merge that fails (a full disk, a rename refused) leaves both as they were."""
+  aside = f"{named}.{os.getpid()}.old"
+  moved = []
 
-  def remove_named():  # Once the new rows are written and closed: a full disk has failed.
-    if tf.io.gfile.exists(named):
-      tf.io.gfile.remove(named)
+  def move_named_aside():  # Once the new rows are written and closed: a full disk has failed.
+    try:
+      if tf.io.gfile.isdir(named):  # Not ours to remove; it would stand beside the new CSV.
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), named)
+      if tf.io.gfile.exists(named):
+        tf.io.gfile.rename(named, aside, overwrite=True)
+        moved.append(aside)
+    except (tf.errors.OpError, OSError) as e:
+      raise workdir_files.write_error(named, e) from e
 
-  with workdir_files.atomic_file(path, before_rename=remove_named) as out:
-    out.write("VideoId,LabelConfidencePairs\n")
-    for part in parts:
-      with tf.io.gfile.GFile(part) as f:
-        out.write(f.read())
+  try:
+    with workdir_files.atomic_file(path, before_rename=move_named_aside) as out:
+      out.write("VideoId,LabelConfidencePairs\n")
+      for part in parts:
+        with tf.io.gfile.GFile(part) as f:
+          out.write(f.read())
+  except BaseException:
+    if moved:
+      with contextlib.suppress(Exception):
+        tf.io.gfile.rename(aside, named, overwrite=True)
+    raise
+  if moved:
+    tf.io.gfile.remove(aside)
   for part in parts:
     tf.io.gfile.remove(part)

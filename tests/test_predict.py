@@ -19,7 +19,8 @@ def _rows(workdir) -> list[str]:
 
 
 def _leftovers(workdir) -> list[str]:
-  return sorted(p.name for p in workdir.iterdir() if ".part-" in p.name or p.suffix == ".tmp")
+  names = (p.name for p in workdir.iterdir())
+  return sorted(n for n in names if ".part-" in n or n.endswith((".tmp", ".old")))
 
 
 def test_a_second_predict_run_during_one_leaves_both_csvs_whole(
@@ -122,3 +123,21 @@ def test_a_full_disk_while_merging_keeps_both_earlier_files(
   assert (trained_workdir / predict.PREDICTIONS_FILE).read_text() == earlier
   assert named.read_text() == "VideoId,Labels\nv,music (0.900)\n"
   assert _leftovers(trained_workdir) == []
+
+
+def test_a_refused_rename_keeps_the_earlier_named_file(tiny_config, trained_workdir):
+  # The named file was removed before predictions.csv was replaced, which then failed (here a
+  # folder in its place; on gs:// a rename is a copy and a delete): lost.
+  named = trained_workdir / predict.NAMED_PREDICTIONS_FILE
+  named.write_text("VideoId,Labels\nv,music (0.900)\n")
+  (trained_workdir / predict.PREDICTIONS_FILE).mkdir()
+  with pytest.raises(WorkdirError, match=r"predictions\.csv failed"):
+    predict.run_predict(tiny_config, str(trained_workdir))
+  assert named.read_text() == "VideoId,Labels\nv,music (0.900)\n"
+  assert _leftovers(trained_workdir) == []
+  # A folder where the named file was: one line naming it (it was an error reported as a bug).
+  (trained_workdir / predict.PREDICTIONS_FILE).rmdir()
+  named.unlink()
+  (named / "x").mkdir(parents=True)
+  with pytest.raises(WorkdirError, match=r"predictions_named\.csv failed"):
+    predict.run_predict(tiny_config, str(trained_workdir))
