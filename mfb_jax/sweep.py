@@ -253,6 +253,7 @@ def main(argv) -> None:
     command = shlex.join(["python", "-m", "mfb_jax.sweep", *sys.argv[1:]])
     sweep = sweep_config.Sweep.from_flags(FLAGS, command)
     check_cells(sweep)
+    sweep.hold_lock()
   except (UserError, ValueError) as e:  # Bad flags or config: one line, before any training.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_collections
 
 from mfb_jax import cli, file_patterns
-from mfb_jax.errors import ConfigError
+from mfb_jax.errors import ConfigError, WorkdirError
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS_FILE = "sweep_runs.jsonl"  # One line per sweep invocation: its date and command line.
@@ -243,6 +243,35 @@ class Sweep:
     meta["overrides"] = [f"{field}={raw}" for field, raw in self.overrides]
     return meta
 
+  def hold_lock(self) -> None:
+    """An flock on DIR/.sweep.lock for the life of this process (the kernel drops it however the
+    process ends): a second sweep in DIR would train the same cells, its refused ones reported
+    as failed in the shared results. A WorkdirError where DIR is held, or is no folder."""
+    import fcntl  # noqa: PLC0415 - POSIX only, like the training lock.
+
+    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+      raise WorkdirError(f"--workdir={self.workdir} is a file, not a folder")
+    path = os.path.join(self.workdir, ".sweep.lock")
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirError(f"cannot create {path} ({e.strerror})") from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise WorkdirError(
+        f"sweep {self.workdir} is in use by another sweep ({holder}); wait for it to finish, "
+        "stop it, or use another --workdir"
+      ) from None
+    except OSError:  # A file system without flock: no lock, as for training.
+      return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}".encode())
+    _HELD.append(fd)  # Open, and so held, until the process ends.
+
   def record_run(self) -> None:
     """Appends this invocation to DIR/sweep_runs.jsonl (results.md lists every run); a line an
     earlier run left cut short (a full disk, a kill) stays alone on its line."""
@@ -254,3 +283,6 @@ class Sweep:
     cells = [f"{a},{f}" for a, f in self.cells]
     run = {"date": self.date, "command": self.command, "cells": cells}
     workdir_files.append_line(path, json.dumps(run))
+
+
+_HELD: list[int] = []  # The sweep lock's file, open for the life of the process.

@@ -11,7 +11,7 @@ from conftest import REPO, last_line, run_python, write_synthetic
 from sweep_fakes import TINY, fake_result, sweep_flags, table_row
 
 from mfb_jax import sweep, sweep_config
-from mfb_jax.errors import ConfigError
+from mfb_jax.errors import ConfigError, WorkdirError
 
 
 def test_a_config_files_own_error_is_one_line_naming_it(tmp_path):
@@ -35,6 +35,31 @@ def test_cells_trained_beyond_steps_stop_the_sweep_before_its_report(tmp_path):
     json.dumps(fake_result(8, 0.5))
   )
   sweep.check_cells(cells)  # Done and resumable cells pass.
+
+
+def test_a_second_sweep_in_the_same_workdir_is_refused(tmp_path):
+  # The second one trained the same cells beside the first; the cells it was refused were
+  # reported as failed in the shared results.md, and it exited 1.
+  first = sweep_config.Sweep.from_flags(sweep_flags(tmp_path), "cmd")
+  first.hold_lock()
+  try:
+    second = sweep_config.Sweep.from_flags(sweep_flags(tmp_path), "cmd")
+    with pytest.raises(WorkdirError) as error:
+      second.hold_lock()
+    assert str(error.value).startswith(
+      f"sweep {tmp_path}/sweep is in use by another sweep (pid {os.getpid()}, since "
+    )
+  finally:
+    os.close(sweep_config._HELD.pop())  # As the first sweep's exit would.
+  second.hold_lock()  # Free again.
+  os.close(sweep_config._HELD.pop())
+  # A file given as --workdir read "writing F/sweep_runs.jsonl failed (File exists ...); rerun
+  # the same command to resume".
+  (tmp_path / "file").write_text("")
+  with pytest.raises(WorkdirError, match=r"^--workdir=.*/file is a file, not a folder$"):
+    sweep_config.Sweep.from_flags(
+      sweep_flags(tmp_path, workdir=str(tmp_path / "file")), ""
+    ).hold_lock()
 
 
 def test_overrides_are_typed_and_checked():
