@@ -200,10 +200,14 @@ def empty_batch(config: ml_collections.ConfigDict, local_batch_size: int, num_fr
 
 
 def read_ids_and_labels(
-  pattern: str, config: ml_collections.ConfigDict, classes_from: str = "data.num_classes"
+  pattern: str,
+  config: ml_collections.ConfigDict,
+  classes_from: str = "data.num_classes",
+  with_files: bool = False,
 ) -> Iterator[tuple]:
-  """(video id, labels) of every record matching `pattern`, in file order; nothing else parsed.
-  A label outside config.data.num_classes is a DataError naming `classes_from` as its source."""
+  """(video id, labels) of every record matching `pattern`, in file order (with_files: (video id,
+  labels, file)); nothing else parsed. A label outside config.data.num_classes is a DataError
+  naming `classes_from` as its source."""
   spec = records.RecordSpec.from_config(config)
   files, types, file_ends = _read_once(pattern)
 
@@ -234,7 +238,9 @@ def read_ids_and_labels(
           f"{name.decode()}: video '{video_id}': label {bad[0]} is outside [0, {c}) "
           f"({classes_from}={c})"
         )
-      yield video_id, labels.tolist()
+      yield (
+        (video_id, labels.tolist(), name.decode()) if with_files else (video_id, labels.tolist())
+      )
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -120,14 +120,15 @@ def score(
   num_classes: int,
   top_k: int,
 ) -> dict:
-  """Metrics of `predictions` over every (id, labels) video; unknown CSV ids raise DataError."""
+  """Metrics of `predictions` over every (id, labels) or (id, labels, file) video; unknown CSV
+  ids raise DataError."""
   accumulator = MetricsAccumulator(num_classes, top_k)
-  seen = set()
+  seen = {}
   for chunk in _chunks(_checked(labeled_videos, seen, num_classes), _CHUNK):
     rows = [predictions.get(video_id, _NO_PREDICTIONS) for video_id, _ in chunk]
     summary = summarize_predictions(rows, [ids for _, ids in chunk], num_classes, top_k)
     accumulator.add(summary, np.ones(len(chunk), np.float32))
-  unknown = sorted(set(predictions) - seen)
+  unknown = sorted(set(predictions) - seen.keys())
   if unknown:
     examples = ", ".join(repr(v) for v in unknown[:3])
     raise DataError(
@@ -138,20 +139,26 @@ def score(
   return result
 
 
-def _checked(labeled_videos, seen: set, num_classes: int) -> Iterator[tuple[str, list[int]]]:
-  for video_id, label_ids in labeled_videos:
+def _checked(labeled_videos, seen: dict, num_classes: int) -> Iterator[tuple[str, list[int]]]:
+  """The (id, labels) videos, checked; `seen` maps each id to its file ('' where not given)."""
+  for video_id, label_ids, *file in labeled_videos:
+    file = file[0] if file else ""
     if not video_id:  # Each empty id would otherwise be reported as appearing twice.
+      where = f"{file}: " if file else ""
       raise DataError(
-        "a video in the labels has no id (its 'id' or 'video_id' is missing or empty)"
+        f"{where}a video in the labels has no id (its 'id' or 'video_id' is missing or empty)"
       )
     if video_id in seen:
-      raise DataError(f"video id {video_id!r} appears twice in the labels")
+      files = f"in {seen[video_id]} and in {file}" if seen[video_id] != file else f"in {file}"
+      raise DataError(
+        f"video id {video_id!r} appears twice in the labels" + (f" ({files})" if file else "")
+      )
     bad = [c for c in label_ids if not 0 <= c < num_classes]
     if bad:
       raise DataError(
         f"video {video_id!r}: label {bad[0]} is outside [0, {num_classes}) (--num_classes)"
       )
-    seen.add(video_id)
+    seen[video_id] = file
     yield video_id, list(label_ids)
 
 
@@ -169,7 +176,9 @@ def score_files(predictions_path: str, labels_pattern: str, num_classes: int, to
 
   config = default.get_config()
   config.data.num_classes = num_classes
-  labeled_videos = input_pipeline.read_ids_and_labels(labels_pattern, config, "--num_classes")
+  labeled_videos = input_pipeline.read_ids_and_labels(
+    labels_pattern, config, "--num_classes", with_files=True
+  )
   return score(predictions, labeled_videos, num_classes, top_k)
 
 

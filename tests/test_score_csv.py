@@ -139,6 +139,28 @@ def test_command_line_on_tfrecords(tmp_path, capsys):
   assert "is outside [0, 3) (--num_classes=3)" in capsys.readouterr().err
 
 
+def test_label_files_with_a_video_twice_or_without_an_id_are_named(tmp_path):
+  # Neither line named a file: 'video id 'A' appears twice in the labels'.
+  predictions = write(tmp_path, HEADER + ROWS)
+  first, second = tmp_path / "labels-0.tfrecord", tmp_path / "labels-1.tfrecord"
+  write_frame_level_records(first, LABELED[:2])
+  write_frame_level_records(second, [LABELED[2], LABELED[0]])
+  labels = str(tmp_path / "labels-*.tfrecord")
+  with pytest.raises(DataError) as error:
+    score_csv.score_files(predictions, labels, 6, 2)
+  assert (
+    str(error.value) == f"video id 'A' appears twice in the labels (in {first} and in {second})"
+  )
+  write_frame_level_records(second, [LABELED[2], LABELED[2]])
+  with pytest.raises(
+    DataError, match=rf"^video id 'C' appears twice in the labels \(in {second}\)$"
+  ):
+    score_csv.score_files(predictions, labels, 6, 2)
+  write_frame_level_records(second, [LABELED[2], ("", [1])])
+  with pytest.raises(DataError, match=rf"^{second}: a video in the labels has no id \(its 'id'"):
+    score_csv.score_files(predictions, labels, 6, 2)
+
+
 def test_ids_as_the_files_hold_them_round_trip_through_eval_and_the_metrics_cli(tmp_path, capsys):
   """Ids that were not UTF-8 collapsed into one ('appears twice'), the scorer stripped the spaces
   that predict writes, and an id with a newline made its error two lines."""
