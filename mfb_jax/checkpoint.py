@@ -10,6 +10,7 @@ import contextlib
 import os
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -34,6 +35,10 @@ def _path_str(path) -> str:
 def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {_path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+
+def _same_shapes(a: dict, b: dict) -> bool:
+  return a.keys() == b.keys() and all(a[k][0] == b[k][0] for k in a)
 
 
 def _brief(error: Exception) -> str:
@@ -119,8 +124,13 @@ class Checkpointer:
   def check_compatible(self, abstract_state, step: int | None = None) -> None:
     """Raises CheckpointError if the checkpoint's arrays differ from the configured state."""
     step = self.latest_step() if step is None else step
-    if step is None:
-      return
+    if step is not None:
+      self._layout(abstract_state, step)
+
+  def _layout(self, abstract_state, step: int):
+    """The tree to restore `step` into: the configured state's, or that of a state saved with
+    gradient clipping before the clipping left Adam's state alone (a level of optax.chain, whose
+    first state is empty); else a CheckpointError saying how the checkpoint differs."""
     try:
       stored = _shapes(self._manager.item_metadata(step))
     except Exception as e:  # noqa: BLE001 - any unreadable metadata means an unusable workdir.
@@ -128,6 +138,10 @@ class Checkpointer:
     if not stored:  # orbax reads a checkpoint without its _METADATA file as an empty tree.
       raise self._damaged(step, "its metadata is missing")
     wanted = _shapes(abstract_state)
+    if hasattr(abstract_state, "opt_state") and stored.keys() != wanted.keys():
+      chained = abstract_state.replace(opt_state=(optax.EmptyState(), abstract_state.opt_state))
+      if _same_shapes(stored, _shapes(chained)):
+        return chained
     where = f"checkpoint {self.directory}/{step} does not match the config"
     # The parameters first: Adam's moments of a parameter would name the same change less plainly.
     for name in sorted(set(stored) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
@@ -142,6 +156,7 @@ class Checkpointer:
           f"{where}: {name} has shape {stored[name][0]} in the checkpoint and "
           f"{wanted[name][0]} in the configured model"
         )
+    return abstract_state
 
   def _mismatch(self, why: str) -> CheckpointError:
     """`why`, with the model settings changed since the workdir's config.json where known."""
@@ -182,10 +197,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
-    self.check_compatible(abstract_state, step)
+    target = self._layout(abstract_state, step)
     logging.info("Restoring checkpoint %s/%d", self.directory, step)
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+      return state if target is abstract_state else state.replace(opt_state=state.opt_state[1])
     except Exception as e:  # noqa: BLE001 - tensorstore's errors: ValueError, RuntimeError...
       if lost_peer(str(e)) or any(s in str(e) for s in _NOT_THE_CHECKPOINT):
         raise  # A lost peer, memory, a remote store's hiccup: the checkpoint may well be fine.

@@ -66,3 +66,27 @@ def test_a_run_resumes_with_clipping_turned_on_and_is_evaluated_with_it_off(
   shapes = train_lib.abstract_state(tiny_config, model, tx, mesh)
   state = checkpoint_lib.Checkpointer(str(tmp_path)).restore(shapes)
   assert int(state.step) == 6
+
+
+def test_a_checkpoint_saved_with_clipping_as_a_chain_is_restored(tmp_path):
+  # Until the clipping kept Adam's state alone, a clipped run saved optax.chain's state: an empty
+  # state, then Adam's. Such workdirs were refused ("it has no array opt_state/[0]/count").
+  params = {"w": jnp.arange(3.0)}
+  adam = _optimizer(0.0)
+  _, adam_state = adam.update({"w": jnp.ones(3)}, adam.init(params), params)  # count = 1.
+  state = train_lib.TrainState(
+    step=jnp.array(7, jnp.int32),
+    params=params,
+    batch_stats={},
+    opt_state=adam_state,
+    rng=jnp.zeros(2, jnp.uint32),
+  )
+  saver = checkpoint_lib.Checkpointer(str(tmp_path), asynchronous=False, writer=True)
+  saver.save(state.replace(opt_state=(optax.EmptyState(), adam_state)), 7)
+  saver.close()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  reader = checkpoint_lib.Checkpointer(str(tmp_path))
+  reader.check_compatible(abstract)
+  restored = reader.restore(abstract)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
