@@ -222,9 +222,12 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict, fields=Non
   path = os.path.join(workdir, CONFIG_FILE)
   try:
     with tf.io.gfile.GFile(path) as f:
-      before = flat_hparams(json.loads(f.read()))
+      before = json.loads(f.read())
   except (tf.errors.OpError, ValueError):
     return []
+  if not isinstance(before, dict):  # Not a config.json of this project's.
+    return []
+  before = flat_hparams(before)
   now = flat_hparams(json.loads(config.to_json_best_effort()))
   fields = fields or (lambda name: name not in MAY_DIFFER)
   return [

@@ -244,3 +244,26 @@ def test_before_rename_runs_on_the_closed_file_and_only_if_it_was_written(tmp_pa
   with pytest.raises(RuntimeError), workdir_files.atomic_file(path, before_rename=check) as f:
     raise RuntimeError("the rows could not be computed")
   assert len(seen) == 1 and os.listdir(tmp_path) == ["predictions.csv"]
+
+
+def test_changed_settings_against_the_workdirs_config_json(tmp_path):
+  from configs import tiny
+
+  config = tiny.get_config()
+  assert workdir_files.changed_settings(str(tmp_path), config) == []  # No config.json yet.
+  workdir_files.write_config(str(tmp_path), config)
+  changed = config.copy_and_resolve_references()
+  changed.train.update(batch_size=4, num_steps=99)  # num_steps may differ between runs.
+  changed.model.dtype = "bfloat16"
+  assert workdir_files.changed_settings(str(tmp_path), changed) == [
+    "model.dtype 'float32' -> 'bfloat16'",
+    f"train.batch_size {config.train.batch_size} -> 4",
+  ]
+  only_model = lambda field: field.startswith("model.")
+  assert workdir_files.changed_settings(str(tmp_path), changed, only_model) == [
+    "model.dtype 'float32' -> 'bfloat16'"
+  ]
+  # JSON that is no config ('null' crashed every resume with an AttributeError), or no JSON.
+  for text in ("null", "[1, 2]", "{not json", ""):
+    (tmp_path / "config.json").write_text(text)
+    assert workdir_files.changed_settings(str(tmp_path), changed) == []
