@@ -225,6 +225,7 @@ def read_ids_and_labels(
 
   ds = file_table(files, types).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
+  names: dict[bytes, str] = {}
   for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False, ends=file_ends):
     ends = np.cumsum(batch["counts"])
     for name, video_id, labels in zip(
@@ -238,9 +239,10 @@ def read_ids_and_labels(
           f"{name.decode()}: video '{video_id}': label {bad[0]} is outside [0, {c}) "
           f"({classes_from}={c})"
         )
-      yield (
-        (video_id, labels.tolist(), name.decode()) if with_files else (video_id, labels.tolist())
-      )
+      if with_files:  # One string per file, however many videos name it.
+        yield video_id, labels.tolist(), names.setdefault(name, name.decode())
+      else:
+        yield video_id, labels.tolist()
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
