@@ -125,9 +125,11 @@ def _merge_parts(path: str, parts: list[str], named: str) -> None:
   than one naming older rows. It is moved aside before the rename and back if that fails, so a
   merge that fails (a full disk, a rename refused) leaves both as they were."""
   aside = f"{named}.{os.getpid()}.old"
-  moved = []
+  moved, held = [], contextlib.ExitStack()
 
   def move_named_aside():  # Once the new rows are written and closed: a full disk has failed.
+    # A signal from here until the named file is gone or back would stop between the steps.
+    held.enter_context(signals.deferred())
     try:
       if tf.io.gfile.isdir(named):  # Not ours to remove; it would stand beside the new CSV.
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), named)
@@ -137,18 +139,19 @@ def _merge_parts(path: str, parts: list[str], named: str) -> None:
     except (tf.errors.OpError, OSError) as e:
       raise workdir_files.write_error(named, e) from e
 
-  try:
-    with workdir_files.atomic_file(path, before_rename=move_named_aside) as out:
-      out.write("VideoId,LabelConfidencePairs\n")
-      for part in parts:
-        with tf.io.gfile.GFile(part) as f:
-          out.write(f.read())
-  except BaseException:
+  with held:
+    try:
+      with workdir_files.atomic_file(path, before_rename=move_named_aside) as out:
+        out.write("VideoId,LabelConfidencePairs\n")
+        for part in parts:
+          with tf.io.gfile.GFile(part) as f:
+            out.write(f.read())
+    except BaseException:
+      if moved:
+        with contextlib.suppress(Exception):
+          tf.io.gfile.rename(aside, named, overwrite=True)
+      raise
     if moved:
-      with contextlib.suppress(Exception):
-        tf.io.gfile.rename(aside, named, overwrite=True)
-    raise
-  if moved:
-    tf.io.gfile.remove(aside)
+      tf.io.gfile.remove(aside)
   for part in parts:
     tf.io.gfile.remove(part)

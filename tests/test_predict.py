@@ -1,6 +1,7 @@
 """--mode=predict's CSV, in-process on the tiny trained workdir: whole, or not there at all."""
 
 import contextlib
+import os
 import re
 import signal
 
@@ -141,3 +142,25 @@ def test_a_refused_rename_keeps_the_earlier_named_file(tiny_config, trained_work
   (named / "x").mkdir(parents=True)
   with pytest.raises(WorkdirError, match=r"predictions_named\.csv failed"):
     predict.run_predict(tiny_config, str(trained_workdir))
+
+
+def test_a_signal_while_the_new_csv_replaces_the_old_is_held_to_the_end(
+  tiny_config, trained_workdir, monkeypatch
+):
+  # Acted on at once, a SIGTERM right after the rename moved the old named file back beside the
+  # new CSV, or left it as predictions_named.csv.<pid>.old.
+  import tensorflow as tf
+
+  named = trained_workdir / predict.NAMED_PREDICTIONS_FILE
+  named.write_text("VideoId,Labels\nv,music (0.900)\n")
+  rename = tf.io.gfile.rename
+
+  def renamed_then_signalled(src, dst, overwrite=False):
+    rename(src, dst, overwrite=overwrite)
+    if dst.endswith(predict.PREDICTIONS_FILE):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(tf.io.gfile, "rename", renamed_then_signalled)
+  predict.run_predict(tiny_config, str(trained_workdir))
+  assert len(_rows(trained_workdir)) == 40 and not named.exists()
+  assert _leftovers(trained_workdir) == []
