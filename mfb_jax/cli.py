@@ -88,6 +88,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"--config=FILE is required{given}: e.g. --config=configs/default.py")
   if is_config_file and config_args and not config_file:  # ml_collections: "Path to ... ''".
     fail("--config is empty: give a config file, e.g. --config=configs/default.py")
+  if is_config_file and config_file.startswith("-"):  # `--config --workdir=W`: absl takes it.
+    fail(f"--config has no value (the next argument is {config_file}): e.g. --config=FILE.py")
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
   if is_config_file and config_file and not config_file.endswith(".py"):

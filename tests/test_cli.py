@@ -51,6 +51,8 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
     # ml_collections' words: "error: : Path to config file is an empty string."
     (["launch.py", "--config=", "--workdir=/tmp/w"], "error: --config is empty: give a config"),
     (["launch.py", "--config=:netvlad", "--workdir=/tmp/w"], "error: --config is empty: give"),
+    # "config file not found: --workdir=/tmp/w"
+    (["launch.py", "--config", "--workdir=/tmp/w"], "--config has no value (the next argument"),
     (["-m", "mfb_jax.bench_input", "--pattern=/nonexistent/x-*"], "no file matches"),
     # argparse printed its usage line before the error.
     (["-m", "mfb_jax.model", "--counts"], "error: unrecognized arguments: --counts (--help"),
