@@ -223,15 +223,14 @@ def _check_same_settings(sweep: sweep_config.Sweep, agg: str, fusion: str) -> No
   from mfb_jax import workdir_files  # Deferred: imports JAX.
 
   with open(path) as f:
-    before = workdir_files.flat_hparams(json.load(f))
-  now = workdir_files.flat_hparams(json.loads(sweep.cell_config(agg, fusion).to_json_best_effort()))
-  for field in sorted(set(before) & set(now)):
-    if before[field] != now[field] and field not in workdir_files.MAY_DIFFER:
-      raise ConfigError(
-        f"cell {agg},{fusion} in {sweep.workdir} was trained with {field}={before[field]!r}, "
-        f"and this sweep gives {now[field]!r}: rerun with the settings it was trained with, "
-        "or give this sweep another --workdir"
-      )
+    before = json.load(f)
+  differing = workdir_files.differing_settings(before, sweep.cell_config(agg, fusion))
+  for field, was, now in differing[:1]:
+    raise ConfigError(
+      f"cell {agg},{fusion} in {sweep.workdir} was trained with {field}={was!r}, and this sweep "
+      f"gives {now!r}: rerun with the settings it was trained with, or give this sweep another "
+      "--workdir"
+    )
 
 
 def _summarize(sweep, outcomes: dict, paths: list[str], took: float, stop: StopFlag) -> int:

@@ -214,9 +214,9 @@ MAY_DIFFER = (
 
 
 def changed_settings(workdir: str, config: ml_collections.ConfigDict, fields=None) -> list[str]:
-  """'field before -> now' for each setting (of `fields`, a predicate; default: not MAY_DIFFER)
-  that differs between `config` and the workdir's config.json (its last training run's); [] where
-  there is none, or it cannot be read."""
+  """'field before -> now' for each setting of differing_settings between `config` and the
+  workdir's config.json (its last training run's); [] where there is none, or it cannot be
+  read."""
   import tensorflow as tf  # Deferred, as in check_workdir.
 
   path = os.path.join(workdir, CONFIG_FILE)
@@ -227,11 +227,16 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict, fields=Non
     return []
   if not isinstance(before, dict):  # Not a config.json of this project's.
     return []
-  before = flat_hparams(before)
-  now = flat_hparams(json.loads(config.to_json_best_effort()))
+  return [f"{n} {was!r} -> {now!r}" for n, was, now in differing_settings(before, config, fields)]
+
+
+def differing_settings(before: dict, config: ml_collections.ConfigDict, fields=None) -> list:
+  """(field, before, now) for each setting (of `fields`, a predicate; default: not MAY_DIFFER)
+  that differs between a config.json's JSON (`before`) and `config`, in the fields' order."""
+  before, now = flat_hparams(before), flat_hparams(json.loads(config.to_json_best_effort()))
   fields = fields or (lambda name: name not in MAY_DIFFER)
   return [
-    f"{name} {before[name]!r} -> {now[name]!r}"
+    (name, before[name], now[name])
     for name in sorted(set(before) & set(now))
     if before[name] != now[name] and fields(name)
   ]
