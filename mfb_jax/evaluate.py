@@ -143,11 +143,9 @@ def _unique_ids(
   (evaluation does not need them; predict refuses them); with a feature named, a video without
   it is a DataError (a misspelled name turned the duplicate check off). `seen` gathers the ids,
   each with its file."""
-  files: dict[str, str] = {}  # One string per file, however many videos name it.
   for batch in batches:
     valid_B = batch["valid"] > 0
     for video_id, file in zip(batch["id"][valid_B], batch.pop("file")[valid_B], strict=True):
-      file = files.setdefault(file, file)
       if video_id in seen:
         where = (
           f"twice in {file} (a video written twice?)"

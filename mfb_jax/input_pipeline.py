@@ -220,29 +220,27 @@ def read_ids_and_labels(
     )
     ids_B = records.video_ids(spec, context)
     sizes_B = tf.strings.length(serialized_B)
-    out = {"name": names_B, "id": ids_B, "labels": labels.values, "counts": counts_B}
+    out = {"id": ids_B, "labels": labels.values, "counts": counts_B}
     return {**out, "file": names_B, "bytes": sizes_B}
 
   ds = file_table(files, types).flat_map(_tagged_records).batch(ID_BATCH)
   ds = ds.map(parse, tf.data.AUTOTUNE, deterministic=True).prefetch(2).with_options(_options())
-  names: dict[bytes, str] = {}
-  for batch in tf_errors.checked_batches(ds, lambda: files, decode_ids=False, ends=file_ends):
+  batches = tf_errors.checked_batches(
+    ds, lambda: files, decode_ids=False, ends=file_ends, keep_files=True
+  )
+  for batch in batches:
     ends = np.cumsum(batch["counts"])
-    for name, video_id, labels in zip(
-      batch["name"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True
+    for file, video_id, labels in zip(
+      batch["file"], batch["id"], np.split(batch["labels"], ends[:-1]), strict=True
     ):
       video_id = records.id_text(video_id)
       bad = labels[(labels < 0) | (labels >= spec.num_classes)]
       if bad.size:
         c = spec.num_classes
         raise DataError(
-          f"{name.decode()}: video '{video_id}': label {bad[0]} is outside [0, {c}) "
-          f"({classes_from}={c})"
+          f"{file}: video '{video_id}': label {bad[0]} is outside [0, {c}) ({classes_from}={c})"
         )
-      if with_files:  # One string per file, however many videos name it.
-        yield video_id, labels.tolist(), names.setdefault(name, name.decode())
-      else:
-        yield video_id, labels.tolist()
+      yield (video_id, labels.tolist(), file) if with_files else (video_id, labels.tolist())
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

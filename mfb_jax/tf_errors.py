@@ -28,10 +28,12 @@ def checked_batches(
   spec: records.RecordSpec | None = None,
 ) -> Iterator[dict]:
   """Numpy batches; TensorFlow errors and bad records become one-line DataErrors. Each record's
-  'file' and 'bytes' are taken out of the batches (keep_files: 'file' stays, the path as text):
-  `ends` checks them (files read in order). spec: the records are parsed whole by its format's
-  per-record parser, which names the video of a parse error (failing_video)."""
+  'file' and 'bytes' are taken out of the batches (keep_files: 'file' stays, the path as text,
+  one string per file): `ends` checks them (files read in order). spec: the records are parsed
+  whole by its format's per-record parser, which names the video of a parse error
+  (failing_video)."""
   iterator = dataset.as_numpy_iterator()
+  texts: dict[bytes, str] = {}  # keep_files: one string per file, however many videos name it.
   while True:
     try:
       batch = next(iterator)
@@ -58,7 +60,8 @@ def checked_batches(
     if ends is not None:
       ends.add(files_B, sizes_B)
     if keep_files:
-      batch["file"] = np.array([f.decode("utf-8", "replace") for f in files_B], dtype=object)
+      text = lambda f: texts.get(f) or texts.setdefault(f, f.decode("utf-8", "replace"))
+      batch["file"] = np.array([text(f) for f in files_B], dtype=object)
     if decode_ids:
       batch["id"] = np.array([records.id_text(i) for i in batch["id"]], dtype=object)
     yield batch
