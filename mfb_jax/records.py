@@ -152,7 +152,7 @@ def describe_type_error(text: str, path: str = "", video_of=None) -> str | None:
     return None
   file = match["file"] or path
   video = video_of(file) if file and video_of is not None else ""
-  where = f"{file or 'a record'}: video '{video}'" if video else file or "a record"
+  where = f"{file}: video '{video}'" if video else file or "a record"
   if "count" in match.groupdict():
     return (
       f"{where}: frame {match['index']} of feature '{match['key']}' holds {match['count']} "
