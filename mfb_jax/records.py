@@ -9,7 +9,6 @@ its first one, which input_pipeline raises as a DataError.
 """
 
 import dataclasses
-import re
 
 import ml_collections
 import tensorflow as tf
@@ -17,27 +16,6 @@ import tensorflow as tf
 from mfb_jax.errors import ConfigError
 from mfb_jax.quantization import QUANT_OFFSET, QUANT_SCALE
 
-# TensorFlow's parse error for a feature of another value type, in its three wordings.
-_TYPE_ERROR = re.compile(
-  r"(?:Name: (?P<file>[^,]*), )?(?:Key|Feature list|Context feature|Feature): (?P<key>[^,\s]+?)"
-  r"(?:, Index: \d+)?\. Data types don't match\. "
-  r"(?:Data type: (?P<got0>\w+) but expected type|Expected type): (?P<want>\w+)"
-  r"(?:, Actual type: (?P<got>\w+))?"
-)
-_COUNT_ERROR = re.compile(  # A frame (a FeatureList entry) with other than one value.
-  r"(?:Name: (?P<file>[^,]*), )?Key: (?P<key>[^,\s]+), Index: (?P<index>\d+)\. "
-  r"Number of values != expected\. values size: (?P<count>\d+)"
-)
-_PROTO_ERROR = re.compile(  # Frame-level (the file named) and video-level parsers' words.
-  r"Invalid protocol message input, example id: (?P<file>\S*)|Could not parse example input"
-)
-_VALUE_TYPES = {"string": "bytes", "float": "floats", "int64": "int64 values"}
-_FORMAT_HINTS = {  # For the official feature names: what the format stores there.
-  ("string", "rgb"): " (frame-level: one uint8 string per frame, data.format='frame')",
-  ("string", "audio"): " (frame-level: one uint8 string per frame, data.format='frame')",
-  ("float", "mean_rgb"): " (video-level, data.format='video')",
-  ("float", "mean_audio"): " (video-level, data.format='video')",
-}
 AUTO_ID_KEYS = ("id", "video_id")  # 2018 data uses 'id', the 2017 (v1) data 'video_id'.
 FORMATS = ("frame", "video")
 
@@ -134,35 +112,6 @@ def multi_hot(spec: RecordSpec, values_L: tf.Tensor):
   )
   bad = ~tf.reduce_all(in_range_L) if spec.check_labels else tf.constant(False)
   return tf.cast(counts_C > 0, tf.float32), (bad, why)
-
-
-def describe_type_error(text: str, path: str = "", video_of=None) -> str | None:
-  """One line for TensorFlow's "Data types don't match", "Number of values != expected" and
-  "Invalid protocol message input" parse errors (None for other errors);
-  `path` names the file where TensorFlow's text does not. video_of(file): the id of the video
-  that failed ('' if unknown), for the two errors about a feature, which name no video."""
-  proto = _PROTO_ERROR.search(text)
-  if proto is not None:
-    return (
-      f"{proto['file'] or path or 'a record'}: a record is no tf.train.SequenceExample or "
-      "Example (its bytes do not parse as one)"
-    )
-  match = _TYPE_ERROR.search(text) or _COUNT_ERROR.search(text)
-  if match is None:
-    return None
-  file = match["file"] or path
-  video = video_of(file) if file and video_of is not None else ""
-  where = f"{file}: video '{video}'" if video else file or "a record"
-  if "count" in match.groupdict():
-    return (
-      f"{where}: frame {match['index']} of feature '{match['key']}' holds {match['count']} "
-      "values; the official format has one bytes value per frame"
-    )
-  got = match["got"] or match["got0"]
-  got = f"holds {'bytes' if got == 'string' else got} values" if got else "has another value type"
-  key, want = match["key"], match["want"]
-  expected = _VALUE_TYPES.get(want, want) + _FORMAT_HINTS.get((want, key), "")
-  return f"{where}: feature '{key}' {got}; expected {expected}"
 
 
 def describe_problem(name, video_id, checks) -> tf.Tensor:

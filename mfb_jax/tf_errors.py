@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mfb_jax import records, tfrecord_files
+from mfb_jax import parse_errors, records, tfrecord_files
 from mfb_jax.errors import DataError
 
 _MAX_MESSAGE = 300  # TensorFlow's parse errors can quote a whole record.
@@ -31,7 +31,7 @@ def checked_batches(
   'file' and 'bytes' are taken out of the batches (keep_files: 'file' stays, the path as text,
   one string per file): `ends` checks them (files read in order). spec: the records are parsed
   whole by its format's per-record parser, which names the video of a parse error
-  (failing_video)."""
+  (parse_errors.first_failing_record)."""
   iterator = dataset.as_numpy_iterator()
   texts: dict[bytes, str] = {}  # keep_files: one string per file, however many videos name it.
   while True:
@@ -50,8 +50,8 @@ def checked_batches(
       unnamed = isinstance(e, tf.errors.InvalidArgumentError) and "Name: " not in text
       if unnamed and one_file is not None:  # Video-level parse errors name no file.
         path = first_failing(file_order(), one_file, text)
-      video_of = None if spec is None else lambda file: failing_video(spec, file)
-      typed = records.describe_type_error(text, path, video_of)
+      locate = None if spec is None else lambda file: parse_errors.first_failing_record(spec, file)
+      typed = parse_errors.describe(text, path, locate)
       raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
     problem = batch.pop("problem", b"")
     if problem:
@@ -77,30 +77,6 @@ def first_failing(files: list[str], one_file: Callable, text: str) -> str:
     except tf.errors.OpError as e:
       if message(e) == text:
         return path
-  return ""
-
-
-def failing_video(spec: records.RecordSpec, path: str) -> str:
-  """The id of the first record of `path` that its format's per-record parser rejects ('' if
-  none does, or its id cannot be read): TensorFlow's parse errors name the file only."""
-  from mfb_jax import frames  # noqa: PLC0415 - frames imports records, as this module does.
-
-  parse = frames.parse_frame_record if spec.format == "frame" else records.parse_video_record
-  read = lambda: tf.data.TFRecordDataset(path, tfrecord_files.compression_type(path))
-  ids = {k: tf.io.FixedLenFeature([], tf.string, default_value="") for k in spec.id_keys}
-  logging.warning("bad record: reading %s record by record to name its video", path)
-  try:
-    parsed = read().enumerate().map(lambda i, record: (i, parse(spec, path, record)["id"]))
-    index = 0
-    for i, _ in parsed.ignore_errors().as_numpy_iterator():
-      if i != index:
-        break
-      index += 1
-    for record in read().skip(index).take(1):
-      context, _, _ = tf.io.parse_sequence_example(record[None], context_features=ids)
-      return records.id_text(records.video_ids(spec, context)[0].numpy())
-  except tf.errors.OpError:  # The id itself unreadable, the file gone since.
-    pass
   return ""
 
 

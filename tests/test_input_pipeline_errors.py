@@ -50,8 +50,8 @@ def test_frame_counts_and_missing_frames(tmp_path):
       "a record without an id: no 'rgb' frames (a video without frames, or no frame-level",
       "a record without an id: no feature 'mean_rgb' (is this video-level data?",
     ),
-    # TensorFlow's "Invalid protocol message input, example id: FILE" after the file's name.
-    (bytes(range(256)) * 2, *["a record is no tf.train.SequenceExample or Example (its"] * 2),
+    # TensorFlow's "Invalid protocol message input, example id: FILE" names no record.
+    (bytes(range(256)) * 2, *["record 2 (counting from 0) does not parse as a tf.train."] * 2),
   ],
 )
 def test_bytes_that_are_no_record_are_one_line_saying_so(tmp_path, record, why, video_why):
@@ -168,9 +168,54 @@ def test_a_frame_with_two_values_is_one_line_naming_the_file_and_video(tmp_path)
   record.context.feature["id"].bytes_list.value[0] = b"\xff"  # Named as the CSVs name it.
   write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
   assert eval_error(small_config(), path).startswith(f"{path}: video '\\xff': frame 0 of")
-  del record.context.feature["id"]  # No id: the file alone.
-  write(tmp_path / "two-0.tfrecord", [record.SerializeToString()])
-  assert eval_error(small_config(), path).startswith(f"{path}: frame 0 of feature 'audio'")
+  del record.context.feature["id"]  # No id: the record's place.
+  write(tmp_path / "two-0.tfrecord", [good, record.SerializeToString()])
+  message = eval_error(small_config(), path)
+  assert message.startswith(f"{path}: record 1 (counting from 0): frame 0 of feature 'audio'")
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  """A length-delimited protobuf field (payloads under 2**14 bytes)."""
+  size = bytes([len(payload) & 127 | 128, len(payload) >> 7]) if len(payload) > 127 else b""
+  return bytes([number << 3 | 2]) + (size or bytes([len(payload)])) + payload
+
+
+def _entry(key: bytes, value: bytes) -> bytes:
+  return _field(1, _field(1, key) + _field(2, value))
+
+
+def test_encodings_tensorflow_does_not_read_are_lines_naming_the_video_or_record(tmp_path):
+  # Valid protobuf (tf.train.SequenceExample.FromString reads each), refused by TensorFlow's
+  # parser, whose own words name neither the video nor the record (README.md, "Formats").
+  ident, labels = (
+    _entry(b"id", _field(1, _field(1, b"u"))),
+    _entry(b"labels", _field(3, _field(1, b"\x01"))),
+  )
+  rgb, audio = video(2)
+  frame = lambda x, extra=b"": _field(1, _field(1, _field(1, x.tobytes())) + extra)
+  lists = lambda extra=b"": (
+    _entry(b"rgb", b"".join(frame(x, extra) for x in rgb))
+    + _entry(b"audio", b"".join(frame(x) for x in audio))
+  )
+  cases = {
+    # Each rgb frame's Feature with an unknown field 7 (a varint).
+    _field(1, ident + labels) + _field(2, lists(b"\x38\x01")): "video 'u': a frame of feature "
+    "'rgb' is no Feature of one bytes value (or is written in an encoding that TensorFlow's "
+    "parser does not read?)",
+    # The feature lists with an unknown field 5 (a varint).
+    _field(1, ident + labels) + _field(2, lists() + b"\x28\x01"): "record 2 (counting from 0) "
+    "does not parse as a tf.train.SequenceExample or Example (not one, or written in an "
+    "encoding that TensorFlow's parser does not read)",
+    # An id feature whose bytes list is empty.
+    _field(1, _entry(b"id", _field(1, b"")) + labels) + _field(2, lists()): "record 2 (counting "
+    "from 0): the feature read as its id (data.id_feature) holds no value",
+  }
+  good = [frame_record(f"ok{i}", *video(2, seed=i), [1]) for i in range(2)]
+  for record, why in cases.items():
+    assert tf.train.SequenceExample.FromString(record).context.feature["labels"]
+    path = write(tmp_path / "odd.tfrecord", [*good, record])
+    assert eval_error(small_config(), path) == f"{path}: {why}"
+    assert train_error(small_config(), path) == f"{path}: {why}"
 
 
 def test_read_ids_and_labels_checks_label_range(tmp_path):

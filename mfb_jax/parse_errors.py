@@ -1,0 +1,111 @@
+"""TensorFlow's record parse errors as one line naming the file and the video (or record).
+
+TensorFlow's parse errors name the file at most; the video is found afterwards by parsing the
+file's records one by one (first_failing_record: only after an error, so reading pays nothing).
+"""
+
+import re
+
+import tensorflow as tf
+from absl import logging
+
+from mfb_jax import records, tfrecord_files
+
+# TensorFlow's parse error for a feature of another value type, in its three wordings.
+_TYPE_ERROR = re.compile(
+  r"(?:Name: (?P<file>[^,]*), )?(?:Key|Feature list|Context feature|Feature): (?P<key>[^,\s]+?)"
+  r"(?:, Index: \d+)?\. Data types don't match\. "
+  r"(?:Data type: (?P<got0>\w+) but expected type|Expected type): (?P<want>\w+)"
+  r"(?:, Actual type: (?P<got>\w+))?"
+)
+_COUNT_ERROR = re.compile(  # A frame (a FeatureList entry) with other than one value.
+  r"(?:Name: (?P<file>[^,]*), )?Key: (?P<key>[^,\s]+), Index: (?P<index>\d+)\. "
+  r"Number of values != expected\. values size: (?P<count>\d+)"
+)
+_PROTO_ERROR = re.compile(  # Frame-level (the file named) and video-level parsers' words.
+  r"Invalid protocol message input, example id: (?P<file>\S*)|Could not parse example input"
+)
+# A frame whose Feature or BytesList holds a field TensorFlow's parser does not read.
+_FRAME_ERROR = re.compile(r"Error in sequence feature (?P<key>\S+) in example (?P<file>\S*)")
+# A fixed-size context feature (the id) present but holding no value.
+_EMPTY_ERROR = re.compile(r"Unexpected number of elements in example (?P<file>\S*)")
+_VALUE_TYPES = {"string": "bytes", "float": "floats", "int64": "int64 values"}
+_FORMAT_HINTS = {  # For the official feature names: what the format stores there.
+  ("string", "rgb"): " (frame-level: one uint8 string per frame, data.format='frame')",
+  ("string", "audio"): " (frame-level: one uint8 string per frame, data.format='frame')",
+  ("float", "mean_rgb"): " (video-level, data.format='video')",
+  ("float", "mean_audio"): " (video-level, data.format='video')",
+}
+# What TensorFlow's parser reads otherwise than protobuf (README.md, "Formats").
+_ENCODING = "written in an encoding that TensorFlow's parser does not read"
+
+
+def describe(text: str, path: str = "", locate=None) -> str | None:
+  """One line for TensorFlow's record parse errors (None for other errors); `path` names the
+  file where TensorFlow's text does not. locate(file): (index, id) of the file's first record
+  that fails to parse (first_failing_record), since TensorFlow's text names no record."""
+  match = None
+  for pattern in (_PROTO_ERROR, _FRAME_ERROR, _EMPTY_ERROR, _TYPE_ERROR, _COUNT_ERROR):
+    match = match or pattern.search(text)
+  if match is None:
+    return None
+  file = match["file"] or path
+  index, video = locate(file) if file and locate is not None else (None, "")
+  if video:
+    where = f"{file}: video '{video}'"
+  elif index is not None:
+    where = f"{file}: record {index} (counting from 0)"
+  else:
+    where = file or "a record"
+  if match.re is _PROTO_ERROR:
+    where = where if video or index is not None else f"{file}: a record" if file else "a record"
+    return (
+      f"{where} does not parse as a tf.train.SequenceExample or Example (not one, or {_ENCODING})"
+    )
+  if match.re is _FRAME_ERROR:
+    key = match["key"]
+    return (
+      f"{where}: a frame of feature '{key}' is no Feature of one bytes value (or is {_ENCODING}?)"
+    )
+  if match.re is _EMPTY_ERROR:
+    return f"{where}: the feature read as its id (data.id_feature) holds no value"
+  if match.re is _COUNT_ERROR:
+    return (
+      f"{where}: frame {match['index']} of feature '{match['key']}' holds {match['count']} "
+      "values; the official format has one bytes value per frame"
+    )
+  got = match["got"] or match["got0"]
+  if got:
+    got = f"holds {'bytes' if got == 'string' else got} values"
+  else:
+    got = f"has another value type (or is {_ENCODING}?)"
+  key, want = match["key"], match["want"]
+  expected = _VALUE_TYPES.get(want, want) + _FORMAT_HINTS.get((want, key), "")
+  return f"{where}: feature '{key}' {got}; expected {expected}"
+
+
+def first_failing_record(spec: records.RecordSpec, path: str) -> tuple[int | None, str]:
+  """(index, id) of the first record of `path` that its format's per-record parser rejects:
+  (None, '') if none does; its id is '' where it cannot be read."""
+  from mfb_jax import frames  # noqa: PLC0415 - frames imports records, as this module does.
+
+  parse = frames.parse_frame_record if spec.format == "frame" else records.parse_video_record
+  read = lambda: tf.data.TFRecordDataset(path, tfrecord_files.compression_type(path))
+  ids = {k: tf.io.FixedLenFeature([], tf.string, default_value="") for k in spec.id_keys}
+  logging.warning("bad record: reading %s record by record to name its video", path)
+  index = 0
+  try:
+    parsed = read().enumerate().map(lambda i, record: (i, parse(spec, path, record)["id"]))
+    for i, _ in parsed.ignore_errors().as_numpy_iterator():
+      if i != index:
+        break
+      index += 1
+  except tf.errors.OpError:  # The file gone since.
+    return None, ""
+  try:
+    for record in read().skip(index).take(1):
+      context, _, _ = tf.io.parse_sequence_example(record[None], context_features=ids)
+      return index, records.id_text(records.video_ids(spec, context)[0].numpy())
+  except tf.errors.OpError:  # Its id unreadable: the record is named by its place.
+    return index, ""
+  return None, ""  # Every record parses (the file changed since?).
