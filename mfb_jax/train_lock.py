@@ -19,6 +19,7 @@ LOCK_FILE = ".train.lock"
 # How long a process looks for process 0's lock file in the workdir (a slow network file system
 # may need more).
 SHARED_WAIT_S = float(os.environ.get("MFB_JAX_SHARED_WORKDIR_WAIT_S", "10"))
+_TRIES = 3  # To take the lock while a refused run removes the workdir it made.
 
 
 class TrainingLock:
@@ -77,26 +78,36 @@ class TrainingLock:
     if workdir_files.is_url(self.workdir):
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
-    try:
-      self._made = []
-      _make_dirs(self.workdir, self._made)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      return f"cannot use workdir {self.workdir}: {e.strerror}"
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # EWOULDBLOCK: another process holds it.
-      holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
-      os.close(fd)
-      self._made = []  # Folders this run made, but the other run now trains in: kept.
-      return (
-        f"workdir {self.workdir} is in use by another training run ({holder}); wait for it "
-        "to finish, stop it, or use another --workdir"
-      )
-    except OSError as e:  # ENOLCK and the like: a file system without flock.
-      os.close(fd)
-      logging.warning("no training lock on %s (%s): start one run per workdir", self.path, e)
-      return None
+    for attempt in range(_TRIES):
+      try:
+        self._made = []
+        _make_dirs(self.workdir, self._made)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except FileNotFoundError as e:  # A refused run removing the workdir it made: again.
+        if attempt + 1 < _TRIES:
+          continue
+        return f"cannot use workdir {self.workdir}: {e.strerror}"
+      except OSError as e:
+        return f"cannot use workdir {self.workdir}: {e.strerror}"
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:  # EWOULDBLOCK: another process holds it.
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+        os.close(fd)
+        self._made = []  # Folders this run made, but the other run now trains in: kept.
+        return (
+          f"workdir {self.workdir} is in use by another training run ({holder}); wait for it "
+          "to finish, stop it, or use another --workdir"
+        )
+      except OSError as e:  # ENOLCK and the like: a file system without flock.
+        os.close(fd)
+        logging.warning("no training lock on %s (%s): start one run per workdir", self.path, e)
+        return None
+      if _is_at(fd, self.path):
+        break
+      os.close(fd)  # A lock on a file that a refused run removed after it was opened: again.
+    else:
+      return f"cannot use workdir {self.workdir}: it was removed while this run took its lock"
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     self._written = f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode()
     try:
@@ -110,11 +121,17 @@ class TrainingLock:
     return None
 
   def __exit__(self, error_type=None, *_) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # Drops the lock; the file stays (deleting it would race a newcomer).
-      self._fd = None
-    # A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
-    # keeping before the first checkpoint, and a new user would take it for a started run.
+    try:
+      self._remove_what_a_refused_run_made(error_type)
+    finally:
+      if self._fd is not None:
+        os.close(self._fd)  # Drops the lock (after any removal: a newcomer waits for it).
+        self._fd = None
+
+  def _remove_what_a_refused_run_made(self, error_type) -> None:
+    """A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
+    keeping before the first checkpoint, and a new user would take it for a started run. A
+    newcomer that opened the lock file before it went takes its lock again (_is_at)."""
     refused = error_type is not None and issubclass(error_type, UserError)
     made = list(self._made) if refused else []
     if made and made[-1] == self.workdir:
@@ -127,6 +144,14 @@ class TrainingLock:
         os.rmdir(parent)
       except OSError:
         break
+
+
+def _is_at(fd: int, path: str) -> bool:
+  """Whether the open file fd is still the one at `path` (not removed, nor replaced)."""
+  try:
+    return os.path.samestat(os.fstat(fd), os.stat(path))
+  except OSError:
+    return False
 
 
 def _make_dirs(path: str, made: list[str]) -> None:

@@ -161,3 +161,34 @@ def test_a_run_refused_for_a_busy_workdir_removes_nothing(tmp_path, monkeypatch)
       pass
   assert os.listdir(workdir) == [".train.lock"]
   os.close(held[0])
+
+
+def test_a_run_that_opened_the_lock_file_a_refused_run_then_removed_takes_it_anew(
+  tmp_path, monkeypatch
+):
+  """Two runs started at once on a new workdir: the first, refused (bad data), removes the
+  workdir it made, lock file included, while the second has opened that file and waits for its
+  lock. The second then held a lock on a removed file, in a workdir removed under it."""
+  from mfb_jax.errors import DataError
+
+  workdir, real_flock, removed = tmp_path / "new", fcntl.flock, []
+
+  def a_refused_run_removes_the_workdir_first(fd, operation):
+    if not removed:  # Once: between this run's open and its flock.
+      removed.append(False)
+      with pytest.raises(DataError), train_lock.TrainingLock(str(workdir)):
+        raise DataError("bad data")
+      removed[0] = not workdir.exists()
+    return real_flock(fd, operation)
+
+  real_make_dirs = train_lock._make_dirs
+
+  def each_run_made_it(path, made):  # As if the refused run had made the workdir, not found it.
+    real_make_dirs(path, made)
+    made[:] = made or [path]
+
+  monkeypatch.setattr(train_lock, "_make_dirs", each_run_made_it)
+  monkeypatch.setattr(fcntl, "flock", a_refused_run_removes_the_workdir_first)
+  with train_lock.TrainingLock(str(workdir)) as lock:
+    assert removed == [True]
+    assert os.path.samestat(os.fstat(lock._fd), os.stat(lock.path))
