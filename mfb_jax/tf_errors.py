@@ -50,8 +50,7 @@ def checked_batches(
       unnamed = isinstance(e, tf.errors.InvalidArgumentError) and "Name: " not in text
       if unnamed and one_file is not None:  # Video-level parse errors name no file.
         path = first_failing(file_order(), one_file, text)
-      locate = None if spec is None else lambda file: parse_errors.first_failing_record(spec, file)
-      typed = parse_errors.describe(text, path, locate)
+      typed = parse_errors.describe(text, path, _locator(spec, text))
       raise DataError(typed or (f"{path}: {text}" if path else f"bad record: {text}")) from e
     problem = batch.pop("problem", b"")
     if problem:
@@ -65,6 +64,20 @@ def checked_batches(
     if decode_ids:
       batch["id"] = np.array([records.id_text(i) for i in batch["id"]], dtype=object)
     yield batch
+
+
+def _locator(spec: records.RecordSpec | None, text: str):
+  """parse_errors.describe's locate(file) for the error `text` (None without a spec): the
+  first record of the file whose own error is of its kind (another bad record of the file, of
+  another kind, is not the one to name)."""
+  if spec is None:
+    return None
+
+  def locate(file: str):
+    same = lambda error: parse_errors.same_kind(message(error), text)
+    return parse_errors.first_failing_record(spec, file, same)
+
+  return locate
 
 
 def first_failing(files: list[str], one_file: Callable, text: str) -> str:

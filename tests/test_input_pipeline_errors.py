@@ -222,3 +222,25 @@ def test_read_ids_and_labels_checks_label_range(tmp_path):
   path = write(tmp_path / "l.tfrecord", [frame_record("v", *video(2), [3, 12])])
   with pytest.raises(DataError, match=f"^{path}: video 'v': label 12 is outside \\[0, 10\\)"):
     list(input_pipeline.read_ids_and_labels(path, small_config()))
+
+
+def test_a_file_with_bad_records_of_two_kinds_names_each_by_its_own_place(tmp_path):
+  # Training reads records shuffled, so either error may come first; the record named must be
+  # the one that has it (it named the first bad record of the file, whatever its problem).
+  garbage = bytes(range(256)) * 2
+  empty_id = _field(1, _entry(b"id", _field(1, b""))) + _field(2, _entry(b"rgb", b""))
+  lines = {
+    "floats": "video 'f': feature '",
+    "garbage": "does not parse as a tf.train.SequenceExample",
+    "empty_id": "the feature read as its id (data.id_feature) holds no value",
+  }
+  records_of = {"floats": _float_frames(), "garbage": garbage, "empty_id": empty_id}
+  for kinds in (("floats", "garbage"), ("garbage", "empty_id"), ("empty_id", "floats")):
+    path = write(tmp_path / f"{'-'.join(kinds)} two.tfrecord", [records_of[k] for k in kinds])
+    assert eval_error(small_config(), path).startswith(f"{path}: ")  # The file, space and all.
+    for _ in range(3):
+      message = train_error(small_config(), path)
+      place = {k: i for i, k in enumerate(kinds)}
+      kind = next(k for k in kinds if lines[k] in message)
+      if kind != "floats":
+        assert f"{path}: record {place[kind]} (counting from 0)" in message, message
