@@ -1,6 +1,7 @@
 """The training lock: WORKDIR/.train.lock, held by a training run's process 0 while it runs, so
 that a second training run cannot save its checkpoints over the first one's."""
 
+import errno
 import fcntl
 import os
 import shutil
@@ -78,9 +79,9 @@ class TrainingLock:
     if workdir_files.is_url(self.workdir):
       logging.warning("workdir %s is a URL: no training lock", self.workdir)
       return None
+    self._made = []  # Over every try: a folder made on an earlier one is this run's too.
     for attempt in range(_TRIES):
       try:
-        self._made = []
         _make_dirs(self.workdir, self._made)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       except FileNotFoundError as e:  # A refused run removing the workdir it made: again.
@@ -92,6 +93,9 @@ class TrainingLock:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:  # EWOULDBLOCK: another process holds it.
+        if not _is_at(fd, self.path) and attempt + 1 < _TRIES:  # A refused run removing it.
+          os.close(fd)
+          continue
         holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
         os.close(fd)
         self._made = []  # Folders this run made, but the other run now trains in: kept.
@@ -101,6 +105,8 @@ class TrainingLock:
         )
       except OSError as e:  # ENOLCK and the like: a file system without flock.
         os.close(fd)
+        if e.errno == errno.ESTALE and attempt + 1 < _TRIES:  # NFS: the file removed: again.
+          continue
         logging.warning("no training lock on %s (%s): start one run per workdir", self.path, e)
         return None
       if _is_at(fd, self.path):
@@ -125,7 +131,9 @@ class TrainingLock:
       self._remove_what_a_refused_run_made(error_type)
     finally:
       if self._fd is not None:
-        os.close(self._fd)  # Drops the lock (after any removal: a newcomer waits for it).
+        # Drops the lock after any removal: a newcomer that opened the removed lock file and
+        # gets its lock now takes the lock again on a new one (_is_at).
+        os.close(self._fd)
         self._fd = None
 
   def _remove_what_a_refused_run_made(self, error_type) -> None:
@@ -169,7 +177,8 @@ def _make_dirs(path: str, made: list[str]) -> None:
     if not os.path.isdir(path):  # A file, or a dangling symlink.
       raise
   else:
-    made.append(path)
+    if path not in made:  # Made again on a later try of TrainingLock._take.
+      made.append(path)
 
 
 def _read_within(path: str, wanted: np.ndarray, seconds: float) -> bool:

@@ -192,3 +192,20 @@ def test_a_run_that_opened_the_lock_file_a_refused_run_then_removed_takes_it_ane
   with train_lock.TrainingLock(str(workdir)) as lock:
     assert removed == [True]
     assert os.path.samestat(os.fstat(lock._fd), os.stat(lock.path))
+
+
+def test_a_run_refused_while_a_refused_run_removes_the_workdir_retries(tmp_path, monkeypatch):
+  """As above, but the refused run still holds the removed file's lock when this run asks."""
+  workdir, real_flock, holders = tmp_path / "w", fcntl.flock, []
+
+  def held_by_a_run_removing_it(fd, operation):
+    if not holders:  # Once: the other run holds the file's lock, and has removed the file.
+      holders.append(os.open(workdir / train_lock.LOCK_FILE, os.O_RDWR))
+      real_flock(holders[0], fcntl.LOCK_EX)
+      os.remove(workdir / train_lock.LOCK_FILE)
+    return real_flock(fd, operation)
+
+  monkeypatch.setattr(fcntl, "flock", held_by_a_run_removing_it)
+  with train_lock.TrainingLock(str(workdir)) as lock:
+    assert os.path.samestat(os.fstat(lock._fd), os.stat(lock.path))
+  os.close(holders[0])
