@@ -68,10 +68,11 @@ def describe(text: str, path: str = "", locate=None) -> str | None:
     where = f"{file}: video '{video}'"
   elif index is not None:
     where = f"{file}: record {index} (counting from 0)"
+  elif match.re is _PROTO_ERROR:  # The line's subject: "F: a record does not parse as ...".
+    where = f"{file}: a record" if file else "a record"
   else:
     where = file or "a record"
   if match.re is _PROTO_ERROR:
-    where = where if video or index is not None else f"{file}: a record" if file else "a record"
     return (
       f"{where} does not parse as a tf.train.SequenceExample or Example (not one, or {_ENCODING})"
     )
