@@ -210,12 +210,16 @@ class Checkpointer:
   def _damaged(self, step: int, why: str) -> CheckpointError:
     """One line for a step that cannot be read, naming what to do: no earlier step is ever
     restored in its place without the user's word (that would silently drop training)."""
-    earlier = [s for s in self.all_steps() if s < step]
-    then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
     return CheckpointError(
       f"cannot read checkpoint {self.directory}/{step} ({why}); it is damaged or was not "
-      f"written by this project: move {self.directory}/{step} out of {self.directory} to {then}"
+      f"written by this project: {self.move_aside(step)}"
     )
+
+  def move_aside(self, step: int) -> str:
+    """What to do about a checkpoint that cannot be resumed from."""
+    earlier = [s for s in self.all_steps() if s < step]
+    then = f"resume from step {max(earlier)}" if earlier else "start again from step 0"
+    return f"move {self.directory}/{step} out of {self.directory} to {then}"
 
   def save(self, state, step: int) -> bool:
     """Saves `state` as `step` unless that step is already saved; returns whether it saved."""

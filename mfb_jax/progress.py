@@ -1,8 +1,15 @@
 """The training loop's progress: train metrics kept on device between progress lines (and the
-bound on steps queued ahead), the steps-per-second rate, and the progress line itself."""
+bound on steps queued ahead), the steps-per-second rate, the progress line itself, and the check
+that a state about to be saved has not diverged."""
+
+import functools
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mfb_jax.errors import TrainingError
 
@@ -21,8 +28,11 @@ class MetricBuffer:
   still read while a step runs, but batches never pile up behind the running step.
   """
 
-  def __init__(self):
+  def __init__(self, hint: Callable[[int], str] = lambda step: ""):
+    """hint(step): what the error for a non-finite loss at `step` adds (the trainer names the
+    checkpoint of the state that gave it, where one was saved)."""
     self.pending: list[tuple[int, dict]] = []
+    self._hint = hint
 
   def add(self, step: int, step_metrics: dict) -> None:
     self.pending.append((step, step_metrics))
@@ -43,7 +53,7 @@ class MetricBuffer:
       if not np.isfinite(v["loss"]):
         raise TrainingError(
           f"the training loss is {float(v['loss'])} at step {step}; stopping without saving this "
-          "state (lower optim.learning_rate or set optim.grad_clip_norm)"
+          f"state (lower optim.learning_rate or set optim.grad_clip_norm){self._hint(step)}"
         )
     keys = dict.fromkeys(k for v in values for k in v)
     return {k: float(np.mean([v[k] for v in values if k in v])) for k in keys}
@@ -77,3 +87,37 @@ def progress_line(step: int, total: int, loss: float, steps_per_sec: float, batc
     f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%) loss {loss:.4f} "
     f"{steps_per_sec:.2f} steps/s {steps_per_sec * batch:.0f} ex/s ETA {hours}h{rest // 60:02d}m"
   )
+
+
+def state_problem(state, mesh) -> str | None:
+  """Why `state` must not be saved, or None: NaN or Inf in any of its arrays, or parameters so
+  large that their squares overflow float32 (a diverged run, whose next loss is NaN: saved, it
+  would be the state every resume starts from, and fails from again)."""
+  named = [
+    (jax.tree_util.keystr(path, simple=True, separator="/"), x)
+    for path, x in jax.tree_util.tree_leaves_with_path(state)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  if not named:
+    return None
+  finite, squares, largest = jax.device_get(_health_check(mesh)([x for _, x in named]))
+  for (name, _), ok, fits, top in zip(named, finite, squares, largest, strict=True):
+    if not ok:
+      return f"{name} holds NaN or Inf"
+    if name.startswith("params/") and not fits:
+      return f"{name} reaches {float(top):.3g}, too large to square in float32"
+  return None
+
+
+@functools.cache
+def _health_check(mesh) -> Callable:
+  return jax.jit(_leaf_health, out_shardings=NamedSharding(mesh, P()))
+
+
+def _leaf_health(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per array: all finite; its squared sum finite (float32); its largest magnitude."""
+  wide = [x.astype(jnp.float32) for x in leaves]
+  finite = jnp.stack([jnp.isfinite(x).all() for x in wide])
+  squares = jnp.stack([jnp.isfinite(jnp.sum(jnp.square(x))) for x in wide])
+  largest = jnp.stack([jnp.max(jnp.abs(x)) if x.size else jnp.float32(0) for x in wide])
+  return finite, squares, largest

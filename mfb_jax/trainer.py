@@ -143,7 +143,7 @@ class _Run:
     if self.start_step == 0:
       self.writer.write_hparams(workdir_files.flat_hparams(config))
     self.eval_fn = train_lib.jit_eval_step(config, model, self.mesh, state_shapes)
-    self.buffer, self.result = progress.MetricBuffer(), None
+    self.buffer, self.result = progress.MetricBuffer(self._saved_state_gave), None
     self.batches, self.check_labels = None, label_check.LabelCheck(config)
     self.rate, self.compiled = None, set()  # The rate starts with the loop (train).
 
@@ -253,8 +253,24 @@ class _Run:
     return stopping
 
   def save(self, step: int) -> None:
-    self.buffer.flush()  # Never save a state whose loss went NaN/Inf.
+    self.buffer.flush()  # Never save a state whose loss went NaN/Inf, nor one that diverged.
+    problem = progress.state_problem(self.state, self.mesh)
+    if problem:
+      raise errors.TrainingError(
+        f"the state after step {step} diverged ({problem}); stopping without saving it (lower "
+        "optim.learning_rate or set optim.grad_clip_norm)"
+      )
     self.checkpointer.save(self.state, step)
+
+  def _saved_state_gave(self, step: int) -> str:
+    """For a non-finite loss at `step`: the checkpoint of the state that gave it, where saved
+    (a resume would start from it, and fail again)."""
+    if step - 1 not in self.checkpointer.all_steps():
+      return ""
+    saved = f"{self.checkpointer.directory}/{step - 1}"
+    return (
+      f"; checkpoint {saved} holds the state that gave it: {self.checkpointer.move_aside(step - 1)}"
+    )
 
   def evaluate(self, step: int) -> bool:
     """Evaluates the state at `step`; False where a stop request cut the evaluation short."""

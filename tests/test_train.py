@@ -165,12 +165,54 @@ def test_nan_loss_stops_before_saving(tiny_config, tmp_path):
   tiny_config.optim.learning_rate = 1e30
   tiny_config.train.checkpoint_every = 1
   tiny_config.train.log_every = 1
-  with pytest.raises(TrainingError, match=r"at step \d+"):
+  with pytest.raises(TrainingError, match=r"^the (training loss is nan at|state after) step \d+"):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
   saved = checkpoint_lib.Checkpointer(str(tmp_path)).all_steps()
   for step in saved:
     state = _params_at(tiny_config, str(tmp_path), step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+  # The rerun that the error advises trains on: no diverged state (finite, but with parameters
+  # near 1e30, whose next loss is NaN) was saved for it to resume from.
+  tiny_config.optim.learning_rate = 1e-3
+  tiny_config.train.num_steps = 3
+  trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path)).all_steps()[-1] == 3
+
+
+def test_a_nan_loss_from_a_saved_state_names_that_checkpoint(tiny_config, tmp_path, monkeypatch):
+  # A diverged state that the check before saving lets through (or an older version saved).
+  monkeypatch.setattr(trainer.progress, "state_problem", lambda state, mesh: None)
+  tiny_config.optim.learning_rate = 1e30
+  tiny_config.train.update(checkpoint_every=1, log_every=1, num_steps=8)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(TrainingError) as raised:
+    trainer.train_and_evaluate(tiny_config, workdir)
+  bad = int(str(raised.value).split(" at step ")[1].split(";")[0]) - 1
+  directory = checkpoint_lib.checkpoint_dir(workdir)
+  earlier = f"resume from step {bad - 1}" if bad > 1 else "start again from step 0"
+  assert str(raised.value).endswith(
+    f"; checkpoint {directory}/{bad} holds the state that gave it: "
+    f"move {directory}/{bad} out of {directory} to {earlier}"
+  )
+  shutil.move(f"{directory}/{bad}", str(tmp_path / "aside"))  # As the line says.
+  monkeypatch.undo()
+  tiny_config.optim.learning_rate = 1e-3
+  trainer.train_and_evaluate(tiny_config, workdir)
+  assert checkpoint_lib.Checkpointer(workdir).all_steps()[-1] == 8
+
+
+def test_state_problem_names_non_finite_and_overflowing_arrays():
+  mesh = train_lib.make_mesh()
+  sound = {"params": {"w": np.full((3,), 1e18, np.float32)}, "opt": {"nu": np.ones(2)}}
+  assert trainer.progress.state_problem(sound, mesh) is None
+  huge = {"params": {"a": np.ones(2, np.float32), "w": np.array([1.0, 3e19], np.float32)}}
+  assert trainer.progress.state_problem(huge, mesh) == (
+    "params/w reaches 3e+19, too large to square in float32"
+  )
+  # Only parameters are squared: Adam's second moment may be large.
+  assert trainer.progress.state_problem({"opt": {"nu": np.full(2, 3e19, np.float32)}}, mesh) is None
+  nan = {"opt": {"mu": np.array([0.0, np.nan], np.float32)}, "step": np.int32(3)}
+  assert trainer.progress.state_problem(nan, mesh) == "opt/mu holds NaN or Inf"
 
 
 def test_unlabelled_training_data_is_refused(tiny_config, tmp_path):
