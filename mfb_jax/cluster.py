@@ -16,6 +16,9 @@ CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "
 # How long the processes of a run wait for each other at start-up (JAX's default);
 # MFB_JAX_INIT_TIMEOUT_S changes it (a scheduler that starts them minutes apart needs more).
 INIT_TIMEOUT_S = 300
+SHARED_WORKDIR_WAIT_S = (
+  10  # MFB_JAX_SHARED_WORKDIR_WAIT_S changes it (cluster.shared_workdir_wait_s).
+)
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _PROC_CGROUP = "/proc/self/cgroup"
 _host_processes = 1  # Processes of this run on this host: count_host_processes() sets it.
@@ -64,6 +67,7 @@ def init_distributed(
       "SLURM, MPI or TPU VM cluster was detected to give them)"
     )
   timeout = init_timeout_s()
+  shared_workdir_wait_s()  # Checked now: the training lock reads it after the processes met.
   # Cross-process collectives on CPU need gloo; accelerators ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if not explicit:
@@ -106,6 +110,23 @@ def init_timeout_s() -> int:
   if not value.isdigit() or int(value) < 5:
     raise ConfigError(f"MFB_JAX_INIT_TIMEOUT_S={value!r} must be a whole number of seconds >= 5")
   return int(value)
+
+
+def shared_workdir_wait_s() -> float:
+  """Seconds each process looks for process 0's training-lock file in the workdir (a slow network
+  file system may need more): MFB_JAX_SHARED_WORKDIR_WAIT_S or 10."""
+  from mfb_jax.errors import ConfigError
+
+  value = os.environ.get("MFB_JAX_SHARED_WORKDIR_WAIT_S", str(SHARED_WORKDIR_WAIT_S))
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not 0 <= seconds <= 3600:  # NaN included.
+    raise ConfigError(
+      f"MFB_JAX_SHARED_WORKDIR_WAIT_S={value!r} must be a number of seconds from 0 to 3600"
+    )
+  return seconds
 
 
 @contextlib.contextmanager

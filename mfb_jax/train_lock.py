@@ -13,13 +13,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import workdir_files
+from mfb_jax import cluster, workdir_files
 from mfb_jax.errors import UserError, WorkdirError
 
 LOCK_FILE = ".train.lock"
-# How long a process looks for process 0's lock file in the workdir (a slow network file system
-# may need more).
-SHARED_WAIT_S = float(os.environ.get("MFB_JAX_SHARED_WORKDIR_WAIT_S", "10"))
 _TRIES = 3  # To take the lock while a refused run removes the workdir it made.
 
 
@@ -61,7 +58,7 @@ class TrainingLock:
     saved their checkpoints apart and hung in orbax's save for good."""
     written = self._written if jax.process_index() == 0 else b""
     wanted = multihost_utils.broadcast_one_to_all(workdir_files.digest(written))
-    sees = not wanted.any() or _read_within(self.path, wanted, SHARED_WAIT_S)
+    sees = not wanted.any() or _read_within(self.path, wanted, cluster.shared_workdir_wait_s())
     seen = multihost_utils.process_allgather(np.int32(sees))
     blind = [i for i, s in enumerate(np.ravel(seen)) if not s]
     if not blind:

@@ -149,3 +149,16 @@ def test_processes_with_different_numbers_of_devices_are_named(monkeypatch):
     "1): every process needs the same number (the same XLA_FLAGS, or as many visible "
     "accelerators, on each host)"
   )
+
+
+def test_the_shared_workdir_wait_is_checked(monkeypatch):
+  monkeypatch.delenv("MFB_JAX_SHARED_WORKDIR_WAIT_S", raising=False)
+  assert cluster.shared_workdir_wait_s() == cluster.SHARED_WORKDIR_WAIT_S == 10
+  monkeypatch.setenv("MFB_JAX_SHARED_WORKDIR_WAIT_S", "0.5")
+  assert cluster.shared_workdir_wait_s() == 0.5
+  # 'abc' was an error naming no variable, in every run; 'nan' or 'inf' hung two processes
+  # given different workdirs for good.
+  for bad in ("abc", "nan", "inf", "-1", "", "3601"):
+    monkeypatch.setenv("MFB_JAX_SHARED_WORKDIR_WAIT_S", bad)
+    with pytest.raises(ConfigError, match=f"^MFB_JAX_SHARED_WORKDIR_WAIT_S='{bad}' must be a num"):
+      cluster.shared_workdir_wait_s()

@@ -53,7 +53,7 @@ def test_every_process_must_see_process_0s_lock_file(tmp_path, monkeypatch):
     written = (shared / train_lock.LOCK_FILE).read_bytes()
     monkeypatch.setattr(train_lock.jax, "process_index", lambda: 1)
     monkeypatch.setattr(train_lock.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(train_lock, "SHARED_WAIT_S", 0.0)
+    monkeypatch.setenv("MFB_JAX_SHARED_WORKDIR_WAIT_S", "0")
     # Process 0's side of the collectives: not refused, then its lock file's digest.
     sent = [np.int32(0), workdir_files.digest(written)]
     utils = train_lock.multihost_utils
