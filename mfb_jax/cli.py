@@ -90,8 +90,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail("--config is empty: give a config file, e.g. --config=configs/default.py")
   if is_config_file and config_file.startswith("-"):  # `--config --workdir=W`: absl takes it.
     fail(f"--config has no value (the next argument is {config_file}): e.g. --config=FILE.py")
+  if is_config_file and config_file and os.path.isdir(config_file):
+    fail(f"--config={config_file} is a folder: give a config file, e.g. configs/default.py")
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
+  _given_once(argv)
   if is_config_file and config_file and not config_file.endswith(".py"):
     fail(f"--config={config_file}: a config is a Python file with get_config() (configs/tiny.py)")
   try:
@@ -141,8 +144,41 @@ def config(flag_values=flags.FLAGS):
   return loaded
 
 
+def _given_once(argv: list[str]) -> None:
+  """One line where a flag is given twice with different values (absl keeps the last without a
+  word: `--mode=eval --mode=predict` predicted). --config.x.y overrides may repeat: the last one
+  counts, as for a field set by an earlier override and then changed."""
+  values: dict[str, list[str]] = {}
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "--":
+      break
+    name, equals, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or name.startswith("config") or name == "flagfile":
+      continue
+    flag = flags.FLAGS[name] if name in flags.FLAGS else None
+    negated = flag is None and name.startswith("no") and name[2:] in flags.FLAGS
+    if negated:
+      name, flag, value = name[2:], flags.FLAGS[name[2:]], "false"
+    if flag is None or isinstance(flag, flags.MultiFlag):
+      continue  # Unknown: absl names it.
+    if not equals and not negated:
+      value = "true" if flag.boolean else next(args, "")
+    values.setdefault(name, []).append(value)
+  for name, given in values.items():
+    if len(set(given)) > 1:
+      shown = ", ".join(f"--{name}={v}" for v in given)
+      fail(f"--{name} is given {len(given)} times ({shown}); give one")
+
+
 def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -> str:
   message = str(e)
+  # A flag's value of the wrong type: absl's reason is a Python tuple or int()'s own text.
+  for raw, plain in _WRONG_TYPE:
+    message = re.sub(raw, plain, message)
+  root = re.search(_NOT_A_CONFIG, message)
+  if root and root[3].split(".")[0] == root[2]:  # An override of a config that is no ConfigDict.
+    return f"{config_file}: get_config() returned an object of type {root[1]}, not a ConfigDict"
   if "Traceback" in message:  # The config file raised: keep its exception's line.
     last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
     message = f"{message.split(':', 1)[0]}: {last}"
@@ -162,6 +198,18 @@ def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) 
   if config_file and not isinstance(e, flags.Error) and config_file not in message:
     return f"{config_file}: {type(e).__name__}: {message}"  # The config file's own error.
   return message
+
+
+_WRONG_TYPE = (
+  (r"\('Non-boolean argument to boolean flag', '.*'\)$", "must be true or false"),
+  (r"invalid literal for int\(\) with base 10: '.*'$", "must be a whole number"),
+  (r"could not convert string to float: '.*'$", "must be a number"),
+)
+# ml_collections' text for `--config.data.x=V` where get_config() returned, say, an int.
+_NOT_A_CONFIG = (
+  r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does not support indexing\. "
+  r"Attempting to lookup: ([\w.]+)"
+)
 
 
 def _override_path(argv: list[str], field: str) -> str:

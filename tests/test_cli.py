@@ -58,6 +58,26 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
     (["-m", "mfb_jax.model", "--counts"], "error: unrecognized arguments: --counts (--help"),
     (["-m", "mfb_jax.model"], "error: nothing to do: pass --count (--help lists the options)"),
     (["-m", "mfb_jax.metrics", "--labels=x"], "the following arguments are required: --pred"),
+    # absl kept the last value without a word (predict ran); --config.x.y overrides may repeat.
+    (
+      [
+        "launch.py",
+        "--config=configs/tiny.py",
+        "--mode=eval",
+        "--workdir=/tmp/w",
+        "--mode",
+        "predict",
+      ],
+      "error: --mode is given 2 times (--mode=eval, --mode=predict); give one",
+    ),
+    (["-m", "mfb_jax.sweep", "--workdir=/tmp/w", "--noverbose", "--verbose"], "--verbose is given"),
+    # "('Non-boolean argument to boolean flag', 'yes')", "invalid literal for int() with ...".
+    (
+      ["launch.py", "--config=configs/tiny.py", "--config.model.context_gating=yes"],
+      "error: flag --config.model.context_gating=yes: must be true or false",
+    ),
+    (["-m", "mfb_jax.bench_input", "--batch_size=many"], "--batch_size=many: must be a whole num"),
+    (["launch.py", "--config=configs/", "--workdir=/tmp/w"], "--config=configs/ is a folder"),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, error):

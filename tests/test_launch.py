@@ -134,6 +134,9 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   result = launch(tmp_path, f"--config={tmp_path / 'five.py'}")
   assert result.returncode == 2
   assert_one_line_error(result, "five.py: get_config() returned an object of type int")
+  # With an override, ml_collections' words were "unknown config field 'Attribute': <class int>...".
+  result = launch(tmp_path, f"--config={tmp_path / 'five.py'}", "--config.data.eval_pattern=x")
+  assert_one_line_error(result, "five.py: get_config() returned an object of type int, not a")
   result = launch(tmp_path, *tiny_args, "--config=configs/tiny.py:dbof,mfb")
   assert_one_line_error(result, "--config is given 2 times")
   (tmp_path / "reads.py").write_text("def get_config():\n  return open('/nonexistent/cfg')\n")
