@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from mfb_jax import cluster, workdir_files
-from mfb_jax.errors import UserError, WorkdirError
+from mfb_jax.errors import Interrupted, UserError, WorkdirError
 
 LOCK_FILE = ".train.lock"
 _TRIES = 3  # To take the lock while a refused run removes the workdir it made.
@@ -134,10 +134,11 @@ class TrainingLock:
         self._fd = None
 
   def _remove_what_a_refused_run_made(self, error_type) -> None:
-    """A run refused at start-up (bad input) leaves no workdir it made: nothing in it is worth
-    keeping before the first checkpoint, and a new user would take it for a started run. A
-    newcomer that opened the lock file before it went takes its lock again (_is_at)."""
-    refused = error_type is not None and issubclass(error_type, UserError)
+    """A run refused at start-up (bad input), or stopped there by a signal, leaves no workdir it
+    made: nothing in it is worth keeping before the first checkpoint, and a new user would take
+    it for a started run. A newcomer that opened the lock file before it went takes its lock
+    again (_is_at)."""
+    refused = error_type is not None and issubclass(error_type, UserError | Interrupted)
     made = list(self._made) if refused else []
     if made and made[-1] == self.workdir:
       if os.path.exists(os.path.join(self.workdir, "checkpoints")):

@@ -4,6 +4,7 @@ leaves no folder it made."""
 import errno
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 
@@ -99,12 +100,16 @@ def test_url_workdir_takes_no_lock_and_keeps_its_checkpoint_url(tmp_path, monkey
 def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
   # A refusal after the lock (bad data found at start-up) left a new workdir holding .train.lock,
   # config.json and an events file: a new user took it for a started run.
-  from mfb_jax.errors import DataError, WorkdirError
+  from mfb_jax.errors import DataError, Interrupted, WorkdirError
 
   fresh = tmp_path / "fresh"
   with pytest.raises(DataError), train_lock.TrainingLock(str(fresh)):
     (fresh / "config.json").write_text("{}")
     raise DataError("none of the 16 training videos has a label")
+  assert not fresh.exists()
+  # SIGTERM or Ctrl-C at start-up (before the first step): a folder holding .train.lock stayed.
+  with pytest.raises(Interrupted), train_lock.TrainingLock(str(fresh)):
+    raise Interrupted(signal.SIGTERM)
   assert not fresh.exists()
   # Kept: a workdir that was there before, one with checkpoints, one a bug stopped (its logs).
   existing = tmp_path / "existing"
