@@ -27,6 +27,12 @@ def tcmalloc_loaded() -> bool:
     return "tcmalloc" in f.read()
 
 
+def opted_out(variable: str) -> bool:
+  """Whether an opt-out variable (MFB_JAX_NO_TCMALLOC, MFB_JAX_NO_XLA_FLAGS) is set: any value
+  but empty, 0, false or no (MFB_JAX_NO_TCMALLOC=0 opted out too)."""
+  return os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def preload_tcmalloc(module: str | None = None) -> None:
   """Re-executes this process with tcmalloc preloaded when it is installed.
 
@@ -35,7 +41,7 @@ def preload_tcmalloc(module: str | None = None) -> None:
   MFB_JAX_NO_TCMALLOC=1 to opt out. Without the library nothing changes. `module`: the name a
   `python -m NAME` program was started with (its sys.argv[0] is a path that `-m` needs again).
   """
-  if os.environ.get("MFB_JAX_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+  if opted_out("MFB_JAX_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
     return
   lib = tcmalloc_library()
   if lib is None:
@@ -101,7 +107,7 @@ def set_xla_cpu_flags() -> None:
   out; jaxlib versions other than the verified ones, and an XLA_FLAGS that names a flags file,
   are left alone.
   """
-  if os.environ.get("MFB_JAX_NO_XLA_FLAGS"):
+  if opted_out("MFB_JAX_NO_XLA_FLAGS"):
     return
   from importlib import metadata
 

@@ -18,6 +18,15 @@ import numpy as np
 from mfb_jax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
+# Every file that runs write at the workdir's top level (evaluate.RESULTS_FILE, HISTORY_FILE,
+# predict.PREDICTIONS_FILE, NAMED_PREDICTIONS_FILE): check_workdir refuses a folder at any.
+WRITTEN_FILES = (
+  CONFIG_FILE,
+  "eval_results.json",
+  "eval_history.jsonl",
+  "predictions.csv",
+  "predictions_named.csv",
+)
 
 
 def digest(text: bytes) -> np.ndarray:
@@ -32,7 +41,8 @@ def check_workdir(workdir: str, inference: bool) -> None:
   """Raises WorkdirError, before any work, for a workdir that cannot serve the run: a file, a URL
   of a scheme no file system serves, for eval and predict (inference=True) one that does not
   exist (it holds their checkpoint), and, if local and existing, one that takes no new file
-  (results; for training also its checkpoints/ folder)."""
+  (results; for training also its checkpoints/ folder) or holds a folder where a run writes a
+  file (WRITTEN_FILES)."""
   if is_url(workdir):
     import tensorflow as tf  # Deferred: launch.py checks local workdirs before TF's start-up.
 
@@ -49,6 +59,12 @@ def check_workdir(workdir: str, inference: bool) -> None:
     raise WorkdirError(f"workdir {workdir} does not exist: train into it first (--mode=train)")
   if not exists or is_url(workdir):
     return
+  for name in WRITTEN_FILES:  # Found only when writing it: for predict, after the whole pass.
+    if os.path.isdir(os.path.join(workdir, name)):
+      raise WorkdirError(
+        f"cannot use workdir {workdir}: its {name} is a folder, where runs write that file; "
+        "move it away"
+      )
   folders = [workdir]
   if not inference and os.path.isdir(os.path.join(workdir, "checkpoints")):
     folders.append(os.path.join(workdir, "checkpoints"))

@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import os
 from importlib import metadata
 
 import pytest
@@ -38,7 +37,7 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   # launch.py applies the XLA:CPU flags itself (and tcmalloc where it is installed).
   if metadata.version("jaxlib").startswith(runtime.XLA_CPU_FLAGS_VERIFIED_ON):
     assert "--xla_cpu_copy_insertion_use_region_analysis=true" in record["xla_flags"]
-  wanted = runtime.tcmalloc_library() and not os.environ.get("MFB_JAX_NO_TCMALLOC")
+  wanted = runtime.tcmalloc_library() and not runtime.opted_out("MFB_JAX_NO_TCMALLOC")
   assert record["allocator"] == ("tcmalloc" if wanted else "system")
   assert record["matmul_precision"] == "float32"  # Full float32 products, also on GPUs.
   assert record["jax_version"] == metadata.version("jax")

@@ -46,6 +46,20 @@ def test_a_flag_the_user_set_wins_and_the_opt_out_and_other_jaxlibs_change_nothi
 
 
 @needs_verified_jaxlib
+def test_an_opt_out_set_to_0_or_false_opts_nothing_out(monkeypatch):
+  # MFB_JAX_NO_TCMALLOC=0 ran without tcmalloc: any non-empty value counted.
+  for value in ("0", "false", "No", " "):
+    monkeypatch.setenv("MFB_JAX_NO_XLA_FLAGS", value)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    runtime.set_xla_cpu_flags()
+    assert os.environ["XLA_FLAGS"] == f"{FLAG}=true"
+    assert not runtime.opted_out("MFB_JAX_NO_XLA_FLAGS")
+  for value in ("1", "true", "yes"):
+    monkeypatch.setenv("MFB_JAX_NO_TCMALLOC", value)
+    assert runtime.opted_out("MFB_JAX_NO_TCMALLOC")
+
+
+@needs_verified_jaxlib
 def test_a_flags_file_or_a_bare_flag_is_left_as_the_user_wrote_it(monkeypatch, tmp_path):
   monkeypatch.delenv("MFB_JAX_NO_XLA_FLAGS", raising=False)
   flags_file = str(tmp_path / "xla_flags.txt")  # XLA reads a value without dashes as a file.

@@ -94,6 +94,29 @@ def test_inference_needs_an_existing_workdir_that_takes_new_files(tmp_path, monk
     workdir_files.check_workdir(str(tmp_path), inference=False)
 
 
+def test_a_folder_where_a_run_writes_a_file_is_refused_at_start_up(tmp_path):
+  # A folder predictions.csv was found only when the CSV was written, after the whole pass.
+  from mfb_jax import evaluate, predict
+
+  assert set(workdir_files.WRITTEN_FILES) == {
+    workdir_files.CONFIG_FILE,
+    evaluate.RESULTS_FILE,
+    evaluate.HISTORY_FILE,
+    predict.PREDICTIONS_FILE,
+    predict.NAMED_PREDICTIONS_FILE,
+  }
+  for name in workdir_files.WRITTEN_FILES:
+    workdir = tmp_path / name.replace(".", "_")
+    (workdir / name).mkdir(parents=True)
+    for inference in (True, False):
+      with pytest.raises(WorkdirError) as error:
+        workdir_files.check_workdir(str(workdir), inference=inference)
+      assert str(error.value) == (
+        f"cannot use workdir {workdir}: its {name} is a folder, where runs write that file; "
+        "move it away"
+      )
+
+
 def test_only_the_training_checkpointer_removes_cut_short_saves_and_says_so(tmp_path, monkeypatch):
   import jax.numpy as jnp
 
