@@ -166,12 +166,19 @@ def _check_unknown(config, reference) -> None:
   batchsize = 3` in a config file was silently unused; a `--config.x` override is checked by
   the config's lock). A new section under config.model is a registered module's settings
   (a user's module, registered by the time the config is checked): allowed, and build_model
-  checks its fields against the module's; under another name it would never be read."""
+  checks its fields against the module's; under another name, in configs/default.py as well,
+  it would never be read."""
   from mfb_jax import model as model_lib  # Deferred: the registries import flax.
 
   known = {}
   for section, fields in reference.items():
-    known[section] = None if not isinstance(fields, ml_collections.ConfigDict) else set(fields)
+    if not isinstance(fields, ml_collections.ConfigDict):
+      known[section] = None
+      continue
+    # Module sections count only under a registered name, in configs/default.py too (one added
+    # there under a misspelled name was never read, its values silently the class defaults).
+    is_module = lambda value: section == "model" and isinstance(value, ml_collections.ConfigDict)  # noqa: B023
+    known[section] = {name for name, value in fields.items() if not is_module(value)}
   modules = [*model_lib.AGGREGATORS, *model_lib.FUSIONS, *model_lib.CLASSIFIERS]
   modules += [f"frame_{name}" for name in model_lib.FRAME_FUSIONS]
   unknown = []

@@ -160,6 +160,18 @@ def test_a_config_file_setting_a_field_default_lacks_names_it(monkeypatch):
   # Its fields are checked even where the run does not use it (model.fusion is mfb here).
   with pytest.raises(ConfigError, match=r"^config.model.my_fusion: FcConcat takes no field 'dim'"):
     config_checks.validate(config_with("model", "my_fusion", settings), "train")
+  # The section added to configs/default.py itself, under a misspelled name: it was accepted
+  # (default.py is the reference), and its dim silently left at the class default.
+  real = default.get_config
+
+  def with_section():
+    config = real()
+    config.model.my_fusoin = ml_collections.ConfigDict({"hidden_size": 8})
+    return config
+
+  monkeypatch.setattr(default, "get_config", with_section)
+  with pytest.raises(ConfigError, match=r"^config.model.my_fusoin names no .*model.my_fusion\?"):
+    config_checks.validate(with_section(), "train")
 
 
 def test_start_up_checks_leave_jax_unstarted_for_jax_distributed():
