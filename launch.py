@@ -31,6 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 cli.define_config_file(None, "Config file (configs/X.py[:ARG]).", lock_config=True)
+flags.declare_key_flag("config")  # Listed by --help, not only by --helpfull.
 flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, logs and results (optional for --mode=bench)."
 )

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if parts[0] not in aggregators or parts[1:] not in ([], ["mfb"]):
     raise ConfigError(
       f"configs/frame_mfb.py needs AGG (or AGG,mfb) with AGG in {{{', '.join(aggregators)}}}; "
-      f"got {arg!r} (e.g. configs/frame_mfb.py:dbof)"
+      f"{paper._given(arg)} (e.g. configs/frame_mfb.py:dbof)"
     )
   config = default.get_config()
   config.model.fusion_level = "frame"

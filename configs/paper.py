@@ -171,7 +171,7 @@ def _parse(arg: str | None) -> tuple[str, str]:
   if len(parts) != 2 or parts[0] not in aggregators or parts[1] not in fusions:
     raise ConfigError(
       f"configs/paper.py needs AGG,FUSION with AGG in {{{', '.join(aggregators)}}} and "
-      f"FUSION in {{{', '.join(fusions)}}}; got {arg!r} (e.g. configs/paper.py:netvlad,mfb)"
+      f"FUSION in {{{', '.join(fusions)}}}; {_given(arg)} (e.g. configs/paper.py:netvlad,mfb)"
     )
   return parts[0], parts[1]
 
@@ -183,3 +183,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.aggregator = aggregator
   config.model.fusion = fusion
   return config
+
+
+def _given(arg: str | None) -> str:
+  """How a config's error names the argument it was given (`--config=FILE` alone: none)."""
+  return "none was given" if arg is None else f"got {arg!r}"

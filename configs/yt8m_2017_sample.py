@@ -26,7 +26,9 @@ FUSIONS = ("audio", "video", "concat", "fc_concat", "mfb")
 ARGS = FUSIONS
 SAMPLE_DIR = os.environ.get(
   "YT8M_SAMPLE_DIR",
-  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "yt8m_sample"),
+  os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../shared/yt8m_sample")
+  ),
 )
 
 

@@ -6,6 +6,7 @@ CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which 
 """
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -83,6 +84,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
   wants_help = any(a.lstrip("-").startswith("help") for a in argv[1:])
   if is_config_file and not config_args and not wants_help:
+    _no_unknown_flag(argv)  # '--conifg=F' is that flag misspelled, not --config left out.
     overrides = [a.split("=")[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
     given = f" ({overrides[0]} changes a field of it)" if overrides else ""
     fail(f"--config=FILE is required{given}: e.g. --config=configs/default.py")
@@ -142,6 +144,20 @@ def config(flag_values=flags.FLAGS):
     kind = type(loaded).__name__
     fail(f"{name}: get_config() returned an object of type {kind}, not a ConfigDict")
   return loaded
+
+
+def _no_unknown_flag(argv: list[str]) -> None:
+  """One line naming the first flag of `argv` that no program flag has (absl's own words)."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name = arg.lstrip("-").partition("=")[0]
+    if not arg.startswith("-") or name.startswith("config.") or name in flags.FLAGS:
+      continue
+    if name.startswith("no") and name[2:] in flags.FLAGS:
+      continue
+    close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
+    fail(f"Unknown command line flag '{name}'{f'. Did you mean: {close[0]} ?' if close else ''}")
 
 
 def _given_once(argv: list[str]) -> None:

@@ -238,7 +238,7 @@ def _check_patterns(config, mode: str) -> None:
   if mode == "eval" and not data.eval_pattern:
     raise ConfigError("config.data.eval_pattern is empty; set it to a glob of evaluation tfrecords")
   if mode == "predict" and not (data.predict_pattern or data.eval_pattern):
-    raise ConfigError("config.data.predict_pattern and data.eval_pattern are both empty")
+    raise ConfigError("config.data.predict_pattern and config.data.eval_pattern are both empty")
   if mode == "predict" and config.predict.vocabulary:
     from mfb_jax import vocabulary
 

@@ -120,6 +120,7 @@ def format_table(rows: list[OpTime], wall_ms: float, top: int, cores: int) -> st
 
 def _define_flags() -> None:
   cli.define_config_file("configs/default.py", "Config file (configs/X.py).")
+  flags.declare_key_flag("config")  # Listed by --help, not only by --helpfull.
   flags.DEFINE_integer("steps", 3, "Traced steps (after the config's bench.warmup_steps).")
   flags.DEFINE_integer("top", 30, "Operations printed, slowest first.")
 

@@ -78,6 +78,9 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
     ),
     (["-m", "mfb_jax.bench_input", "--batch_size=many"], "--batch_size=many: must be a whole num"),
     (["launch.py", "--config=configs/", "--workdir=/tmp/w"], "--config=configs/ is a folder"),
+    # "--config=FILE is required", and "got None" for a config needing its argument.
+    (["launch.py", "--conifg=x.py", "--workdir=/tmp/w"], "flag 'conifg'. Did you mean: config ?"),
+    (["launch.py", "--config=configs/paper.py", "--workdir=/tmp/w"], "}; none was given (e.g."),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, error):
@@ -108,6 +111,7 @@ def test_help_exits_0(program):
   result = _run([*program, "--help"])
   assert result.returncode == 0, result.stderr
   assert "--workdir" in result.stdout
+  assert "  --config: " in result.stdout  # launch.py listed it only under --helpfull.
 
 
 def test_a_world_json_inside_the_output_dir_is_refused_before_any_shard(tmp_path):
