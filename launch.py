@@ -96,7 +96,19 @@ def _report(config, workdir: str, result: dict | None) -> None:
     where.append(f"checkpoints: {checkpoints}")
   if where:
     _print("  ".join(where))
-  _print(f"TensorBoard: tensorboard --logdir {workdir}")
+  _print(f"TensorBoard: {_tensorboard()} --logdir {workdir}")
+
+
+def _tensorboard() -> str:
+  """The tensorboard command beside this Python (.venv/bin/tensorboard unless the venv is
+  activated: a bare `tensorboard` is then not found)."""
+  import shutil
+
+  here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+  if not os.path.exists(here) or shutil.which("tensorboard") == here:
+    return "tensorboard"
+  relative = os.path.relpath(here)
+  return here if relative.startswith("..") else relative
 
 
 def _exit_after_error(code: int, line: str) -> None:

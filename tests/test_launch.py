@@ -6,6 +6,9 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_one_line_error, last_line, launch, run_python
@@ -28,6 +31,13 @@ def _tree_digest(path) -> str:
 
 def test_train_then_eval_and_predict(tiny_args, tiny_trained, trained_workdir):
   assert "GAP@20" in tiny_trained["stdout"]  # The training run's summary line.
+  # The tensorboard beside the Python that ran it: a bare `tensorboard` is not found unless its
+  # virtualenv is activated.
+  beside = Path(sys.executable).parent / "tensorboard"
+  if beside.exists() and shutil.which("tensorboard") != str(beside):
+    shown = os.path.relpath(beside, REPO)
+    shown = str(beside) if shown.startswith("..") else shown
+    assert f"TensorBoard: {shown} --logdir " in tiny_trained["stdout"]
   work = trained_workdir
   with open(work / "eval_results.json") as f:
     trained = json.load(f)
