@@ -296,6 +296,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   # Closed after a failed restore too: no orbax thread left to print tracebacks at exit.
   with checkpoint_lib.Checkpointer(workdir, config=config) as checkpointer:
     state = checkpointer.restore(abstract)
+  changed = workdir_files.inference_changes(workdir, config)  # After the restore's own line.
+  if changed and jax.process_index() == 0:
+    logging.warning("settings differ from this workdir's training run: %s", ", ".join(changed))
   return mesh, model, abstract, state
 
 

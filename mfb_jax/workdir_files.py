@@ -246,6 +246,15 @@ def changed_settings(workdir: str, config: ml_collections.ConfigDict, fields=Non
   return [f"{n} {was!r} -> {now!r}" for n, was, now in differing_settings(before, config, fields)]
 
 
+def inference_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """changed_settings for eval and predict: the model's and the inputs' settings (a model
+  trained on 16 frames and evaluated on 300 was not told); the files read and how they are
+  buffered may differ."""
+  kept = ("data.train_pattern", "data.eval_pattern", "data.shuffle_buffer")
+  fields = lambda name: name.startswith(("model.", "data.")) and name not in kept + MAY_DIFFER
+  return changed_settings(workdir, config, fields)
+
+
 def differing_settings(before: dict, config: ml_collections.ConfigDict, fields=None) -> list:
   """(field, before, now) for each setting (of `fields`, a predicate; default: not MAY_DIFFER)
   that differs between a config.json's JSON (`before`) and `config`, in the fields' order."""

@@ -290,3 +290,22 @@ def test_changed_settings_against_the_workdirs_config_json(tmp_path):
   for text in ("null", "[1, 2]", "{not json", ""):
     (tmp_path / "config.json").write_text(text)
     assert workdir_files.changed_settings(str(tmp_path), changed) == []
+
+
+def test_eval_and_predict_are_told_which_model_and_input_settings_changed(tmp_path):
+  # A model trained on 16 frames and evaluated on 300 (another config's default) gave no notice.
+  from configs import tiny
+
+  trained = tiny.get_config()
+  workdir_files.write_config(str(tmp_path), trained)
+  now = tiny.get_config()
+  assert workdir_files.inference_changes(str(tmp_path), now) == []
+  now.data.update(eval_pattern="/other/*", shuffle_buffer=1, prefetch_batches=9, train_pattern="")
+  now.train.num_steps, now.optim.learning_rate, now.eval.top_k = 1, 0.5, 5
+  assert workdir_files.inference_changes(str(tmp_path), now) == []  # Not the model's, nor inputs'.
+  now.data.max_frames = trained.data.max_frames * 2
+  now.model.dtype = "bfloat16"
+  assert workdir_files.inference_changes(str(tmp_path), now) == [
+    f"data.max_frames {trained.data.max_frames} -> {now.data.max_frames}",
+    "model.dtype 'float32' -> 'bfloat16'",
+  ]
