@@ -195,15 +195,19 @@ def check_start(
       )
 
 
-def check_step(config: ml_collections.ConfigDict, jitted, args: tuple, step: str) -> None:
-  """Compiles `jitted(*args)`, the "train", "eval" or "predict" step, and refuses it (a
-  ResourceError on every process alike) where it needs more memory than the devices have left."""
+def check_step(
+  config: ml_collections.ConfigDict, jitted, args: tuple, step: str, variant: str = ""
+) -> None:
+  """Compiles `jitted(*args)`, the "train", "eval" or "predict" step (`variant`: which of its
+  compiled forms, named in the log line), and refuses it (a ResourceError on every process
+  alike) where it needs more memory than the devices have left."""
   section = "train" if step == "train" else "eval"  # Predict batches are eval.batch_size too.
   frames = " or data.max_frames" if config.data.format == "frame" else ""
   settings = f"{section}.batch_size{frames}"
   if step == "train" and config.model.dtype == "float32":
     settings += ", or set model.dtype=bfloat16"
   what = f"the {step} step of {train_lib.model_name(config)} at batch {config[section].batch_size}"
+  what += f" {variant}" if variant else ""
   errors.agreed(lambda: check_fits(jitted, args, what, settings))
 
 

@@ -210,7 +210,10 @@ class _Run:
     if compiling:  # Timed alone, so that the progress rates leave it out.
       jax.block_until_ready(self.state)
       began = time.time()
-      memory.check_step(config, self.train_fn, (self.state, global_batch, with_norms), "train")
+      variant = "with the parameter norms (logged steps)" if with_norms else ""
+      memory.check_step(
+        config, self.train_fn, (self.state, global_batch, with_norms), "train", variant
+      )
     self.state, step_metrics = self.train_fn(self.state, global_batch, with_norms)
     self.buffer.add(done, step_metrics)
     if compiling:

@@ -248,6 +248,15 @@ def test_training_that_does_not_fit_stops_before_its_first_step(tiny_config, tmp
     "available: lower train.batch_size or data.max_frames, or set model.dtype=bfloat16"
   )
   assert not list(tmp_path.glob("checkpoints/*"))  # Nothing saved.
+  # The variant of logged steps is named: the two variants' lines looked like one step's
+  # estimate given twice, with different figures.
+  tiny_config.train.log_every = 1
+  with pytest.raises(ResourceError) as raised:
+    trainer.train_and_evaluate(tiny_config, str(tmp_path))
+  assert str(raised.value).startswith(
+    f"the train step of {model.aggregator}+{model.fusion}+moe at batch 8 with the parameter "
+    "norms (logged steps) needs about"
+  )
 
 
 def test_eval_and_predict_that_do_not_fit_name_eval_batch_size(
