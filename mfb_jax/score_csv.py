@@ -7,15 +7,18 @@ num_predicted (CSV rows), top_k. The CSV is `VideoId,LabelConfidencePairs` with 
 `id,"l1 s1 l2 s2 ..."`. Videos in the labels but not in the CSV count with no predictions; CSV ids
 missing from the labels are an error. The metrics come from mfb_jax.metrics.MetricsAccumulator,
 the same code as training's evaluation; only the per-video summary is built here, from the pairs.
+A gzipped CSV (predictions.csv.gz) is read as it is.
 """
 
 import contextlib
 import csv
+import gzip
 import itertools
 import json
 import math
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -32,14 +35,17 @@ _CHUNK = 4096  # Videos summarized per accumulator call.
 def read_predictions(path: str, num_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Video id -> (class ids, scores), each row ranked by score then class id."""
   try:
+    with open(path, "rb") as raw:
+      compressed = raw.read(2) == b"\x1f\x8b"  # A gzipped CSV, as Kaggle submissions often are.
     # utf-8-sig: a CSV saved by Excel and others starts with a byte-order mark.
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    opener = gzip.open if compressed else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
       return _parse_rows(path, csv.reader(f), num_classes)
   except FileNotFoundError:
     raise DataError(f"{path}: predictions file not found") from None
   except OSError as e:  # A directory, no permission.
     raise DataError(f"{path}: cannot read the predictions file ({e.strerror or e})") from None
-  except (csv.Error, UnicodeDecodeError) as e:
+  except (csv.Error, UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise DataError(f"{path}: not a readable CSV file ({e})") from None
 
 

@@ -237,3 +237,20 @@ def test_a_directory_a_byte_order_mark_and_a_csv_without_rows(tmp_path, capsys):
   captured = capsys.readouterr()
   assert json.loads(captured.out)["gap"] == 0.0
   assert captured.err == f"warning: {tmp_path / 'empty.csv'} has no rows: every video scores 0\n"
+
+
+def test_a_gzipped_csv_scores_as_the_plain_one(tmp_path):
+  # Kaggle submissions are often gzipped; 'predictions.csv.gz' was "not a readable CSV file".
+  import gzip
+
+  plain = score_csv.read_predictions(write(tmp_path, HEADER + ROWS), 6)
+  with gzip.open(tmp_path / "predictions.csv.gz", "wt", encoding="utf-8") as f:
+    f.write("\ufeff" + HEADER + ROWS)
+  packed = score_csv.read_predictions(str(tmp_path / "predictions.csv.gz"), 6)
+  assert packed.keys() == plain.keys() == {"A", "B", "C"}
+  for video, (classes, scores) in plain.items():
+    assert (packed[video][0] == classes).all() and (packed[video][1] == scores).all()
+  cut = (tmp_path / "predictions.csv.gz").read_bytes()[:30]  # A download cut short.
+  (tmp_path / "cut.csv.gz").write_bytes(cut)
+  with pytest.raises(DataError, match=r"cut.csv.gz: not a readable CSV file \("):
+    score_csv.read_predictions(str(tmp_path / "cut.csv.gz"), 6)
