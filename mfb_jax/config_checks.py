@@ -24,6 +24,13 @@ def _choice(config, field: str, allowed) -> None:
     )
 
 
+# What a user who asks for 0 (none) of these means, and how to get it.
+_INSTEAD = {
+  "train.eval_every": "to evaluate only at the end, set it to train.num_steps",
+  "train.checkpoint_every": "to save only at the end, set it to train.num_steps",
+}
+
+
 def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> None:
   value = _get(config, field)
   ok = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
@@ -31,8 +38,10 @@ def _positive(config, field: str, minimum: float = 1, strict: bool = False) -> N
   ok = ok and (value > minimum if strict else value >= minimum)
   if not ok:
     relation = ">" if strict else ">="
+    instead = f" ({_INSTEAD[field]})" if field in _INSTEAD else ""
     raise ConfigError(
       f"config.{field}={value!r} is invalid; it must be a finite number {relation} {minimum}"
+      f"{instead}"
     )
 
 

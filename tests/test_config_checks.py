@@ -73,6 +73,11 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"data.num_classes": 99999999999}, r"data\.num_classes=99999999999 is invalid; .* < 2\*\*31"),
     # Trained on (its ETA 27810007333755489h); the state's int32 step counter wraps at 2**31.
     ({"train.num_steps": 2**31}, r"train\.num_steps=2147483648 is invalid; it must be < 2\*\*31"),
+    # A user asking for no periodic evaluation is told how to get it.
+    (
+      {"train.eval_every": 0},
+      r"eval_every=0 is invalid; .* >= 1 \(to evaluate only at the end, set it to train\.num_",
+    ),
     # Trained without a word, on one "frame" per video.
     (
       {"model.fusion_level": "frame", "data.format": "video"},
