@@ -34,8 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.video_audio_feature = "mean_audio"
   data.rgb_size = 1024
   data.audio_size = 128
-  # Training only: if True, take an ordered random subset of max_frames frames from videos longer
-  # than max_frames (as the YouTube-8M starter code can); if False, keep the first max_frames.
+  # Training only: if True, take an ordered random subset of max_frames frames (without
+  # replacement) from videos longer than max_frames; if False, keep the first max_frames. (The
+  # starter code's SampleRandomFrames draws with replacement, in evaluation too.)
   data.random_frames = False
   data.shuffle_buffer = 2048  # Videos in the training shuffle buffer (per process).
   data.prefetch_batches = 2  # Batches prepared ahead of the train step.
@@ -96,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.moe = ml_collections.ConfigDict(dict(num_experts=2, l2_penalty=1e-6, expected_labels=3.0))
   model.logistic = ml_collections.ConfigDict(dict(l2_penalty=1e-6, expected_labels=3.0))
 
-  # --- Optimizer: Adam 2e-4, constant, no clipping (the paper's recipe).
+  # --- Optimizer: Adam 2e-4 (the paper's); constant and unclipped (the paper says no more; the
+  # starter code clips at norm 1.0 and decays the rate by 0.95 every 4M examples).
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
   # constant | cosine | warmup_cosine. The cosine schedules decay over train.num_steps, so a run

@@ -49,7 +49,7 @@ def make_mesh() -> Mesh:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """The configured schedule; the paper's recipe is a constant 2e-4."""
+  """The configured schedule; the default is a constant 2e-4 (the paper gives the rate only)."""
   optim, steps = config.optim, config.train.num_steps
   if optim.schedule == "constant":
     return optax.constant_schedule(optim.learning_rate)
