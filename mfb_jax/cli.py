@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 
 from absl import flags
 
@@ -73,8 +74,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   (`--debug`, where a program defines it, adds the traceback); --help exits 0. A value that
   starts with '~/' is under the home directory, as a shell would have it without the '='."""
   flag_files = any(a.lstrip("-").startswith("flagfile") for a in argv[1:])
+  typed = [_home(a) for a in argv[1:]]  # As given, --flagfile's not yet in their place.
   # A --flagfile's flags in its place, so that they are read as the command line's.
-  argv = [argv[0], *map(_home, _with_flag_files([_home(a) for a in argv[1:]]))]
+  argv = [argv[0], *map(_home, _with_flag_files(typed))]
   config_args = _config_values(argv)
   if len(config_args) > 1:
     where = ", --flagfile's included" if flag_files else ""
@@ -83,7 +85,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
   wants_help = any(a.lstrip("-").startswith("help") for a in argv[1:])
-  if is_config_file and not config_args and not wants_help:
+  needs_config = is_config_file and flags.FLAGS["config"].default is None  # launch.py's.
+  if needs_config and not config_args and not wants_help:
     _no_unknown_flag(argv)  # '--conifg=F' is that flag misspelled, not --config left out.
     overrides = [a.split("=")[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
     given = f" ({overrides[0]} changes a field of it)" if overrides else ""
@@ -96,7 +99,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"--config={config_file} is a folder: give a config file, e.g. configs/default.py")
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
-  _given_once(argv)
+  if not wants_help:
+    _given_once(typed)
   if is_config_file and config_file and not config_file.endswith(".py"):
     fail(f"--config={config_file}: a config is a Python file with get_config() (configs/tiny.py)")
   try:
@@ -125,6 +129,8 @@ def _config_values(argv: list[str]) -> list[str]:
   """The values of --config=V and of --config V (absl takes both, with one dash or two)."""
   values = []
   for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
     name, equals, value = arg.partition("=")
     if name in ("--config", "-config"):
       values.append(value if equals else (argv[i + 1] if i + 1 < len(argv) else ""))
@@ -146,52 +152,64 @@ def config(flag_values=flags.FLAGS):
   return loaded
 
 
+def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str]]:
+  """(name as written, its program flag or None, value as given) for each flag in `args` up to
+  '--'; a value given as the next argument (`--mode eval`) is taken with its flag, and `--noX`
+  is X=false for a boolean X."""
+  rest = iter(args)
+  for arg in rest:
+    if arg == "--":
+      return
+    if not arg.startswith("-") or arg == "-":
+      continue
+    name, equals, value = arg.lstrip("-").partition("=")
+    flag = flags.FLAGS[name] if name in flags.FLAGS else None
+    positive = flags.FLAGS[name[2:]] if name.startswith("no") and name[2:] in flags.FLAGS else None
+    if flag is None and positive is not None and positive.boolean and not equals:
+      yield name[2:], positive, "false"
+    elif equals or flag is None:
+      yield name, flag, value
+    else:
+      yield name, flag, "true" if flag.boolean else next(rest, "")
+
+
 def _no_unknown_flag(argv: list[str]) -> None:
   """One line naming the first flag of `argv` that no program flag has (absl's own words)."""
-  for arg in argv[1:]:
-    if arg == "--":
-      break
-    name = arg.lstrip("-").partition("=")[0]
-    if not arg.startswith("-") or name.startswith("config.") or name in flags.FLAGS:
-      continue
-    if name.startswith("no") and name[2:] in flags.FLAGS:
-      continue
-    close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
-    fail(f"Unknown command line flag '{name}'{f'. Did you mean: {close[0]} ?' if close else ''}")
+  for name, flag, _ in _flags_given(argv[1:]):
+    if flag is None and not name.startswith("config.") and name != "undefok":
+      close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
+      hint = f". Did you mean: {close[0]} ?" if close else ""
+      fail(f"Unknown command line flag '{name}'{hint}")
 
 
-def _given_once(argv: list[str]) -> None:
-  """One line where a flag is given twice with different values (absl keeps the last without a
-  word: `--mode=eval --mode=predict` predicted). --config.x.y overrides may repeat: the last one
-  counts, as for a field set by an earlier override and then changed."""
-  values: dict[str, list[str]] = {}
-  args = iter(argv[1:])
-  for arg in args:
-    if arg == "--":
-      break
-    name, equals, value = arg.lstrip("-").partition("=")
-    if not arg.startswith("-") or name.startswith("config") or name == "flagfile":
+def _given_once(args: list[str]) -> None:
+  """One line where a flag is given twice on the command line with different values (absl keeps
+  the last without a word: `--mode=eval --mode=predict` predicted). A --flagfile's values may be
+  overridden after it, and --config.x.y overrides may repeat: the last one counts."""
+  given: dict[int, list[tuple[str, str, object]]] = {}
+  for name, flag, value in _flags_given(args):
+    if flag is None or isinstance(flag, flags.MultiFlag) or name.startswith("config"):
+      continue  # Unknown (absl names it), repeatable, or --config (checked with its flagfiles).
+    if name == "flagfile":
       continue
-    flag = flags.FLAGS[name] if name in flags.FLAGS else None
-    negated = flag is None and name.startswith("no") and name[2:] in flags.FLAGS
-    if negated:
-      name, flag, value = name[2:], flags.FLAGS[name[2:]], "false"
-    if flag is None or isinstance(flag, flags.MultiFlag):
-      continue  # Unknown: absl names it.
-    if not equals and not negated:
-      value = "true" if flag.boolean else next(args, "")
-    values.setdefault(name, []).append(value)
-  for name, given in values.items():
-    if len(set(given)) > 1:
-      shown = ", ".join(f"--{name}={v}" for v in given)
-      fail(f"--{name} is given {len(given)} times ({shown}); give one")
+    try:
+      parsed = flag.parser.parse(value)
+    except (ValueError, TypeError, flags.Error):
+      parsed = value  # absl names the bad value.
+    given.setdefault(id(flag), []).append((name, value, parsed))
+  for uses in given.values():
+    if len({repr(parsed) for _, _, parsed in uses}) > 1:
+      shown = ", ".join(f"--{name}={value}" for name, value, _ in uses)
+      fail(f"--{uses[0][0]} is given {len(uses)} times ({shown}); give one")
 
 
 def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -> str:
   message = str(e)
-  # A flag's value of the wrong type: absl's reason is a Python tuple or int()'s own text.
-  for raw, plain in _WRONG_TYPE:
-    message = re.sub(raw, plain, message)
+  # A flag's value of the wrong type: absl's reason is a Python tuple or int()'s own text (not
+  # for --config=F:ARG, whose config file's own error that may be).
+  if isinstance(e, flags.IllegalFlagValueError) and not message.startswith("flag --config="):
+    for raw, plain in _WRONG_TYPE:
+      message = re.sub(raw, plain, message)
   root = re.search(_NOT_A_CONFIG, message)
   if root and root[3].split(".")[0] == root[2]:  # An override of a config that is no ConfigDict.
     return f"{config_file}: get_config() returned an object of type {root[1]}, not a ConfigDict"

@@ -96,6 +96,10 @@ def test_a_config_files_own_error_names_the_file(tmp_path):
   result = _run(["launch.py", f"--config={config}", f"--workdir={tmp_path / 'w'}"])
   assert result.returncode == 2, result.stderr
   assert result.stderr == f"error: {config}: NameError: name 'undefined_name' is not defined\n"
+  # Its own ValueError is kept as it is, not taken for a flag of the wrong type.
+  config.write_text("def get_config(arg):\n  return int(arg)\n")
+  result = _run(["launch.py", f"--config={config}:abc", f"--workdir={tmp_path / 'w'}"])
+  assert result.stderr.endswith("invalid literal for int() with base 10: 'abc'\n"), result.stderr
 
 
 def test_the_metrics_cli_error_comes_without_tensorflow_notices(tmp_path):
@@ -131,7 +135,10 @@ def test_a_flag_value_under_the_home_directory(monkeypatch, tmp_path):
     assert cli._home(unchanged) == unchanged
   # In a --flagfile too (absl read it after parse_flags had expanded the command line).
   flagfile = tmp_path / "flags"
-  flagfile.write_text("--workdir=~/w\n--config=configs/tiny.py\n--config.data.eval_pattern=x\n")
+  # Its --mode=train is overridden by the command line's --mode=eval (not "given 2 times").
+  flagfile.write_text(
+    "--workdir=~/w\n--config=configs/tiny.py\n--config.data.eval_pattern=x\n--mode=train\n"
+  )
   result = _run(["launch.py", f"--flagfile={flagfile}", "--mode=eval"], env={"HOME": "/home/me"})
   assert (
     result.stderr
@@ -146,3 +153,33 @@ def test_a_flag_value_under_the_home_directory(monkeypatch, tmp_path):
   parser = cli.ArgumentParser()  # The argparse tools' (metrics, scripts/) too.
   parser.add_argument("--predictions")
   assert parser.parse_args(["--predictions=~/p.csv"]).predictions == "/home/me/p.csv"
+
+
+def test_a_flag_given_twice_is_compared_by_value(monkeypatch, capsys):
+  from absl import flags
+
+  own = flags.FlagValues()
+  flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "", flag_values=own)
+  flags.DEFINE_bool("debug", False, "", flag_values=own)
+  flags.DEFINE_integer("verbosity", 0, "", short_name="v", flag_values=own)
+  flags.DEFINE_string("workdir", None, "", flag_values=own)
+  monkeypatch.setattr(flags, "FLAGS", own)
+  # The same value written two ways, a --flagfile's value overridden (the flagfile is not yet
+  # in its place here), overrides, and what follows '--' are all fine.
+  for args in [
+    ["--debug=True", "--debug"],
+    ["--debug", "--nodebug=false"],
+    ["--mode", "eval", "--mode=eval"],
+    ["--flagfile=defaults.flags", "--mode=eval"],
+    ["--config.train.num_steps=3", "--config.train.num_steps=4"],
+    ["--workdir", "-w", "--", "--workdir=x"],
+  ]:
+    cli._given_once(args)
+  for args, line in [
+    (["--debug", "--nodebug"], "--debug is given 2 times (--debug=true, --debug=false)"),
+    (["--v=1", "--verbosity=2"], "--v is given 2 times (--v=1, --verbosity=2)"),  # One flag.
+    (["--workdir", "-w", "--workdir=w"], "--workdir is given 2 times (--workdir=-w, --workdir=w)"),
+  ]:
+    with pytest.raises(SystemExit):
+      cli._given_once(args)
+    assert capsys.readouterr().err == f"error: {line}; give one\n"
