@@ -13,6 +13,7 @@ A gzipped CSV (predictions.csv.gz) is read as it is.
 import contextlib
 import csv
 import gzip
+import io
 import itertools
 import json
 import math
@@ -35,18 +36,18 @@ _CHUNK = 4096  # Videos summarized per accumulator call.
 def read_predictions(path: str, num_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Video id -> (class ids, scores), each row ranked by score then class id."""
   try:
-    with open(path, "rb") as raw:
-      compressed = raw.read(2) == b"\x1f\x8b"  # A gzipped CSV, as Kaggle submissions often are.
-    # utf-8-sig: a CSV saved by Excel and others starts with a byte-order mark.
-    opener = gzip.open if compressed else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-      return _parse_rows(path, csv.reader(f), num_classes)
+    with open(path, "rb") as raw:  # Opened once: the path may be a pipe (<(zcat p.csv.gz)).
+      # A gzipped CSV, as Kaggle submissions often are (peek: nothing consumed).
+      binary = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+      # utf-8-sig: a CSV saved by Excel and others starts with a byte-order mark.
+      with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f:
+        return _parse_rows(path, csv.reader(f), num_classes)
   except FileNotFoundError:
     raise DataError(f"{path}: predictions file not found") from None
-  except OSError as e:  # A directory, no permission.
-    raise DataError(f"{path}: cannot read the predictions file ({e.strerror or e})") from None
   except (csv.Error, UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise DataError(f"{path}: not a readable CSV file ({e})") from None
+  except OSError as e:  # A directory, no permission.
+    raise DataError(f"{path}: cannot read the predictions file ({e.strerror or e})") from None
 
 
 def _parse_rows(path: str, reader, num_classes: int) -> dict:

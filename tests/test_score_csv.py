@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import threading
 
 import pytest
 from conftest import run_python
@@ -250,6 +252,16 @@ def test_a_gzipped_csv_scores_as_the_plain_one(tmp_path):
   assert packed.keys() == plain.keys() == {"A", "B", "C"}
   for video, (classes, scores) in plain.items():
     assert (packed[video][0] == classes).all() and (packed[video][1] == scores).all()
+  # Read through a pipe (`--predictions=<(zcat p.csv.gz)`): a first look at the magic bytes
+  # consumed the stream ("found None").
+  for name, data in (("plain", HEADER + ROWS), ("packed", None)):
+    fifo = tmp_path / f"{name}.fifo"
+    os.mkfifo(fifo)
+    data = (tmp_path / "predictions.csv.gz").read_bytes() if data is None else data.encode()
+    writer = threading.Thread(target=fifo.write_bytes, args=(data,))
+    writer.start()
+    assert score_csv.read_predictions(str(fifo), 6).keys() == {"A", "B", "C"}
+    writer.join()
   cut = (tmp_path / "predictions.csv.gz").read_bytes()[:30]  # A download cut short.
   (tmp_path / "cut.csv.gz").write_bytes(cut)
   with pytest.raises(DataError, match=r"cut.csv.gz: not a readable CSV file \("):
