@@ -91,8 +91,8 @@ def progress_line(step: int, total: int, loss: float, steps_per_sec: float, batc
 
 def state_problem(state, mesh) -> str | None:
   """Why `state` must not be saved, or None: NaN or Inf in any of its arrays, or parameters so
-  large that their squares overflow float32 (a diverged run, whose next loss is NaN: saved, it
-  would be the state every resume starts from, and fails from again)."""
+  large that the sum of their squares overflows float32 (a diverged run, whose next loss is NaN:
+  saved, it would be the state every resume starts from, and fails from again)."""
   named = [
     (jax.tree_util.keystr(path, simple=True, separator="/"), x)
     for path, x in jax.tree_util.tree_leaves_with_path(state)
@@ -105,7 +105,7 @@ def state_problem(state, mesh) -> str | None:
     if not ok:
       return f"{name} holds NaN or Inf"
     if name.startswith("params/") and not fits:
-      return f"{name} reaches {float(top):.3g}, too large to square in float32"
+      return f"the squares of {name} sum past float32's range (largest magnitude {float(top):.3g})"
   return None
 
 
