@@ -108,7 +108,9 @@ def _tensorboard() -> str:
   if not os.path.exists(here) or shutil.which("tensorboard") == here:
     return "tensorboard"
   relative = os.path.relpath(here)
-  return here if relative.startswith("..") else relative
+  if relative.startswith(".."):
+    return here
+  return relative if os.sep in relative else os.path.join(".", relative)  # The shell's PATH.
 
 
 def _exit_after_error(code: int, line: str) -> None:
@@ -202,7 +204,11 @@ def main(argv) -> None:
     # or workdir is reported at once, and on every process of a multi-process run alike.
     config_checks.validate(FLAGS.config, FLAGS.mode)
     if FLAGS.workdir:
-      workdir_files.check_workdir(FLAGS.workdir, inference=FLAGS.mode in ("eval", "predict"))
+      inference, writes = (
+        FLAGS.mode in ("eval", "predict"),
+        workdir_files.WRITTEN_BY_MODE[FLAGS.mode],
+      )
+      workdir_files.check_workdir(FLAGS.workdir, inference, writes)
     runtime.hide_gpus_from_tensorflow()
     cluster.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     signals.reclaim()  # From jax.distributed's own SIGTERM handler.

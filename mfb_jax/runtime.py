@@ -29,7 +29,7 @@ def tcmalloc_loaded() -> bool:
 
 def opted_out(variable: str) -> bool:
   """Whether an opt-out variable (MFB_JAX_NO_TCMALLOC, MFB_JAX_NO_XLA_FLAGS) is set: any value
-  but empty, 0, false or no (MFB_JAX_NO_TCMALLOC=0 opted out too)."""
+  but empty, 0, false or no (before 2026-12-07 any value opted out, MFB_JAX_NO_TCMALLOC=0 too)."""
   return os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no")
 
 

@@ -18,15 +18,15 @@ import numpy as np
 from mfb_jax.errors import WorkdirError
 
 CONFIG_FILE = "config.json"
-# Every file that runs write at the workdir's top level (evaluate.RESULTS_FILE, HISTORY_FILE,
+# The files each mode writes at the workdir's top level (evaluate.RESULTS_FILE, HISTORY_FILE,
 # predict.PREDICTIONS_FILE, NAMED_PREDICTIONS_FILE): check_workdir refuses a folder at any.
-WRITTEN_FILES = (
-  CONFIG_FILE,
-  "eval_results.json",
-  "eval_history.jsonl",
-  "predictions.csv",
-  "predictions_named.csv",
-)
+_RESULTS = ("eval_results.json", "eval_history.jsonl")
+WRITTEN_BY_MODE = {
+  "train": (CONFIG_FILE, *_RESULTS),
+  "eval": _RESULTS,
+  "predict": ("predictions.csv", "predictions_named.csv"),
+  "bench": (),
+}
 
 
 def digest(text: bytes) -> np.ndarray:
@@ -37,12 +37,12 @@ def digest(text: bytes) -> np.ndarray:
   return np.frombuffer(hashlib.sha256(text).digest()[:8], np.uint8)
 
 
-def check_workdir(workdir: str, inference: bool) -> None:
+def check_workdir(workdir: str, inference: bool, writes: tuple[str, ...] = ()) -> None:
   """Raises WorkdirError, before any work, for a workdir that cannot serve the run: a file, a URL
   of a scheme no file system serves, for eval and predict (inference=True) one that does not
   exist (it holds their checkpoint), and, if local and existing, one that takes no new file
-  (results; for training also its checkpoints/ folder) or holds a folder where a run writes a
-  file (WRITTEN_FILES)."""
+  (results; for training also its checkpoints/ folder) or holds a folder where the run writes
+  one of the files `writes` names (WRITTEN_BY_MODE)."""
   if is_url(workdir):
     import tensorflow as tf  # Deferred: launch.py checks local workdirs before TF's start-up.
 
@@ -59,11 +59,11 @@ def check_workdir(workdir: str, inference: bool) -> None:
     raise WorkdirError(f"workdir {workdir} does not exist: train into it first (--mode=train)")
   if not exists or is_url(workdir):
     return
-  for name in WRITTEN_FILES:  # Found only when writing it: for predict, after the whole pass.
+  for name in writes:  # Found only when writing it: for predict, after the whole pass.
     if os.path.isdir(os.path.join(workdir, name)):
       raise WorkdirError(
-        f"cannot use workdir {workdir}: its {name} is a folder, where runs write that file; "
-        "move it away"
+        f"cannot use workdir {workdir}: its {name} is a folder, where this run writes that "
+        "file; move it away"
       )
   folders = [workdir]
   if not inference and os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -250,7 +250,7 @@ def inference_changes(workdir: str, config: ml_collections.ConfigDict) -> list[s
   """changed_settings for eval and predict: the model's and the inputs' settings (a model
   trained on 16 frames and evaluated on 300 was not told); the files read and how they are
   buffered may differ."""
-  kept = ("data.train_pattern", "data.eval_pattern", "data.shuffle_buffer")
+  kept = ("data.train_pattern", "data.eval_pattern", "data.shuffle_buffer", "data.random_frames")
   fields = lambda name: name.startswith(("model.", "data.")) and name not in kept + MAY_DIFFER
   return changed_settings(workdir, config, fields)
 

@@ -98,22 +98,23 @@ def test_a_folder_where_a_run_writes_a_file_is_refused_at_start_up(tmp_path):
   # A folder predictions.csv was found only when the CSV was written, after the whole pass.
   from mfb_jax import evaluate, predict
 
-  assert set(workdir_files.WRITTEN_FILES) == {
-    workdir_files.CONFIG_FILE,
-    evaluate.RESULTS_FILE,
-    evaluate.HISTORY_FILE,
-    predict.PREDICTIONS_FILE,
-    predict.NAMED_PREDICTIONS_FILE,
-  }
-  for name in workdir_files.WRITTEN_FILES:
-    workdir = tmp_path / name.replace(".", "_")
-    (workdir / name).mkdir(parents=True)
-    for inference in (True, False):
+  written = workdir_files.WRITTEN_BY_MODE
+  assert written["eval"] == (evaluate.RESULTS_FILE, evaluate.HISTORY_FILE)
+  assert written["train"] == (workdir_files.CONFIG_FILE, *written["eval"])
+  assert written["predict"] == (predict.PREDICTIONS_FILE, predict.NAMED_PREDICTIONS_FILE)
+  for mode, names in written.items():
+    for name in {n for ns in written.values() for n in ns}:
+      workdir = tmp_path / mode / name.replace(".", "_")
+      (workdir / name).mkdir(parents=True)
+      check = lambda: workdir_files.check_workdir(str(workdir), mode != "train", names)  # noqa: B023
+      if name not in names:  # A folder of a name this mode does not write is no concern.
+        check()
+        continue
       with pytest.raises(WorkdirError) as error:
-        workdir_files.check_workdir(str(workdir), inference=inference)
+        check()
       assert str(error.value) == (
-        f"cannot use workdir {workdir}: its {name} is a folder, where runs write that file; "
-        "move it away"
+        f"cannot use workdir {workdir}: its {name} is a folder, where this run writes that "
+        "file; move it away"
       )
 
 
@@ -302,6 +303,7 @@ def test_eval_and_predict_are_told_which_model_and_input_settings_changed(tmp_pa
   assert workdir_files.inference_changes(str(tmp_path), now) == []
   now.data.update(eval_pattern="/other/*", shuffle_buffer=1, prefetch_batches=9, train_pattern="")
   now.train.num_steps, now.optim.learning_rate, now.eval.top_k = 1, 0.5, 5
+  now.data.random_frames = not trained.data.random_frames  # Read by training's input only.
   assert workdir_files.inference_changes(str(tmp_path), now) == []  # Not the model's, nor inputs'.
   now.data.max_frames = trained.data.max_frames * 2
   now.model.dtype = "bfloat16"
