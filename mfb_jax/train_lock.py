@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mfb_jax import cluster, workdir_files
+from mfb_jax import cluster, signals, workdir_files
 from mfb_jax.errors import Interrupted, UserError, WorkdirError
 
 LOCK_FILE = ".train.lock"
@@ -139,6 +139,7 @@ class TrainingLock:
     it for a started run. A newcomer that opened the lock file before it went takes its lock
     again (_is_at)."""
     refused = error_type is not None and issubclass(error_type, UserError | Interrupted)
+    refused = refused or (error_type is not None and signals.stopped_by() is not None)
     made = list(self._made) if refused else []
     if made and made[-1] == self.workdir:
       if os.path.exists(os.path.join(self.workdir, "checkpoints")):

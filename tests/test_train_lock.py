@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -110,6 +111,10 @@ def test_a_refused_run_leaves_no_workdir_it_made(tmp_path):
   # SIGTERM or Ctrl-C at start-up (before the first step): a folder holding .train.lock stayed.
   with pytest.raises(Interrupted), train_lock.TrainingLock(str(fresh)):
     raise Interrupted(signal.SIGTERM)
+  assert not fresh.exists()
+  wrapped = mock.patch.object(train_lock.signals, "stopped_by", lambda: Interrupted(15))
+  with wrapped, pytest.raises(RuntimeError), train_lock.TrainingLock(str(fresh)):
+    raise RuntimeError("stopped")  # A library's error, raised for the signal.
   assert not fresh.exists()
   # Kept: a workdir that was there before, one with checkpoints, one a bug stopped (its logs).
   existing = tmp_path / "existing"
