@@ -45,8 +45,27 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(f"{message} (--help lists the options)")
 
   def parse_known_args(self, args=None, namespace=None):
-    args = sys.argv[1:] if args is None else list(args)
-    return super().parse_known_args([_home(a) for a in args], namespace)  # As parse_flags.
+    args = [_home(a) for a in (sys.argv[1:] if args is None else list(args))]  # As parse_flags.
+    self._given_once(args)
+    return super().parse_known_args(args, namespace)
+
+  def _given_once(self, args: list[str]) -> None:
+    """One line where an option is given twice with different values (argparse keeps the last
+    without a word), as parse_flags says for the absl tools."""
+    given: dict[str, list[tuple[str, str]]] = {}
+    rest = iter(args)
+    for arg in rest:
+      if arg == "--":
+        break
+      option, equals, value = arg.partition("=")
+      action = self._option_string_actions.get(option)
+      if not isinstance(action, argparse._StoreAction):  # noqa: SLF001 - store_true, append...
+        continue
+      given.setdefault(action.dest, []).append((option, value if equals else next(rest, "")))
+    for uses in given.values():
+      if len({value for _, value in uses}) > 1:
+        shown = ", ".join(f"{option}={value}" for option, value in uses)
+        fail(f"{uses[0][0]} is given {len(uses)} times ({shown}); give one")
 
 
 def define_config_file(default: str | None, help_text: str, **kwargs) -> None:

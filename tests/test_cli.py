@@ -77,6 +77,10 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
       "error: flag --config.model.context_gating=yes: must be true or false",
     ),
     (["-m", "mfb_jax.bench_input", "--batch_size=many"], "--batch_size=many: must be a whole num"),
+    (
+      ["-m", "mfb_jax.metrics", "--predictions=a.csv", "--labels=x", "--predictions", "b.csv"],
+      "error: --predictions is given 2 times (--predictions=a.csv, --predictions=b.csv); give one",
+    ),
     (["launch.py", "--config=configs/", "--workdir=/tmp/w"], "--config=configs/ is a folder"),
     # "--config=FILE is required", and "got None" for a config needing its argument.
     (["launch.py", "--conifg=x.py", "--workdir=/tmp/w"], "flag 'conifg'. Did you mean: config ?"),
