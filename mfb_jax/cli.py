@@ -6,7 +6,9 @@ CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which 
 """
 
 import argparse
+import collections
 import difflib
+import itertools
 import os
 import re
 import sys
@@ -103,7 +105,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   config_file, _, config_arg = (config_args[-1] if config_args else "").partition(":")
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
-  wants_help = any(a.lstrip("-").startswith("help") for a in argv[1:])
+  wants_help = _wants_help(argv[1:])
   needs_config = is_config_file and flags.FLAGS["config"].default is None  # launch.py's.
   if needs_config and not config_args and not wants_help:
     _no_unknown_flag(argv)  # '--conifg=F' is that flag misspelled, not --config left out.
@@ -119,7 +121,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   if is_config_file and config_file and not os.path.isfile(config_file):
     fail(f"config file not found: {config_file}")
   if not wants_help:
-    _given_once(typed)
+    _given_once(argv[1:], typed)
   if is_config_file and config_file and not config_file.endswith(".py"):
     fail(f"--config={config_file}: a config is a Python file with get_config() (configs/tiny.py)")
   try:
@@ -171,54 +173,63 @@ def config(flag_values=flags.FLAGS):
   return loaded
 
 
-def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str]]:
-  """(name as written, its program flag or None, value as given) for each flag in `args` up to
-  '--'; a value given as the next argument (`--mode eval`) is taken with its flag, and `--noX`
-  is X=false for a boolean X."""
+def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str, str]]:
+  """(name as written, its program flag or None, value as given, the argument that named it)
+  for each flag in `args` up to '--'; a value given as the next argument (`--mode eval`) is
+  taken with its flag, and `--noX` is X=false for a boolean X."""
   rest = iter(args)
   for arg in rest:
     if arg == "--":
       return
-    if not arg.startswith("-") or arg == "-":
+    if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():  # '-1': a value.
       continue
     name, equals, value = arg.lstrip("-").partition("=")
     flag = flags.FLAGS[name] if name in flags.FLAGS else None
     positive = flags.FLAGS[name[2:]] if name.startswith("no") and name[2:] in flags.FLAGS else None
     if flag is None and positive is not None and positive.boolean and not equals:
-      yield name[2:], positive, "false"
+      yield name[2:], positive, "false", arg
     elif equals or flag is None:
-      yield name, flag, value
+      yield name, flag, value, arg
     else:
-      yield name, flag, "true" if flag.boolean else next(rest, "")
+      yield name, flag, "true" if flag.boolean else next(rest, ""), arg
+
+
+def _wants_help(args: list[str]) -> bool:
+  return any(n in ("help", "helpfull", "helpshort", "helpxml", "?") for n, *_ in _flags_given(args))
 
 
 def _no_unknown_flag(argv: list[str]) -> None:
   """One line naming the first flag of `argv` that no program flag has (absl's own words)."""
-  for name, flag, _ in _flags_given(argv[1:]):
+  for name, flag, _, _ in _flags_given(argv[1:]):
     if flag is None and not name.startswith("config.") and name != "undefok":
       close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
       hint = f". Did you mean: {close[0]} ?" if close else ""
       fail(f"Unknown command line flag '{name}'{hint}")
 
 
-def _given_once(args: list[str]) -> None:
-  """One line where a flag is given twice on the command line with different values (absl keeps
-  the last without a word: `--mode=eval --mode=predict` predicted). A --flagfile's values may be
-  overridden after it, and --config.x.y overrides may repeat: the last one counts."""
-  given: dict[int, list[tuple[str, str, object]]] = {}
-  for name, flag, value in _flags_given(args):
+def _given_once(args: list[str], typed: list[str]) -> None:
+  """One line where a flag is given twice with different values (absl keeps the last without a
+  word: `--mode=eval --mode=predict` predicted). `args`: the command line with each --flagfile's
+  flags in its place; a value typed on the command line (`typed`) may override one a --flagfile
+  gave before it. --config.x.y overrides may repeat: the last one counts."""
+  left = collections.Counter(typed)  # Each typed argument tells one of `args` apart.
+  given: dict[int, list[tuple[str, str, object, bool]]] = {}
+  for name, flag, value, arg in _flags_given(args):
+    from_typed = left[arg] > 0
+    left[arg] -= from_typed
     if flag is None or isinstance(flag, flags.MultiFlag) or name.startswith("config"):
-      continue  # Unknown (absl names it), repeatable, or --config (checked with its flagfiles).
-    if name == "flagfile":
-      continue
+      continue  # Unknown (absl names it), repeatable, or --config (checked apart).
     try:
-      parsed = flag.parser.parse(value)
+      parsed = repr(flag.parser.parse(value))
     except (ValueError, TypeError, flags.Error):
-      parsed = value  # absl names the bad value.
-    given.setdefault(id(flag), []).append((name, value, parsed))
+      parsed = None  # absl names the bad value.
+    given.setdefault(id(flag), []).append((name, value, parsed, from_typed))
   for uses in given.values():
-    if len({repr(parsed) for _, _, parsed in uses}) > 1:
-      shown = ", ".join(f"--{name}={value}" for name, value, _ in uses)
+    if any(parsed is None for _, _, parsed, _ in uses):
+      continue
+    pairs = itertools.pairwise(uses)  # A typed value after a --flagfile's may differ from it.
+    if any(a[2] != b[2] and not (b[3] and not a[3]) for a, b in pairs):
+      shown = ", ".join(f"--{n}={v}{'' if t else ' (from a --flagfile)'}" for n, v, _, t in uses)
       fail(f"--{uses[0][0]} is given {len(uses)} times ({shown}); give one")
 
 
@@ -232,6 +243,8 @@ def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) 
   root = re.search(_NOT_A_CONFIG, message)
   if root and root[3].split(".")[0] == root[2]:  # An override of a config that is no ConfigDict.
     return f"{config_file}: get_config() returned an object of type {root[1]}, not a ConfigDict"
+  if re.fullmatch(r"--\S+ does not take an argument", message):  # absl's, as a ValueError.
+    return message
   if "Traceback" in message:  # The config file raised: keep its exception's line.
     last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
     message = f"{message.split(':', 1)[0]}: {last}"

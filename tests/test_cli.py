@@ -168,22 +168,27 @@ def test_a_flag_given_twice_is_compared_by_value(monkeypatch, capsys):
   flags.DEFINE_integer("verbosity", 0, "", short_name="v", flag_values=own)
   flags.DEFINE_string("workdir", None, "", flag_values=own)
   monkeypatch.setattr(flags, "FLAGS", own)
-  # The same value written two ways, a --flagfile's value overridden (the flagfile is not yet
-  # in its place here), overrides, and what follows '--' are all fine.
-  for args in [
-    ["--debug=True", "--debug"],
-    ["--debug", "--nodebug=false"],
-    ["--mode", "eval", "--mode=eval"],
-    ["--flagfile=defaults.flags", "--mode=eval"],
-    ["--config.train.num_steps=3", "--config.train.num_steps=4"],
-    ["--workdir", "-w", "--", "--workdir=x"],
+  # The same value written two ways, a --flagfile's value (not typed) overridden after it,
+  # overrides, what follows '--', and a bad value (absl names it) are all fine.
+  for args, typed in [
+    (["--debug=True", "--debug"], None),
+    (["--debug", "--debug=true"], None),
+    (["--mode", "eval", "--mode=eval"], None),
+    (["--mode=train", "--mode=eval"], ["--flagfile=f", "--mode=eval"]),
+    (["--config.train.num_steps=3", "--config.train.num_steps=4"], None),
+    (["--workdir", "-w", "--", "--workdir=x"], None),
+    (["--verbosity=x", "--verbosity=1"], None),
   ]:
-    cli._given_once(args)
-  for args, line in [
-    (["--debug", "--nodebug"], "--debug is given 2 times (--debug=true, --debug=false)"),
-    (["--v=1", "--verbosity=2"], "--v is given 2 times (--v=1, --verbosity=2)"),  # One flag.
-    (["--workdir", "-w", "--workdir=w"], "--workdir is given 2 times (--workdir=-w, --workdir=w)"),
+    cli._given_once(args, args if typed is None else typed)
+  for args, typed, line in [
+    (["--debug", "--nodebug"], None, "--debug is given 2 times (--debug=true, --debug=false)"),
+    (["--v=1", "--verbosity=2"], None, "--v is given 2 times (--v=1, --verbosity=2)"),  # One flag.
+    (["--workdir", "-w", "--workdir=w"], None, "--workdir is given 2 times (--workdir=-w, --w"),
+    # Typed, then a --flagfile's: the file's silently won.
+    (["--mode=eval", "--mode=train"], ["--mode=eval", "--flagfile=f"], "(--mode=eval, --mode=t"),
+    (["--mode=eval", "--mode=train"], ["--flagfile=f", "--flagfile=g"], "eval (from a --flagf"),
   ]:
     with pytest.raises(SystemExit):
-      cli._given_once(args)
-    assert capsys.readouterr().err == f"error: {line}; give one\n"
+      cli._given_once(args, args if typed is None else typed)
+    err = capsys.readouterr().err
+    assert err.startswith("error: --") and line in err and err.endswith("; give one\n"), err
