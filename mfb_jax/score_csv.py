@@ -36,9 +36,13 @@ _CHUNK = 4096  # Videos summarized per accumulator call.
 def read_predictions(path: str, num_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Video id -> (class ids, scores), each row ranked by score then class id."""
   try:
-    with open(path, "rb") as raw:  # Opened once: the path may be a pipe (<(zcat p.csv.gz)).
-      # A gzipped CSV, as Kaggle submissions often are (peek: nothing consumed).
-      binary = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
+    with open(path, "rb", buffering=0) as raw:  # Once: the path may be a pipe (<(zcat p.gz)).
+      head = b""
+      while len(head) < 2 and (chunk := raw.read(2 - len(head))):  # A pipe may give 1 byte.
+        head += chunk
+      binary = io.BufferedReader(_Prefixed(head, raw))
+      if head == b"\x1f\x8b":  # A gzipped CSV, as Kaggle submissions often are.
+        binary = gzip.GzipFile(fileobj=binary)
       # utf-8-sig: a CSV saved by Excel and others starts with a byte-order mark.
       with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f:
         return _parse_rows(path, csv.reader(f), num_classes)
@@ -48,6 +52,23 @@ def read_predictions(path: str, num_classes: int) -> dict[str, tuple[np.ndarray,
     raise DataError(f"{path}: not a readable CSV file ({e})") from None
   except OSError as e:  # A directory, no permission.
     raise DataError(f"{path}: cannot read the predictions file ({e.strerror or e})") from None
+
+
+class _Prefixed(io.RawIOBase):
+  """The bytes `head`, already read from `rest`, then the rest of `rest`."""
+
+  def __init__(self, head: bytes, rest):
+    self.head, self.rest = head, rest
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    if not self.head:
+      return self.rest.readinto(buffer)
+    n = min(len(buffer), len(self.head))
+    buffer[:n], self.head = self.head[:n], self.head[n:]
+    return n
 
 
 def _parse_rows(path: str, reader, num_classes: int) -> dict:

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import threading
+import time
 
 import pytest
 from conftest import run_python
@@ -258,10 +259,17 @@ def test_a_gzipped_csv_scores_as_the_plain_one(tmp_path):
     fifo = tmp_path / f"{name}.fifo"
     os.mkfifo(fifo)
     data = (tmp_path / "predictions.csv.gz").read_bytes() if data is None else data.encode()
-    writer = threading.Thread(target=fifo.write_bytes, args=(data,))
-    writer.start()
-    assert score_csv.read_predictions(str(fifo), 6).keys() == {"A", "B", "C"}
-    writer.join()
+    read = {}
+    target = lambda read=read, fifo=fifo: read.update(score_csv.read_predictions(str(fifo), 6))
+    reader = threading.Thread(target=target, daemon=True)
+    reader.start()
+    with open(fifo, "wb") as f:  # In two writes: one byte, then the rest.
+      f.write(data[:1])
+      f.flush()
+      time.sleep(0.2)
+      f.write(data[1:])
+    reader.join(timeout=30)  # A second open of the FIFO waits for a writer for good.
+    assert not reader.is_alive() and read.keys() == {"A", "B", "C"}
   cut = (tmp_path / "predictions.csv.gz").read_bytes()[:30]  # A download cut short.
   (tmp_path / "cut.csv.gz").write_bytes(cut)
   with pytest.raises(DataError, match=r"cut.csv.gz: not a readable CSV file \("):
