@@ -196,6 +196,16 @@ def test_mismatched_checkpoint_is_refused_and_kept(tiny_args, trained_workdir):
   assert_one_line_error(result, "cannot read checkpoint", "its metadata is missing")
 
 
+def test_a_folder_where_the_mode_writes_a_file_is_refused_at_once(tiny_args, trained_workdir):
+  # Predict found its predictions.csv folder after the whole pass; eval does not write one.
+  (trained_workdir / "predictions.csv").mkdir()
+  result = launch(trained_workdir, "--mode=predict", *tiny_args)
+  assert_one_line_error(result, "its predictions.csv is a folder, where this run writes that file")
+  assert "Restoring checkpoint" not in result.stderr  # Before any work.
+  result = launch(trained_workdir, "--mode=eval", *tiny_args)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_a_checkpoint_with_damaged_array_data_is_named(tiny_args, trained_workdir):
   # Its metadata intact, its array data cut: tensorstore's error was exit 1 and unreadable.
   data = trained_workdir / "checkpoints" / "6" / "default"
