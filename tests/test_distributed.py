@@ -51,14 +51,16 @@ def test_eight_devices_give_the_same_loss_as_one(tiny_data):
 
 
 def _start_two(workdir, args: list[str], own=((), ())) -> list[subprocess.Popen]:
-  """Both processes of a run; own[i]: arguments for process i only."""
+  """Both processes of a run; own[i]: arguments for process i only; `workdir` may be a pair, each
+  process's own (a flag given twice is refused)."""
   port = free_port()
+  workdirs = workdir if isinstance(workdir, tuple) else (workdir, workdir)
   return [
     subprocess.Popen(
       [
         PYTHON,
         "launch.py",
-        f"--workdir={workdir}",
+        f"--workdir={workdirs[i]}",
         *args,
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
@@ -230,10 +232,9 @@ def test_processes_given_different_configs_stop_at_start_up(tiny_args, tmp_path)
 def test_processes_given_different_workdirs_stop_at_start_up(tiny_args, tmp_path):
   """Each process's own folder (a local /tmp/run per host) saved checkpoints apart, and both
   hung in orbax's first save for good, deaf to SIGTERM."""
-  own = ([], [f"--workdir={tmp_path / 'elsewhere'}"])
   os.environ["MFB_JAX_SHARED_WORKDIR_WAIT_S"] = "1"  # Not 10 s of looking (the default).
   try:
-    procs = _start_two(tmp_path / "work", tiny_args, own)
+    procs = _start_two((tmp_path / "work", tmp_path / "elsewhere"), tiny_args)
   finally:
     del os.environ["MFB_JAX_SHARED_WORKDIR_WAIT_S"]
   for p in procs:
