@@ -6,9 +6,7 @@ CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which 
 """
 
 import argparse
-import collections
 import difflib
-import itertools
 import os
 import re
 import sys
@@ -95,9 +93,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   (`--debug`, where a program defines it, adds the traceback); --help exits 0. A value that
   starts with '~/' is under the home directory, as a shell would have it without the '='."""
   flag_files = any(a.lstrip("-").startswith("flagfile") for a in argv[1:])
-  typed = [_home(a) for a in argv[1:]]  # As given, --flagfile's not yet in their place.
   # A --flagfile's flags in its place, so that they are read as the command line's.
-  argv = [argv[0], *map(_home, _with_flag_files(typed))]
+  expanded, typed = _expand([_home(a) for a in argv[1:]])
+  argv = [argv[0], *expanded]
   config_args = _config_values(argv)
   if len(config_args) > 1:
     where = ", --flagfile's included" if flag_files else ""
@@ -173,12 +171,32 @@ def config(flag_values=flags.FLAGS):
   return loaded
 
 
-def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str, str]]:
-  """(name as written, its program flag or None, value as given, the argument that named it)
-  for each flag in `args` up to '--'; a value given as the next argument (`--mode eval`) is
-  taken with its flag, and `--noX` is X=false for a boolean X."""
-  rest = iter(args)
-  for arg in rest:
+def _expand(args: list[str]) -> tuple[list[str], list[bool]]:
+  """`args` with each --flagfile's flags in its place (nested ones too), and for each argument
+  whether it was typed on the command line (not read from a --flagfile)."""
+  expanded, typed, rest = [], [], list(args)
+  while rest:
+    arg = rest.pop(0)
+    if arg == "--":
+      expanded, typed = expanded + [arg, *rest], typed + [True] * (1 + len(rest))
+      break
+    if arg.startswith("-") and arg.lstrip("-").partition("=")[0] == "flagfile":
+      chunk = [arg] if "=" in arg else [arg, *rest[:1]]
+      del rest[: len(chunk) - 1]
+      read = [_home(a) for a in _with_flag_files(chunk)]
+      expanded, typed = expanded + read, typed + [False] * len(read)
+    else:
+      expanded.append(arg)
+      typed.append(True)
+  return expanded, typed
+
+
+def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str, int]]:
+  """(name as written, its program flag or None, value as given, the index in `args` of the
+  argument that named it) for each flag in `args` up to '--'; a value given as the next argument
+  (`--mode eval`) is taken with its flag, and `--noX` is X=false for a boolean X."""
+  rest = iter(enumerate(args))
+  for index, arg in rest:
     if arg == "--":
       return
     if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():  # '-1': a value.
@@ -187,15 +205,23 @@ def _flags_given(args: list[str]) -> Iterator[tuple[str, object, str, str]]:
     flag = flags.FLAGS[name] if name in flags.FLAGS else None
     positive = flags.FLAGS[name[2:]] if name.startswith("no") and name[2:] in flags.FLAGS else None
     if flag is None and positive is not None and positive.boolean and not equals:
-      yield name[2:], positive, "false", arg
+      yield name[2:], positive, "false", index
     elif equals or flag is None:
-      yield name, flag, value, arg
+      yield name, flag, value, index
     else:
-      yield name, flag, "true" if flag.boolean else next(rest, ""), arg
+      yield name, flag, "true" if flag.boolean else next(rest, (0, ""))[1], index
 
 
 def _wants_help(args: list[str]) -> bool:
-  return any(n in ("help", "helpfull", "helpshort", "helpxml", "?") for n, *_ in _flags_given(args))
+  """Whether `args` ask for help (--help, --helpfull, ...; not --nohelp nor --help=false)."""
+  for name, _, value, _ in _flags_given(args):
+    if name in ("help", "helpfull", "helpshort", "helpxml", "?"):
+      try:
+        if flags.BooleanParser().parse(value or "true"):
+          return True
+      except ValueError:
+        return True  # absl's own line for it.
+  return False
 
 
 def _no_unknown_flag(argv: list[str]) -> None:
@@ -207,28 +233,26 @@ def _no_unknown_flag(argv: list[str]) -> None:
       fail(f"Unknown command line flag '{name}'{hint}")
 
 
-def _given_once(args: list[str], typed: list[str]) -> None:
+def _given_once(args: list[str], typed: list[bool]) -> None:
   """One line where a flag is given twice with different values (absl keeps the last without a
   word: `--mode=eval --mode=predict` predicted). `args`: the command line with each --flagfile's
-  flags in its place; a value typed on the command line (`typed`) may override one a --flagfile
-  gave before it. --config.x.y overrides may repeat: the last one counts."""
-  left = collections.Counter(typed)  # Each typed argument tells one of `args` apart.
+  flags in its place, `typed[i]` whether args[i] was typed. A typed value stands: nothing after
+  it may differ. A --flagfile's value may be overridden after it (typed, or by a later
+  --flagfile: flagfiles layer). --config.x.y overrides may repeat: the last one counts."""
   given: dict[int, list[tuple[str, str, object, bool]]] = {}
-  for name, flag, value, arg in _flags_given(args):
-    from_typed = left[arg] > 0
-    left[arg] -= from_typed
+  for name, flag, value, index in _flags_given(args):
     if flag is None or isinstance(flag, flags.MultiFlag) or name.startswith("config"):
       continue  # Unknown (absl names it), repeatable, or --config (checked apart).
     try:
       parsed = repr(flag.parser.parse(value))
     except (ValueError, TypeError, flags.Error):
       parsed = None  # absl names the bad value.
-    given.setdefault(id(flag), []).append((name, value, parsed, from_typed))
+    given.setdefault(id(flag), []).append((name, value, parsed, typed[index]))
   for uses in given.values():
     if any(parsed is None for _, _, parsed, _ in uses):
       continue
-    pairs = itertools.pairwise(uses)  # A typed value after a --flagfile's may differ from it.
-    if any(a[2] != b[2] and not (b[3] and not a[3]) for a, b in pairs):
+    values = [parsed for _, _, parsed, _ in uses]
+    if any(use[3] and set(values[i + 1 :]) - {values[i]} for i, use in enumerate(uses)):
       shown = ", ".join(f"--{n}={v}{'' if t else ' (from a --flagfile)'}" for n, v, _, t in uses)
       fail(f"--{uses[0][0]} is given {len(uses)} times ({shown}); give one")
 

@@ -168,27 +168,52 @@ def test_a_flag_given_twice_is_compared_by_value(monkeypatch, capsys):
   flags.DEFINE_integer("verbosity", 0, "", short_name="v", flag_values=own)
   flags.DEFINE_string("workdir", None, "", flag_values=own)
   monkeypatch.setattr(flags, "FLAGS", own)
-  # The same value written two ways, a --flagfile's value (not typed) overridden after it,
-  # overrides, what follows '--', and a bad value (absl names it) are all fine.
+  # The same value written two ways, a --flagfile's value overridden after it (typed, or by a
+  # later --flagfile: they layer), overrides, what follows '--', and a bad value (absl names it)
+  # are all fine. `typed`: whether each argument was typed (True) or read from a --flagfile.
   for args, typed in [
     (["--debug=True", "--debug"], None),
     (["--debug", "--debug=true"], None),
     (["--mode", "eval", "--mode=eval"], None),
-    (["--mode=train", "--mode=eval"], ["--flagfile=f", "--mode=eval"]),
+    (["--mode=train", "--mode=eval"], [False, True]),
+    (["--mode=train", "--mode=eval"], [False, False]),
     (["--config.train.num_steps=3", "--config.train.num_steps=4"], None),
     (["--workdir", "-w", "--", "--workdir=x"], None),
     (["--verbosity=x", "--verbosity=1"], None),
   ]:
-    cli._given_once(args, args if typed is None else typed)
+    cli._given_once(args, [True] * len(args) if typed is None else typed)
   for args, typed, line in [
     (["--debug", "--nodebug"], None, "--debug is given 2 times (--debug=true, --debug=false)"),
     (["--v=1", "--verbosity=2"], None, "--v is given 2 times (--v=1, --verbosity=2)"),  # One flag.
     (["--workdir", "-w", "--workdir=w"], None, "--workdir is given 2 times (--workdir=-w, --w"),
     # Typed, then a --flagfile's: the file's silently won.
-    (["--mode=eval", "--mode=train"], ["--mode=eval", "--flagfile=f"], "(--mode=eval, --mode=t"),
-    (["--mode=eval", "--mode=train"], ["--flagfile=f", "--flagfile=g"], "eval (from a --flagf"),
+    (["--mode=eval", "--mode=train"], [True, False], "(--mode=eval, --mode=train (from a --flag"),
+    # Two typed values with a --flagfile repeating the first between them.
+    (["--mode=eval", "--mode=eval", "--mode=train"], [True, False, True], "given 3 times"),
   ]:
     with pytest.raises(SystemExit):
-      cli._given_once(args, args if typed is None else typed)
+      cli._given_once(args, [True] * len(args) if typed is None else typed)
     err = capsys.readouterr().err
     assert err.startswith("error: --") and line in err and err.endswith("; give one\n"), err
+
+
+def test_each_argument_is_told_typed_or_read_from_a_flagfile(tmp_path):
+  # By position: a flagfile line identical to a typed argument was taken for the typed one.
+  (tmp_path / "a.flags").write_text("--seed=2\n")
+  (tmp_path / "layered.flags").write_text(f"--flagfile={tmp_path / 'a.flags'}\n--seed=3\n")
+  args = [
+    "--flagfile",
+    str(tmp_path / "a.flags"),
+    "--seed=2",
+    f"--flagfile={tmp_path}/layered.flags",
+  ]
+  assert cli._expand(args) == (
+    ["--seed=2", "--seed=2", "--seed=2", "--seed=3"],
+    [False, True, False, False],
+  )
+  assert cli._expand(["--x=1", "--", "--flagfile=f"]) == (
+    ["--x=1", "--", "--flagfile=f"],
+    [True] * 3,
+  )
+  assert cli._wants_help(["--helpfull"]) and cli._wants_help(["--help=true"])
+  assert not cli._wants_help(["--nohelp"]) and not cli._wants_help(["--workdir", "help"])
