@@ -204,10 +204,8 @@ def main(argv) -> None:
     # or workdir is reported at once, and on every process of a multi-process run alike.
     config_checks.validate(FLAGS.config, FLAGS.mode)
     if FLAGS.workdir:
-      inference, writes = (
-        FLAGS.mode in ("eval", "predict"),
-        workdir_files.WRITTEN_BY_MODE[FLAGS.mode],
-      )
+      inference = FLAGS.mode in ("eval", "predict")
+      writes = workdir_files.WRITTEN_BY_MODE[FLAGS.mode]
       workdir_files.check_workdir(FLAGS.workdir, inference, writes)
     runtime.hide_gpus_from_tensorflow()
     cluster.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

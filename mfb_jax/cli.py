@@ -31,6 +31,11 @@ def fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def given_twice(flag: str, values: list[str], after: str = "") -> None:
+  """One line for a flag given more than once: its `values` as given, then `after`."""
+  fail(f"{flag} is given {len(values)} times ({', '.join(values)}{after}); give one")
+
+
 def no_positional_arguments(argv: list[str]) -> None:
   """One line and exit 2 where absl left arguments that are not flags (app.run's argv[1:])."""
   if len(argv) > 1:
@@ -64,8 +69,7 @@ class ArgumentParser(argparse.ArgumentParser):
       given.setdefault(action.dest, []).append((option, value if equals else next(rest, "")))
     for uses in given.values():
       if len({value for _, value in uses}) > 1:
-        shown = ", ".join(f"{option}={value}" for option, value in uses)
-        fail(f"{uses[0][0]} is given {len(uses)} times ({shown}); give one")
+        given_twice(uses[0][0], [f"{option}={value}" for option, value in uses])
 
 
 def define_config_file(default: str | None, help_text: str, **kwargs) -> None:
@@ -98,8 +102,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   argv = [argv[0], *expanded]
   config_args = _config_values(argv)
   if len(config_args) > 1:
-    where = ", --flagfile's included" if flag_files else ""
-    fail(f"--config is given {len(config_args)} times ({', '.join(config_args)}{where}); give one")
+    given_twice("--config", config_args, ", --flagfile's included" if flag_files else "")
   config_file, _, config_arg = (config_args[-1] if config_args else "").partition(":")
   # A config_flags.DEFINE_config_file flag (launch.py, step_profile), not the sweep's plain string.
   is_config_file = "config" in flags.FLAGS and type(flags.FLAGS["config"]).__name__ == "_ConfigFlag"
@@ -253,8 +256,8 @@ def _given_once(args: list[str], typed: list[bool]) -> None:
       continue
     values = [parsed for _, _, parsed, _ in uses]
     if any(use[3] and set(values[i + 1 :]) - {values[i]} for i, use in enumerate(uses)):
-      shown = ", ".join(f"--{n}={v}{'' if t else ' (from a --flagfile)'}" for n, v, _, t in uses)
-      fail(f"--{uses[0][0]} is given {len(uses)} times ({shown}); give one")
+      shown = [f"--{n}={v}{'' if t else ' (from a --flagfile)'}" for n, v, _, t in uses]
+      given_twice(f"--{uses[0][0]}", shown)
 
 
 def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -> str:

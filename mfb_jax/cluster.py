@@ -16,9 +16,9 @@ CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "
 # How long the processes of a run wait for each other at start-up (JAX's default);
 # MFB_JAX_INIT_TIMEOUT_S changes it (a scheduler that starts them minutes apart needs more).
 INIT_TIMEOUT_S = 300
-SHARED_WORKDIR_WAIT_S = (
-  10  # MFB_JAX_SHARED_WORKDIR_WAIT_S changes it (cluster.shared_workdir_wait_s).
-)
+# How long each process looks for process 0's training-lock file in the workdir;
+# MFB_JAX_SHARED_WORKDIR_WAIT_S changes it (shared_workdir_wait_s).
+SHARED_WORKDIR_WAIT_S = 10
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _PROC_CGROUP = "/proc/self/cgroup"
 _host_processes = 1  # Processes of this run on this host: count_host_processes() sets it.

@@ -186,8 +186,12 @@ def _check_unknown(config, reference) -> None:
       continue
     # Module sections count only under a registered name, in configs/default.py too (one added
     # there under a misspelled name was never read, its values silently the class defaults).
-    is_module = lambda value: section == "model" and isinstance(value, ml_collections.ConfigDict)  # noqa: B023
-    known[section] = {name for name, value in fields.items() if not is_module(value)}
+    modules_here = section == "model"
+    known[section] = {
+      name
+      for name, value in fields.items()
+      if not (modules_here and isinstance(value, ml_collections.ConfigDict))
+    }
   modules = [*model_lib.AGGREGATORS, *model_lib.FUSIONS, *model_lib.CLASSIFIERS]
   modules += [f"frame_{name}" for name in model_lib.FRAME_FUSIONS]
   unknown = []

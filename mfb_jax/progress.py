@@ -19,6 +19,7 @@ from mfb_jax.errors import TrainingError
 # peaked at 10.0-10.4 GB of host memory, against 4.6-4.9 GB with this bound, at the same speed
 # once running and twice its speed over the first 50 steps.
 STEPS_AHEAD = 1
+_REMEDY = "lower optim.learning_rate or set optim.grad_clip_norm"
 
 
 class MetricBuffer:
@@ -53,7 +54,7 @@ class MetricBuffer:
       if not np.isfinite(v["loss"]):
         raise TrainingError(
           f"the training loss is {float(v['loss'])} at step {step}; stopping without saving this "
-          f"state (lower optim.learning_rate or set optim.grad_clip_norm){self._hint(step)}"
+          f"state ({_REMEDY}){self._hint(step)}"
         )
     keys = dict.fromkeys(k for v in values for k in v)
     return {k: float(np.mean([v[k] for v in values if k in v])) for k in keys}
@@ -87,6 +88,15 @@ def progress_line(step: int, total: int, loss: float, steps_per_sec: float, batc
     f"step {step}/{total} ({100.0 * step / max(total, 1):.1f}%) loss {loss:.4f} "
     f"{steps_per_sec:.2f} steps/s {steps_per_sec * batch:.0f} ex/s ETA {hours}h{rest // 60:02d}m"
   )
+
+
+def check_state(state, mesh, step: int) -> None:
+  """TrainingError unless the state after `step` may be saved (state_problem)."""
+  problem = state_problem(state, mesh)
+  if problem:
+    raise TrainingError(
+      f"the state after step {step} diverged ({problem}); stopping without saving it ({_REMEDY})"
+    )
 
 
 def state_problem(state, mesh) -> str | None:

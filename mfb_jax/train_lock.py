@@ -138,8 +138,9 @@ class TrainingLock:
     made: nothing in it is worth keeping before the first checkpoint, and a new user would take
     it for a started run. A newcomer that opened the lock file before it went takes its lock
     again (_is_at)."""
-    refused = error_type is not None and issubclass(error_type, UserError | Interrupted)
-    refused = refused or (error_type is not None and signals.stopped_by() is not None)
+    refused = error_type is not None and (
+      issubclass(error_type, UserError | Interrupted) or signals.stopped_by() is not None
+    )
     made = list(self._made) if refused else []
     if made and made[-1] == self.workdir:
       if os.path.exists(os.path.join(self.workdir, "checkpoints")):

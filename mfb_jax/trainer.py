@@ -257,12 +257,7 @@ class _Run:
 
   def save(self, step: int) -> None:
     self.buffer.flush()  # Never save a state whose loss went NaN/Inf, nor one that diverged.
-    problem = progress.state_problem(self.state, self.mesh)
-    if problem:
-      raise errors.TrainingError(
-        f"the state after step {step} diverged ({problem}); stopping without saving it (lower "
-        "optim.learning_rate or set optim.grad_clip_norm)"
-      )
+    progress.check_state(self.state, self.mesh, step)
     self.checkpointer.save(self.state, step)
 
   def _saved_state_gave(self, step: int) -> str:
