@@ -8,12 +8,13 @@ CLI: 1, as documented), and `--help` with exit status 0 (absl's own is 1, which 
 import argparse
 import difflib
 import os
-import re
 import sys
 import traceback
 from collections.abc import Iterator
 
 from absl import flags
+
+from mfb_jax import flag_errors
 
 
 def quiet_tensorflow() -> None:
@@ -132,7 +133,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # noqa: BLE001 - flags.Error, or a config override/loading error.
     if "--debug" in argv:
       traceback.print_exc()
-    fail(_one_line(e, argv, config_file, config_arg))
+    fail(flag_errors.one_line(e, argv, config_file, config_arg))
 
 
 def home(value: str) -> str:
@@ -258,60 +259,3 @@ def _given_once(args: list[str], typed: list[bool]) -> None:
     if any(use[3] and set(values[i + 1 :]) - {values[i]} for i, use in enumerate(uses)):
       shown = [f"--{n}={v}{'' if t else ' (from a --flagfile)'}" for n, v, _, t in uses]
       given_twice(f"--{uses[0][0]}", shown)
-
-
-def _one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -> str:
-  message = str(e)
-  # A flag's value of the wrong type: absl's reason is a Python tuple or int()'s own text (not
-  # for --config=F:ARG, whose config file's own error that may be).
-  if isinstance(e, flags.IllegalFlagValueError) and not message.startswith("flag --config="):
-    for raw, plain in _WRONG_TYPE:
-      message = re.sub(raw, plain, message)
-  root = re.search(_NOT_A_CONFIG, message)
-  if root and root[3].split(".")[0] == root[2]:  # An override of a config that is no ConfigDict.
-    return f"{config_file}: get_config() returned an object of type {root[1]}, not a ConfigDict"
-  if re.fullmatch(r"--\S+ does not take an argument", message):  # absl's, as a ValueError.
-    return message
-  if "Traceback" in message:  # The config file raised: keep its exception's line.
-    last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
-    message = f"{message.split(':', 1)[0]}: {last}"
-  if "get_config() takes 0 positional arguments" in message:
-    return f"{config_file} takes no :ARG (got {config_arg!r}); give --config={config_file}"
-  if isinstance(e, AttributeError) and "get_config" in message:
-    return f"{config_file}: a config file needs a get_config() function; it has none"
-  if isinstance(e, AttributeError | KeyError):
-    cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
-    field, _, hint = cleaned.replace("\\n", " ").partition(" ")
-    hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
-    field = _override_path(argv, field)
-    where = "configs/default.py lists the fields"
-    if field.startswith("model.") and not hint:  # A section of a module the user added?
-      where += "; a new module's settings need a config.model.<name> section there first"
-    return f"unknown config field {field!r}{hint} ({where})"
-  if config_file and not isinstance(e, flags.Error) and config_file not in message:
-    return f"{config_file}: {type(e).__name__}: {message}"  # The config file's own error.
-  return message
-
-
-_WRONG_TYPE = (
-  (r"\('Non-boolean argument to boolean flag', '.*'\)$", "must be true or false"),
-  (r"invalid literal for int\(\) with base 10: '.*'$", "must be a whole number"),
-  (r"could not convert string to float: '.*'$", "must be a number"),
-)
-# ml_collections' text for `--config.data.x=V` where get_config() returned, say, an int.
-_NOT_A_CONFIG = (
-  r"Attribute <class '([\w.]+)'>\.(\w+) does not exist and the type does not support indexing\. "
-  r"Attempting to lookup: ([\w.]+)"
-)
-
-
-def _override_path(argv: list[str], field: str) -> str:
-  """'train.steps' for the unknown field 'steps' of --config.train.steps=V (`field` itself where
-  no override, or more than one, has it)."""
-  paths = set()
-  for arg in argv:
-    if arg.startswith("--config."):
-      parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
-      if field in parts:
-        paths.add(".".join(parts[: parts.index(field) + 1]))
-  return paths.pop() if len(paths) == 1 else field
