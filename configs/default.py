@@ -101,10 +101,14 @@ def get_config() -> ml_collections.ConfigDict:
   # starter code clips at norm 1.0 and decays the rate by 0.95 every 4M examples).
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
-  # constant | cosine | warmup_cosine. The cosine schedules decay over train.num_steps, so a run
-  # resumed with another train.num_steps continues on the new schedule.
+  # constant | cosine | warmup_cosine | exponential. The cosine schedules decay over
+  # train.num_steps, so a run resumed with another train.num_steps continues on the new schedule.
+  # exponential: the rate times decay_rate every decay_steps steps (a staircase); its defaults are
+  # the starter code's 0.95 every 4M examples, which is 31,250 steps at batch 128.
   optim.schedule = "constant"
   optim.warmup_steps = 0  # Used by warmup_cosine.
+  optim.decay_rate = 0.95  # Used by exponential.
+  optim.decay_steps = 31_250  # Used by exponential.
   optim.grad_clip_norm = 0.0  # Global-norm clipping; 0 disables.
   optim.b1 = 0.9  # Adam's decay rates of its first and second moments, and its epsilon.
   optim.b2 = 0.999

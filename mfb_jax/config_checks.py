@@ -12,7 +12,7 @@ from mfb_jax.errors import ConfigError
 FORMATS = ("frame", "video")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "default")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential")
 MODES = ("train", "eval", "predict", "bench")
 
 
@@ -135,8 +135,15 @@ def check_model_shapes(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields configs/default.py has that a config may leave out: the module sections (a missing one
-# means the class defaults), the seed, and the two model options added after the paper's models.
-OPTIONAL = ("seed", "model.fusion_level", "model.context_gating")
+# means the class defaults), the seed, the two model options added after the paper's models, and
+# the exponential schedule's settings (checked where that schedule is chosen).
+OPTIONAL = (
+  "seed",
+  "model.fusion_level",
+  "model.context_gating",
+  "optim.decay_rate",
+  "optim.decay_steps",
+)
 
 
 def _check_fields(config, mode: str) -> None:
@@ -222,8 +229,25 @@ def _check_unknown(config, reference) -> None:
 
 
 def _schedule_fits(config) -> None:
-  """The cosine schedules decay over the steps after the warm-up: there must be some."""
+  """The cosine schedules decay over the steps after the warm-up: there must be some. The
+  exponential one needs its settings (a config from before it may lack them)."""
   optim, steps = config.optim, config.train.num_steps
+  if optim.schedule == "exponential":
+    lacking = [f"config.optim.{f}" for f in ("decay_rate", "decay_steps") if f not in optim]
+    if lacking:
+      raise ConfigError(
+        f"config.optim.schedule='exponential' needs {' and '.join(lacking)} "
+        "(configs/default.py has them)"
+      )
+    rate = optim.decay_rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+      raise ConfigError(
+        f"config.optim.decay_rate={rate!r} is invalid; it must be a number in (0, 1] (the "
+        "learning rate is multiplied by it every optim.decay_steps steps)"
+      )
+    _positive(config, "optim.decay_steps")
+    _below_2_31(config, "optim.decay_steps")
+    return
   warmup = optim.warmup_steps if optim.schedule == "warmup_cosine" else 0
   if optim.schedule == "constant" or steps > warmup:
     return

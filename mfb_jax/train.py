@@ -55,6 +55,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.constant_schedule(optim.learning_rate)
   if optim.schedule == "cosine":
     return optax.cosine_decay_schedule(optim.learning_rate, decay_steps=steps)
+  if optim.schedule == "exponential":  # Whole decays counted in integers: exact at any step.
+    start, rate, every = optim.learning_rate, optim.decay_rate, optim.decay_steps
+    return lambda step: start * rate ** (jnp.asarray(step) // every).astype(jnp.float32)
   return optax.warmup_cosine_decay_schedule(
     0.0, optim.learning_rate, warmup_steps=optim.warmup_steps, decay_steps=steps
   )

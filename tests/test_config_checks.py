@@ -56,6 +56,10 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
       r"optim\.warmup_steps=100 must be below train\.num_steps=100",
     ),
     ({"optim.schedule": "cosine", "train.num_steps": 0}, r"train\.num_steps, which is 0"),
+    # A rate that does not decay (or grows, or flips sign) is a mistake; so is decaying never.
+    ({"optim.schedule": "exponential", "optim.decay_rate": 0.0}, r"decay_rate=0\.0 .* \(0, 1\]"),
+    ({"optim.schedule": "exponential", "optim.decay_rate": 1.5}, r"decay_rate=1\.5 is invalid"),
+    ({"optim.schedule": "exponential", "optim.decay_steps": 0}, r"decay_steps=0 is invalid"),
     # An infinite learning rate compiled and trained, then stopped at a NaN loss.
     ({"optim.learning_rate": float("inf")}, r"optim\.learning_rate=inf is invalid; .* finite"),
     # The next ones trained on (NaN: stopped later with a hint at the learning rate), or failed
@@ -123,6 +127,23 @@ def test_a_config_without_some_fields_names_them():
   )
   with pytest.raises(ConfigError, match=r"no config.model.matmul_precision, config.optim.b1 \("):
     config_checks.validate(config, "train")  # Only the bench mode needs config.bench.
+
+
+def test_the_exponential_schedules_settings_are_needed_only_where_it_is_chosen():
+  from mfb_jax import config_checks
+  from mfb_jax.errors import ConfigError
+
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  del config.optim["decay_rate"], config.optim["decay_steps"]  # A config from before them.
+  config_checks.validate(config, "train")
+  config.optim.schedule = "exponential"
+  with pytest.raises(ConfigError) as error:
+    config_checks.validate(config, "train")
+  assert str(error.value) == (
+    "config.optim.schedule='exponential' needs config.optim.decay_rate and "
+    "config.optim.decay_steps (configs/default.py has them)"
+  )
 
 
 def test_a_config_file_setting_a_field_default_lacks_names_it(monkeypatch):

@@ -90,3 +90,27 @@ def test_a_checkpoint_saved_with_clipping_as_a_chain_is_restored(tmp_path):
   restored = reader.restore(abstract)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_the_exponential_schedule_decays_in_whole_steps_as_the_starter_code():
+  # The starter code's rate: 0.95 ** floor(examples / 4M), here every decay_steps steps.
+  config = default.get_config()
+  config.optim.update(schedule="exponential", learning_rate=0.5, decay_rate=0.25, decay_steps=3)
+  tx = train_lib.make_optimizer(config)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  # The same state as the constant schedule's: a run can resume with either.
+  assert jax.tree.structure(state) == jax.tree.structure(_optimizer(0.0).init(params))
+  grads = {"w": jnp.ones(2)}  # Constant: Adam's normalized step is 1 (to float32 rounding).
+  updates = []
+  for _ in range(8):
+    update, state = tx.update(grads, state, params)
+    updates.append(-float(update["w"][0]))
+  expected = [0.5 * 0.25 ** (step // 3) for step in range(8)]  # 0.5, 0.5, 0.5, 0.125, ...
+  np.testing.assert_allclose(updates, expected, rtol=1e-4)
+  schedule = train_lib.learning_rate_schedule(config)  # What the train step logs.
+  np.testing.assert_allclose([float(schedule(s)) for s in range(8)], expected, rtol=1e-7)
+  # Exact where float32 cannot count steps: 2**24 + 1 rounds to 2**24 in float32.
+  config.optim.update(decay_rate=0.5, decay_steps=2**24 + 1)
+  late = train_lib.learning_rate_schedule(config)
+  assert float(late(2**24)) == 0.5 and float(late(2**24 + 1)) == 0.25
