@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Context gating y = sigmoid(Wx + b) * x (Miech et al. 2017) after the fusion and on the
   # classifier's probabilities.
   model.context_gating = False
+  # The starter code's input normalization (its train.py, for every model): each frame's
+  # [rgb; audio] scaled to unit L2 norm before the aggregators. The paper does not mention it.
+  model.normalize_frames = False
   model.classifier = "moe"  # moe | logistic.
   # Matmul dtype: 'float32' or 'bfloat16' (parameters, optimizer state, BatchNorm statistics and
   # loss stay float32). bfloat16 also delivers the frames in bfloat16 (half the batch's memory).

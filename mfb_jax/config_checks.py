@@ -135,12 +135,13 @@ def check_model_shapes(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields configs/default.py has that a config may leave out: the module sections (a missing one
-# means the class defaults), the seed, the two model options added after the paper's models, and
+# means the class defaults), the seed, the model options added after the paper's models, and
 # the exponential schedule's settings (checked where that schedule is chosen).
 OPTIONAL = (
   "seed",
   "model.fusion_level",
   "model.context_gating",
+  "model.normalize_frames",
   "optim.decay_rate",
   "optim.decay_steps",
 )

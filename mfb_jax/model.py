@@ -68,6 +68,19 @@ def module_sections() -> dict[str, type]:
   return {**AGGREGATORS, **FUSIONS, **CLASSIFIERS, **frame}
 
 
+def unit_frames(rgb_BxTxD: jax.Array, audio_BxTxA: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each frame's [rgb; audio] scaled to unit L2 norm, as the starter code's
+  tf.nn.l2_normalize(x, -1) (x / sqrt(max(sum(x^2), 1e-12))); all-zero (padded) frames stay 0."""
+  f32 = jnp.float32
+  sum_BxTx1 = jnp.sum(jnp.square(rgb_BxTxD.astype(f32)), -1, keepdims=True)
+  sum_BxTx1 += jnp.sum(jnp.square(audio_BxTxA.astype(f32)), -1, keepdims=True)
+  scale_BxTx1 = jax.lax.rsqrt(jnp.maximum(sum_BxTx1, 1e-12))
+  return (
+    (rgb_BxTxD.astype(f32) * scale_BxTx1).astype(rgb_BxTxD.dtype),
+    (audio_BxTxA.astype(f32) * scale_BxTx1).astype(audio_BxTxA.dtype),
+  )
+
+
 def classify(module: nn.Module, fused_BxO: jax.Array, train: bool) -> jax.Array:
   """The classifier, with context gating before and after it where the module has gates."""
   if module.fusion_gate is not None:
@@ -87,6 +100,7 @@ class VideoClassifier(nn.Module):
   classifier: nn.Module
   fusion_gate: nn.Module | None = None  # Context gating of the fused vector.
   output_gate: nn.Module | None = None  # Context gating of the probabilities.
+  normalize_frames: bool = False  # unit_frames first (config.model.normalize_frames).
 
   @nn.compact
   def __call__(
@@ -96,6 +110,8 @@ class VideoClassifier(nn.Module):
     mask_BxT: jax.Array,
     train: bool = False,
   ) -> jax.Array:
+    if self.normalize_frames:
+      rgb_BxTxD, audio_BxTxA = unit_frames(rgb_BxTxD, audio_BxTxA)
     video_BxV = audio_BxG = None
     B = rgb_BxTxD.shape[0]
     if self.rgb_aggregator is not None:
@@ -129,6 +145,7 @@ class FrameFusionClassifier(nn.Module):
   classifier: nn.Module
   fusion_gate: nn.Module | None = None
   output_gate: nn.Module | None = None
+  normalize_frames: bool = False
 
   @nn.compact
   def __call__(
@@ -138,16 +155,17 @@ class FrameFusionClassifier(nn.Module):
     mask_BxT: jax.Array,
     train: bool = False,
   ) -> jax.Array:
+    if self.normalize_frames:
+      rgb_BxTxD, audio_BxTxA = unit_frames(rgb_BxTxD, audio_BxTxA)
     fused_BxO = self.fusion(rgb_BxTxD, audio_BxTxA, mask_BxT, train=train)
     check_output("frame fusion", self.fusion, fused_BxO, rgb_BxTxD.shape[0])
     return classify(self, fused_BxO, train)
 
 
-def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool]:
-  """Checks the options outside the module sections; returns (fusion_level, context_gating).
-
-  A config written before the last two options existed lacks them: it means the paper's model.
-  """
+def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool, bool]:
+  """Checks the options outside the module sections; returns (fusion_level, context_gating,
+  normalize_frames). A config written before the last three existed lacks them: it means the
+  paper's model."""
   if model_config.dtype not in DTYPES:
     raise ConfigError(
       f"config.model.dtype: got {model_config.dtype!r}; allowed: {', '.join(sorted(DTYPES))}"
@@ -162,16 +180,17 @@ def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool]:
       f"config.model.fusion={model_config.fusion!r} has no frame-level version; with "
       f"fusion_level='frame' use one of: {', '.join(sorted(FRAME_FUSIONS))}"
     )
-  gated = model_config.get("context_gating", False)
-  if not isinstance(gated, bool):
-    raise ConfigError(f"config.model.context_gating must be True or False, got {gated!r}")
-  return level, gated
+  options = [model_config.get(name, False) for name in ("context_gating", "normalize_frames")]
+  for name, value in zip(("context_gating", "normalize_frames"), options, strict=True):
+    if not isinstance(value, bool):
+      raise ConfigError(f"config.model.{name} must be True or False, got {value!r}")
+  return level, *options
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """Returns the (unbound) model that config.model selects; bad names or values raise."""
   model_config = config.model
-  fusion_level, context_gating = _model_options(model_config)
+  fusion_level, context_gating, normalize_frames = _model_options(model_config)
   dtype = DTYPES[model_config.dtype]
   agg_cls = module_config.lookup(AGGREGATORS, "aggregator", model_config.aggregator)
   fusion_cls = module_config.lookup(FUSIONS, "fusion", model_config.fusion)
@@ -179,6 +198,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   gates = {"fusion_gate": None, "output_gate": None}
   if context_gating:
     gates = {name: gating.ContextGating(dtype=dtype) for name in gates}
+  top = dict(gates, normalize_frames=normalize_frames)  # What both top modules take.
   head = module_config.make(
     head_cls, model_config.classifier, config, dtype=dtype, num_classes=config.data.num_classes
   )
@@ -192,7 +212,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     fuse = module_config.make(
       frame_cls, f"frame_{name}", config, dtype=dtype, aggregator=aggregate()
     )
-    return FrameFusionClassifier(fusion=fuse, classifier=head, **gates)
+    return FrameFusionClassifier(fusion=fuse, classifier=head, **top)
 
   modalities = getattr(fusion_cls, "modalities", ("video", "audio"))
   return VideoClassifier(
@@ -200,7 +220,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     audio_aggregator=aggregate() if "audio" in modalities else None,
     fusion=module_config.make(fusion_cls, model_config.fusion, config, dtype=dtype),
     classifier=head,
-    **gates,
+    **top,
   )
 
 

@@ -118,6 +118,61 @@ def test_probabilities_ignore_padding_in_train_and_eval(aggregator, fusion):
     np.testing.assert_allclose(long, short, rtol=1e-5, atol=1e-6)
 
 
+def _unit(rgb, audio):
+  """Independent of the model: each frame's [rgb; audio] / its L2 norm, in float64."""
+  both = np.concatenate([rgb, audio], -1).astype(np.float64)
+  norm = np.sqrt(np.maximum((both**2).sum(-1, keepdims=True), 1e-12))
+  return rgb / norm, audio / norm
+
+
+def test_unit_frames_scale_each_frames_rgb_and_audio_together():
+  rgb, audio, _ = make_batch()
+  rgb[0, 1], audio[0, 1] = 0.0, 0.0  # A zero (padded) frame stays zero, not NaN.
+  got_rgb, got_audio = model.unit_frames(rgb, audio)
+  want_rgb, want_audio = _unit(rgb, audio)
+  np.testing.assert_allclose(got_rgb, want_rgb, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_audio, want_audio, rtol=1e-6, atol=1e-7)
+  assert not np.asarray(got_rgb)[0, 1].any() and not np.asarray(got_audio)[0, 1].any()
+  bf16_rgb, _ = model.unit_frames(rgb.astype(jax.numpy.bfloat16), audio)
+  assert bf16_rgb.dtype == jax.numpy.bfloat16  # A bfloat16 model's frames stay bfloat16.
+
+
+class _MeanFrames(flax.linen.Module):
+  """A frame-level fusion that feels each frame's scale (FrameMFB normalizes every fused frame,
+  so its output barely does): the mean of the masked frames, rgb and audio side by side."""
+
+  @flax.linen.compact
+  def __call__(self, rgb_BxTxD, audio_BxTxA, mask_BxT, train=False):
+    both_BxTxF = jax.numpy.concatenate([rgb_BxTxD, audio_BxTxA], -1) * mask_BxT[:, :, None]
+    return flax.linen.Dense(4)(both_BxTxF.sum(1) / mask_BxT.sum(1, keepdims=True))
+
+
+@pytest.mark.parametrize("fusion_level", ["video", "frame"])
+def test_normalize_frames_gives_the_model_unit_frames(fusion_level):
+  config = small_config()
+  config.model.update(fusion_level=fusion_level, normalize_frames=True)
+  config.model.frame_mfb.update(factor=2, output_dim=4)
+  normalized = model.build_model(config)
+  config.model.normalize_frames = False
+  plain = model.build_model(config)
+  if fusion_level == "frame":
+    normalized, plain = normalized.clone(fusion=_MeanFrames()), plain.clone(fusion=_MeanFrames())
+  rgb, audio, mask = make_batch()
+  rgb[mask == 0], audio[mask == 0] = 0.0, 0.0  # The pipeline's padding.
+  variables = init(plain, rgb, audio, mask)
+  # The same variables: a run can resume with the option turned on or off.
+  same = jax.tree.structure(init(normalized, rgb, audio, mask)) == jax.tree.structure(variables)
+  assert same
+  got = apply(normalized, variables, rgb, audio, mask, train=False)
+  want = apply(plain, variables, *_unit(rgb, audio), mask, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, apply(plain, variables, rgb, audio, mask, train=False), atol=1e-3)
+  del config.model["normalize_frames"]  # A config file's own value, not typed by ConfigDict.
+  config.model.normalize_frames = 1
+  with pytest.raises(ConfigError, match="normalize_frames must be True or False, got 1"):
+    model.build_model(config)
+
+
 def test_train_mode_reports_penalty_and_batch_stats():
   net = model.build_model(small_config("dbof", "mfb"))
   rgb, audio, mask = make_batch()
