@@ -4,7 +4,8 @@ Each registry maps a config name to a Flax linen class; `config.model.<name>` (i
 that class's keyword arguments. Adding a module = one class + one dict entry.
 `config.model.fusion_level='frame'` fuses every frame first and then aggregates (FRAME_FUSIONS,
 settings in `config.model.frame_<name>`); `config.model.context_gating` adds context gating after
-the fusion and on the probabilities.
+the fusion and on the probabilities; `config.model.normalize_frames` scales each frame's
+[rgb; audio] to unit length first (`unit_frames`, the starter code's input normalization).
 
 Shape letters: B batch, T frames, D rgb size, A audio size, V and G the aggregated rgb and audio
 sizes, O fused size, C classes.
