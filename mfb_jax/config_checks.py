@@ -229,28 +229,35 @@ def _check_unknown(config, reference) -> None:
   )
 
 
-def _schedule_fits(config) -> None:
-  """The cosine schedules decay over the steps after the warm-up: there must be some. The
-  exponential one needs its settings (a config from before it may lack them)."""
-  optim, steps = config.optim, config.train.num_steps
-  if optim.schedule == "exponential":
-    lacking = [f"config.optim.{f}" for f in ("decay_rate", "decay_steps") if f not in optim]
-    if lacking:
+def _decay_settings(config) -> None:
+  """The exponential schedule's settings: checked whatever the schedule (as warmup_steps is, a
+  bad value is a mistake all the same); a config from before them lacks them, which only the
+  exponential schedule minds."""
+  optim = config.optim
+  lacking = [f"config.optim.{f}" for f in ("decay_rate", "decay_steps") if f not in optim]
+  if lacking:
+    if optim.schedule == "exponential":
       raise ConfigError(
         f"config.optim.schedule='exponential' needs {' and '.join(lacking)} "
         "(configs/default.py has them)"
       )
-    rate = optim.decay_rate
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
-      raise ConfigError(
-        f"config.optim.decay_rate={rate!r} is invalid; it must be a number in (0, 1] (the "
-        "learning rate is multiplied by it every optim.decay_steps steps)"
-      )
-    _positive(config, "optim.decay_steps")
-    _below_2_31(config, "optim.decay_steps")
     return
+  rate = optim.decay_rate
+  if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+    raise ConfigError(
+      f"config.optim.decay_rate={rate!r} is invalid; it must be a number in (0, 1] (the "
+      "learning rate is multiplied by it every optim.decay_steps steps)"
+    )
+  _positive(config, "optim.decay_steps")
+  _below_2_31(config, "optim.decay_steps")
+
+
+def _schedule_fits(config) -> None:
+  """The cosine schedules decay over the steps after the warm-up: there must be some."""
+  optim, steps = config.optim, config.train.num_steps
+  _decay_settings(config)
   warmup = optim.warmup_steps if optim.schedule == "warmup_cosine" else 0
-  if optim.schedule == "constant" or steps > warmup:
+  if optim.schedule in ("constant", "exponential") or steps > warmup:
     return
   if warmup:
     raise ConfigError(

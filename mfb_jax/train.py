@@ -292,6 +292,8 @@ def model_name(config: ml_collections.ConfigDict) -> str:
     name = f"frame-{m.fusion}+{m.aggregator}+{m.classifier}"
   if m.get("context_gating", False):
     name += "+cg"
+  if m.get("normalize_frames", False):
+    name = f"unit-frames+{name}"
   return name + ("" if m.dtype == "float32" else f"/{m.dtype}")
 
 

@@ -60,6 +60,7 @@ def test_bench_mode_rejects_impossible_step_counts(field, value):
     ({"optim.schedule": "exponential", "optim.decay_rate": 0.0}, r"decay_rate=0\.0 .* \(0, 1\]"),
     ({"optim.schedule": "exponential", "optim.decay_rate": 1.5}, r"decay_rate=1\.5 is invalid"),
     ({"optim.schedule": "exponential", "optim.decay_steps": 0}, r"decay_steps=0 is invalid"),
+    ({"optim.decay_rate": -1.0}, r"decay_rate=-1\.0 is invalid"),  # Checked under any schedule.
     # An infinite learning rate compiled and trained, then stopped at a NaN loss.
     ({"optim.learning_rate": float("inf")}, r"optim\.learning_rate=inf is invalid; .* finite"),
     # The next ones trained on (NaN: stopped later with a hint at the learning rate), or failed

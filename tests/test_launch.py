@@ -155,6 +155,11 @@ def test_unusable_workdirs_and_arguments_give_one_line(tiny_args, tmp_path):
   # The unknown leaf is in two overrides (train.top_k is unknown, eval.top_k is fine): no guess.
   result = launch(tmp_path, *tiny_args, "--config.eval.top_k=5", "--config.train.top_k=5")
   assert_one_line_error(result, "unknown config field 'top_k'")
+  # A config file from before a field, given that field: not "unknown", default.py has it.
+  old = "from configs import tiny\ndef get_config():\n  c = tiny.get_config()\n"
+  (tmp_path / "old.py").write_text(old + "  del c.optim['decay_rate']\n  return c\n")
+  result = launch(tmp_path, f"--config={tmp_path / 'old.py'}", "--config.optim.decay_rate=0.5")
+  assert_one_line_error(result, "config field 'optim.decay_rate' is not in ", "default.py has it")
 
 
 def test_a_workdir_under_the_home_directory(tmp_path, tiny_args):

@@ -113,4 +113,5 @@ def test_the_exponential_schedule_decays_in_whole_steps_as_the_starter_code():
   # Exact where float32 cannot count steps: 2**24 + 1 rounds to 2**24 in float32.
   config.optim.update(decay_rate=0.5, decay_steps=2**24 + 1)
   late = train_lib.learning_rate_schedule(config)
-  assert float(late(2**24)) == 0.5 and float(late(2**24 + 1)) == 0.25
+  # As the train step calls it: the state's int32 step (optax's own float32 staircase gives 0.25).
+  assert float(late(jnp.int32(2**24))) == 0.5 and float(late(jnp.int32(2**24 + 1))) == 0.25

@@ -333,3 +333,15 @@ def test_eval_max_examples_counts_videos_over_all_processes(tiny_config, monkeyp
     with pytest.raises(DataError, match="split is empty"):  # The stand-in reads no videos.
       evaluate.evaluate_split(tiny_config, None, None, None, "unused")
     assert asked.pop() == per_process
+
+
+def test_model_names_tell_the_models_options_apart():
+  """Bench rows and messages name the model: each option that changes it shows in the name."""
+  from configs import paper
+
+  config = paper.get_config("netvlad,mfb")
+  assert train_lib.model_name(config) == "netvlad+mfb+moe"
+  config.model.update(context_gating=True, normalize_frames=True, dtype="bfloat16")
+  assert train_lib.model_name(config) == "unit-frames+netvlad+mfb+moe+cg/bfloat16"
+  config.model.update(fusion_level="frame", context_gating=False, normalize_frames=False)
+  assert train_lib.model_name(config) == "frame-mfb+netvlad+moe/bfloat16"

@@ -311,3 +311,18 @@ def test_eval_and_predict_are_told_which_model_and_input_settings_changed(tmp_pa
     f"data.max_frames {trained.data.max_frames} -> {now.data.max_frames}",
     "model.dtype 'float32' -> 'bfloat16'",
   ]
+
+
+def test_a_field_an_older_config_json_lacks_counts_as_its_default(tmp_path):
+  # A run from before model.normalize_frames, evaluated with it turned on, gave no notice.
+  from configs import tiny
+
+  older = tiny.get_config()
+  del older.model["normalize_frames"], older.optim["decay_rate"]
+  workdir_files.write_config(str(tmp_path), older)
+  now = tiny.get_config()
+  assert workdir_files.inference_changes(str(tmp_path), now) == []  # The defaults: no change.
+  now.model.normalize_frames = True
+  assert workdir_files.inference_changes(str(tmp_path), now) == [
+    "model.normalize_frames False -> True"
+  ]
