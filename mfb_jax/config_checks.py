@@ -1,12 +1,11 @@
 """Start-up validation of config values: each bad value fails with one line naming the field."""
 
-import difflib
 import math
 
 import ml_collections
 from absl import logging
 
-from mfb_jax import file_patterns
+from mfb_jax import config_fields, file_patterns
 from mfb_jax.errors import ConfigError
 
 FORMATS = ("frame", "video")
@@ -69,7 +68,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   from mfb_jax import model as model_lib  # Deferred: the registries import flax.
   from mfb_jax import module_config
 
-  _check_fields(config, mode)
+  config_fields.check(config, mode)
   _choice(config, "data.format", FORMATS)
   for field in ("data.num_classes", "data.max_frames", "data.rgb_size", "data.audio_size"):
     _positive(config, field)
@@ -105,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _positive(config, "train.num_steps", 0)  # 0: evaluates the initial model.
   _below_2_31(config, "train.num_steps")  # The state's step counter is an int32.
   _schedule_fits(config)
+  if mode == "train":
+    _unused_schedule_settings(config)
   seed = config.get("seed", 0)
   if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
     raise ConfigError(f"config.seed={seed!r} is invalid; it must be an integer in [0, 2**63)")
@@ -134,101 +135,6 @@ def check_model_shapes(config: ml_collections.ConfigDict) -> None:
   model_lib.variable_shapes(config, batch_size=2, num_frames=train_lib.frames_per_example(config))
 
 
-# Fields configs/default.py has that a config may leave out: the module sections (a missing one
-# means the class defaults), the seed, the model options added after the paper's models, and
-# the exponential schedule's settings (checked where that schedule is chosen).
-OPTIONAL = (
-  "seed",
-  "model.fusion_level",
-  "model.context_gating",
-  "model.normalize_frames",
-  "optim.decay_rate",
-  "optim.decay_steps",
-)
-
-
-def _check_fields(config, mode: str) -> None:
-  """ConfigError naming the fields of configs/default.py a config lacks (one written for an
-  older mfb-jax, or built by hand): they were a KeyError deep in the run, exit 1."""
-  from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
-
-  reference = default.get_config()
-  missing = []
-  for section, fields in reference.items():
-    if section == "bench" and mode != "bench":  # Only the bench mode reads it.
-      continue
-    if not isinstance(fields, ml_collections.ConfigDict):
-      if section not in config and section not in OPTIONAL:
-        missing.append(section)
-      continue
-    if not isinstance(config.get(section), ml_collections.ConfigDict):
-      missing.append(section)
-      continue
-    for name, value in fields.items():
-      field = f"{section}.{name}"
-      module_section = section == "model" and isinstance(value, ml_collections.ConfigDict)
-      if name not in config[section] and not module_section and field not in OPTIONAL:
-        missing.append(field)
-  if missing:
-    raise ConfigError(
-      f"the config has no {', '.join(f'config.{f}' for f in missing[:5])}"
-      f"{' and more' if len(missing) > 5 else ''} (configs/default.py has every field; "
-      "a config written for an older version? build it from default.get_config())"
-    )
-  _check_unknown(config, reference)
-
-
-def _check_unknown(config, reference) -> None:
-  """ConfigError naming a field a config file sets that configs/default.py does not have (`c.train.
-  batchsize = 3` in a config file was silently unused; a `--config.x` override is checked by
-  the config's lock). A new section under config.model is a registered module's settings
-  (a user's module, registered by the time the config is checked): allowed, and build_model
-  checks its fields against the module's; under another name, in configs/default.py as well,
-  it would never be read."""
-  from mfb_jax import model as model_lib  # Deferred: the registries import flax.
-
-  known = {}
-  for section, fields in reference.items():
-    if not isinstance(fields, ml_collections.ConfigDict):
-      known[section] = None
-      continue
-    # Module sections count only under a registered name, in configs/default.py too (one added
-    # there under a misspelled name was never read, its values silently the class defaults).
-    modules_here = section == "model"
-    known[section] = {
-      name
-      for name, value in fields.items()
-      if not (modules_here and isinstance(value, ml_collections.ConfigDict))
-    }
-  modules = [*model_lib.AGGREGATORS, *model_lib.FUSIONS, *model_lib.CLASSIFIERS]
-  modules += [f"frame_{name}" for name in model_lib.FRAME_FUSIONS]
-  unknown = []
-  for section, fields in config.items():
-    if section not in known:
-      unknown.append(section)
-    elif known[section] is not None and isinstance(fields, ml_collections.ConfigDict):
-      for name, value in fields.items():
-        module = section == "model" and isinstance(value, ml_collections.ConfigDict)
-        if name not in known[section] and not (module and name in modules):
-          unknown.append(f"{section}.{name}")
-  if not unknown:
-    return
-  field = unknown[0]
-  section, _, name = field.rpartition(".")
-  if section == "model" and isinstance(config.model[name], ml_collections.ConfigDict):
-    close = difflib.get_close_matches(name, modules, n=1)
-    hint = f"did you mean model.{close[0]}? " if close else ""
-    raise ConfigError(
-      f"config.model.{name} names no registered module, so nothing would read it ({hint}"
-      f"modules: {', '.join(sorted(modules))})"
-    )
-  close = difflib.get_close_matches(name, sorted(known[section] if section else known), n=1)
-  hint = f"did you mean {section + '.' if section else ''}{close[0]}? " if close else ""
-  raise ConfigError(
-    f"config.{field} is not a config field ({hint}configs/default.py lists every field)"
-  )
-
-
 def _decay_settings(config) -> None:
   """The exponential schedule's settings: checked whatever the schedule (as warmup_steps is, a
   bad value is a mistake all the same); a config from before them lacks them, which only the
@@ -250,6 +156,28 @@ def _decay_settings(config) -> None:
     )
   _positive(config, "optim.decay_steps")
   _below_2_31(config, "optim.decay_steps")
+
+
+def _unused_schedule_settings(config) -> None:
+  """A warning for a schedule's setting changed while another schedule is chosen: a run given
+  optim.decay_steps without optim.schedule='exponential' trained at a constant rate, untold."""
+  from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
+
+  reference, optim = default.get_config().optim, config.optim
+  used_by = {
+    "warmup_steps": "warmup_cosine",
+    "decay_rate": "exponential",
+    "decay_steps": "exponential",
+  }
+  for name, schedule in used_by.items():
+    if name in optim and optim.schedule != schedule and optim[name] != reference[name]:
+      logging.warning(
+        "config.optim.%s=%r is set, but optim.schedule=%r does not use it (%r does)",
+        name,
+        optim[name],
+        optim.schedule,
+        schedule,
+      )
 
 
 def _schedule_fits(config) -> None:

@@ -36,7 +36,9 @@ def one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -
     field, _, hint = cleaned.replace("\\n", " ").partition(" ")
     hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
     field = _override_path(argv, field)
-    if _in_default_config(field):  # The config file was written before the field existed.
+    from mfb_jax import config_fields  # Deferred: only this error needs configs/.
+
+    if config_fields.in_default_config(field):  # A config file from before the field.
       return (
         f"config field {field!r} is not in {config_file} (configs/default.py has it: a config "
         "written for an older version? build it from default.get_config())"
@@ -72,15 +74,3 @@ def _override_path(argv: list[str], field: str) -> str:
       if field in parts:
         paths.add(".".join(parts[: parts.index(field) + 1]))
   return paths.pop() if len(paths) == 1 else field
-
-
-def _in_default_config(field: str) -> bool:
-  """Whether configs/default.py's config has the dotted `field`."""
-  from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
-
-  node = default.get_config()
-  for part in field.split("."):
-    if not hasattr(node, "keys") or part not in node:
-      return False
-    node = node[part]
-  return True

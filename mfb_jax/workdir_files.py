@@ -258,16 +258,12 @@ def inference_changes(workdir: str, config: ml_collections.ConfigDict) -> list[s
 def differing_settings(before: dict, config: ml_collections.ConfigDict, fields=None) -> list:
   """(field, before, now) for each setting (of `fields`, a predicate; default: not MAY_DIFFER)
   that differs between a config.json's JSON (`before`) and `config`, in the fields' order. A
-  field that an older config.json lacks (config_checks.OPTIONAL) had its configs/default.py
+  field that an older config.json lacks (config_fields.OPTIONAL) had its configs/default.py
   value: `model.normalize_frames` turned on for eval of a run from before it is named too."""
-  from configs import default  # Deferred: configs/ is not part of the mfb_jax package.
-  from mfb_jax import config_checks  # Deferred: it imports the model registries.
+  from mfb_jax import config_fields  # Deferred: it imports configs/.
 
   before, now = flat_hparams(before), flat_hparams(json.loads(config.to_json_best_effort()))
-  defaults = flat_hparams(json.loads(default.get_config().to_json_best_effort()))
-  for name in config_checks.OPTIONAL:
-    if name in defaults:
-      before.setdefault(name, defaults[name])
+  before = {**config_fields.optional_defaults(), **before}
   fields = fields or (lambda name: name not in MAY_DIFFER)
   return [
     (name, before[name], now[name])

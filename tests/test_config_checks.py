@@ -147,6 +147,29 @@ def test_the_exponential_schedules_settings_are_needed_only_where_it_is_chosen()
   )
 
 
+def test_a_schedules_setting_given_to_another_schedule_is_warned_about(monkeypatch):
+  from mfb_jax import config_checks
+
+  warnings = []
+  monkeypatch.setattr(config_checks.logging, "warning", lambda text, *a: warnings.append(text % a))
+  config = default.get_config()
+  config.data.update(train_pattern="/data/train*", eval_pattern="/data/eval*")
+  config.optim.update(decay_steps=1000, warmup_steps=10)  # Schedule left 'constant'.
+  config_checks.validate(config, "eval")  # Eval and predict use no optimizer: no word.
+  assert warnings == []
+  config_checks.validate(config, "train")
+  assert warnings == [
+    "config.optim.warmup_steps=10 is set, but optim.schedule='constant' does not use it "
+    "('warmup_cosine' does)",
+    "config.optim.decay_steps=1000 is set, but optim.schedule='constant' does not use it "
+    "('exponential' does)",
+  ]
+  warnings.clear()
+  config.optim.update(schedule="exponential", warmup_steps=0)
+  config_checks.validate(config, "train")
+  assert warnings == []
+
+
 def test_a_config_file_setting_a_field_default_lacks_names_it(monkeypatch):
   """`c.train.batchsize = 3` in a config file was silently unused (a 250k-step run at batch 128);
   an override of it is refused by the config's lock, a field set in the file was not."""
