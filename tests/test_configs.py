@@ -17,7 +17,10 @@ from mfb_jax import model
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# configs/workdir.py reads a trained workdir's config.json (tests/test_workdir_config.py).
+CONFIG_NAMES = sorted(
+  p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "workdir")
+)
 
 
 def config_cases():

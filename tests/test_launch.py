@@ -299,3 +299,26 @@ def test_a_run_past_its_num_steps_says_it_only_evaluates(tiny_args, trained_work
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Already trained to step 6 (train.num_steps=3); evaluating" in result.stderr
   assert " from step 6 to 3 " not in result.stderr
+
+
+def test_eval_and_predict_read_the_workdirs_own_config(tiny_trained, trained_workdir):
+  # configs/workdir.py:W rebuilds training's config from W/config.json: no flags to repeat.
+  work = trained_workdir
+  own = f"--config={REPO / 'configs' / 'workdir.py'}:{work}"
+  trained = json.loads((work / "eval_results.json").read_text())
+  result = launch(work, "--mode=eval", own)  # No data patterns given: config.json has them.
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((work / "eval_results.json").read_text()) == trained
+  assert "settings differ" not in result.stderr
+  # It is config.json that counts: one saying top 5 evaluates GAP@5; an override still wins.
+  config = json.loads((work / "config.json").read_text())
+  config["eval"]["top_k"] = 5
+  (work / "config.json").write_text(json.dumps(config))
+  result = launch(work, "--mode=eval", own)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((work / "eval_results.json").read_text())["gap"] != trained["gap"]
+  result = launch(work, "--mode=predict", own, "--config.predict.top_k=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(work / "predictions.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert len(rows) - 1 == trained["num_examples"] and len(rows[1][1].split()) == 6
