@@ -25,8 +25,12 @@ def one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -
   if re.fullmatch(r"--\S+ does not take an argument", message):  # absl's, as a ValueError.
     return message
   if "Traceback" in message:  # The config file raised: keep its exception's line.
-    last = re.sub(r"^[\w.]*(ConfigError|ValueError): ", "", message.strip().splitlines()[-1])
-    message = f"{message.split(':', 1)[0]}: {last}"
+    last = message.strip().splitlines()[-1]
+    if re.match(r"[\w.]*ConfigError: ", last):  # The project's own: it names what is wrong.
+      return last.split(": ", 1)[1]
+    last = re.sub(r"^[\w.]*ValueError: ", "", last)
+    given = f"{config_file}:{config_arg}" if config_arg else config_file
+    message = f"flag --config={given}: {last}"
   if "get_config() takes 0 positional arguments" in message:
     return f"{config_file} takes no :ARG (got {config_arg!r}); give --config={config_file}"
   if isinstance(e, AttributeError) and "get_config" in message:

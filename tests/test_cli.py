@@ -85,6 +85,11 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
     # "--config=FILE is required", and "got None" for a config needing its argument.
     (["launch.py", "--conifg=x.py", "--workdir=/tmp/w"], "flag 'conifg'. Did you mean: config ?"),
     (["launch.py", "--config=configs/paper.py", "--workdir=/tmp/w"], "}; none was given (e.g."),
+    # The project's own config errors stand alone: not after a cut "flag --config=FILE:".
+    (
+      ["launch.py", "--config=configs/workdir.py:/nonexistent/w", "--workdir=/tmp/w"],
+      "error: no /nonexistent/w/config.json: is /nonexistent/w a workdir that has been trained?\n",
+    ),
   ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, error):
