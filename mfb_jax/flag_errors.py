@@ -39,6 +39,11 @@ def one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -
     cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
     field, _, hint = cleaned.replace("\\n", " ").partition(" ")
     hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
+    overridden = [
+      a.removeprefix("--config.").split("=", 1)[0] for a in argv if a.startswith("--config.")
+    ]
+    if not any(field in path.split(".") for path in overridden):  # No override names it: the
+      return f"{config_file}: {type(e).__name__}: {message}"  # config file's own error.
     field = _override_path(argv, field)
     from mfb_jax import config_fields  # Deferred: only this error needs configs/.
 

@@ -109,6 +109,10 @@ def test_a_config_files_own_error_names_the_file(tmp_path):
   config.write_text("def get_config(arg):\n  return int(arg)\n")
   result = _run(["launch.py", f"--config={config}:abc", f"--workdir={tmp_path / 'w'}"])
   assert result.stderr.endswith("invalid literal for int() with base 10: 'abc'\n"), result.stderr
+  # Its own KeyError is its own, not an "unknown config field" no override named.
+  config.write_text("def get_config():\n  return {}['depth']\n")
+  result = _run(["launch.py", f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+  assert result.stderr == f"error: {config}: KeyError: 'depth'\n", result.stderr
 
 
 def test_the_metrics_cli_error_comes_without_tensorflow_notices(tmp_path):
