@@ -4,6 +4,7 @@ r"""mfb-jax entry point: train, evaluate, predict or benchmark a configured mode
     [--config.data.train_pattern=GLOB --config.data.eval_pattern=GLOB --config.x.y=v]
   python launch.py --config=... --workdir=DIR --mode=eval       # latest checkpoint, eval split
   python launch.py --config=... --workdir=DIR --mode=predict    # Kaggle CSV of top-20 labels
+  python launch.py --config=configs/workdir.py:DIR --workdir=DIR --mode=eval  # as DIR trained
   python launch.py --config=... --mode=bench                # train-step speed (no data, no workdir)
   # several processes (one per host):
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -30,7 +31,11 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-cli.define_config_file(None, "Config file (configs/X.py[:ARG]).", lock_config=True)
+cli.define_config_file(
+  None,
+  "Config file (configs/X.py[:ARG]); configs/workdir.py:W is a trained workdir's own config.",
+  lock_config=True,
+)
 flags.declare_key_flag("config")  # Listed by --help, not only by --helpfull.
 flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, logs and results (optional for --mode=bench)."
