@@ -22,8 +22,7 @@ import ml_collections
 
 from configs import default
 from mfb_jax.errors import ConfigError
-
-CONFIG_FILE = "config.json"
+from mfb_jax.workdir_files import CONFIG_FILE
 
 
 def get_config(workdir: str | None = None) -> ml_collections.ConfigDict:
@@ -40,7 +39,7 @@ def get_config(workdir: str | None = None) -> ml_collections.ConfigDict:
       f"--config=configs/workdir.py:{os.path.dirname(workdir.rstrip('/')) or '.'}"
     )
   path = os.path.join(workdir, CONFIG_FILE)
-  values = json.loads(_read(path, workdir))  # _read checked that it parses.
+  values = _load(path, workdir)
   if not isinstance(values, dict) or not all(key in values for key in ("data", "model")):
     kind = f"a JSON {type(values).__name__}" if not isinstance(values, dict) else "no model"
     raise ConfigError(f"{path} holds {kind} (not the config.json of a training run)")
@@ -49,14 +48,13 @@ def get_config(workdir: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def _read(path: str, workdir: str) -> str:
-  """config.json's text, checked to be JSON; one line (ConfigError) where it is not."""
+def _load(path: str, workdir: str):
+  """config.json's JSON value; one line (ConfigError) where it cannot be read as JSON."""
   import tensorflow as tf  # Deferred: tf.io.gfile reads local paths and bucket URLs alike.
 
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
-      text = f.read().decode("utf-8")
-    json.loads(text)
+      return json.loads(f.read().decode("utf-8"))
   except tf.errors.NotFoundError:
     raise ConfigError(f"no {path}: is {workdir} a workdir that has been trained?") from None
   except tf.errors.OpError as e:
@@ -65,7 +63,6 @@ def _read(path: str, workdir: str) -> str:
     raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
   except ValueError as e:
     raise ConfigError(f"{path} is not JSON ({e}); was the training run cut short?") from None
-  return text
 
 
 def _lay_over(config: ml_collections.ConfigDict, values: dict, path: str, prefix="") -> None:
@@ -87,13 +84,14 @@ def _lay_over(config: ml_collections.ConfigDict, values: dict, path: str, prefix
       _lay_over(config[key], value, path, f"{field}.")
       continue
     was = config[key]
-    try:
-      if section or (was is not None and isinstance(value, bool) != isinstance(was, bool)):
-        raise TypeError  # A bool where a number is (ConfigDict would take it), or the reverse.
-      config[key] = value
-    except TypeError:
+    # A bool where a number is (ConfigDict would take it), or the reverse, is another type too.
+    fits = not section and (was is None or isinstance(value, bool) == isinstance(was, bool))
+    if fits:
+      try:
+        config[key] = value
+      except TypeError:
+        fits = False
+    if not fits:
       kind = type(was).__name__
       want = "a section" if section else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
-      raise ConfigError(
-        f"{path}: {field} is {value!r}, where configs/default.py has {want}"
-      ) from None
+      raise ConfigError(f"{path}: {field} is {value!r}, where configs/default.py has {want}")

@@ -103,6 +103,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _below_2_31(config, field)
   _positive(config, "train.num_steps", 0)  # 0: evaluates the initial model.
   _below_2_31(config, "train.num_steps")  # The state's step counter is an int32.
+  _decay_settings(config)
   _schedule_fits(config)
   if mode == "train":
     _unused_schedule_settings(config)
@@ -183,7 +184,6 @@ def _unused_schedule_settings(config) -> None:
 def _schedule_fits(config) -> None:
   """The cosine schedules decay over the steps after the warm-up: there must be some."""
   optim, steps = config.optim, config.train.num_steps
-  _decay_settings(config)
   warmup = optim.warmup_steps if optim.schedule == "warmup_cosine" else 0
   if optim.schedule in ("constant", "exponential") or steps > warmup:
     return

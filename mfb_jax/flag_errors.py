@@ -39,10 +39,7 @@ def one_line(e: Exception, argv: list[str], config_file: str, config_arg: str) -
     cleaned = message.replace("\\'", "").replace("'", "").replace('"', "")
     field, _, hint = cleaned.replace("\\n", " ").partition(" ")
     hint = f": {hint.strip().rstrip('.')}" if hint.strip() else ""
-    overridden = [
-      a.removeprefix("--config.").split("=", 1)[0] for a in argv if a.startswith("--config.")
-    ]
-    if not any(field in path.split(".") for path in overridden):  # No override names it: the
+    if not any(field in parts for parts in _overrides(argv)):  # No override names it: the
       return f"{config_file}: {type(e).__name__}: {message}"  # config file's own error.
     field = _override_path(argv, field)
     from mfb_jax import config_fields  # Deferred: only this error needs configs/.
@@ -76,10 +73,11 @@ _NOT_A_CONFIG = (
 def _override_path(argv: list[str], field: str) -> str:
   """'train.steps' for the unknown field 'steps' of --config.train.steps=V (`field` itself where
   no override, or more than one, has it)."""
-  paths = set()
-  for arg in argv:
-    if arg.startswith("--config."):
-      parts = arg.removeprefix("--config.").split("=", 1)[0].split(".")
-      if field in parts:
-        paths.add(".".join(parts[: parts.index(field) + 1]))
+  paths = {".".join(p[: p.index(field) + 1]) for p in _overrides(argv) if field in p}
   return paths.pop() if len(paths) == 1 else field
+
+
+def _overrides(argv: list[str]) -> list[list[str]]:
+  """The dotted paths of the --config.x.y=V overrides in argv, split: [['x', 'y'], ...]."""
+  prefix = "--config."
+  return [a.removeprefix(prefix).split("=", 1)[0].split(".") for a in argv if a.startswith(prefix)]

@@ -181,11 +181,13 @@ def _model_options(model_config: ml_collections.ConfigDict) -> tuple[str, bool, 
       f"config.model.fusion={model_config.fusion!r} has no frame-level version; with "
       f"fusion_level='frame' use one of: {', '.join(sorted(FRAME_FUSIONS))}"
     )
-  options = [model_config.get(name, False) for name in ("context_gating", "normalize_frames")]
-  for name, value in zip(("context_gating", "normalize_frames"), options, strict=True):
+  switches = []
+  for name in ("context_gating", "normalize_frames"):
+    value = model_config.get(name, False)
     if not isinstance(value, bool):
       raise ConfigError(f"config.model.{name} must be True or False, got {value!r}")
-  return level, *options
+    switches.append(value)
+  return level, *switches
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
